@@ -1,0 +1,121 @@
+"""Shared pieces of the command line: the app, consoles, error handling, option parsing."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from ncen_cli.errors import NcenError, UsageError
+
+app = typer.Typer(
+    name="ncen",
+    help="Train and honestly evaluate Negative Correlation Ensembles (NCEn) and other ensemble defenses.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def err_console() -> Console:
+    """Console for progress, logs and errors (stderr)."""
+    return Console(stderr=True)
+
+
+def out_console() -> Console:
+    """Console for results (stdout)."""
+    return Console()
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print one error line to stderr and return the Exit to raise."""
+    first_line = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
+    sys.stderr.write(f"error: {first_line}\n")
+    return typer.Exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn NcenError into one line on stderr and its exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except NcenError as exc:
+            raise fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except OSError as exc:  # unwritable paths, full disks: a runtime failure, not a bug
+            raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".strip(": "), 1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def print_json(payload: Any) -> None:
+    """Write a JSON document to stdout (results only; logs go to stderr)."""
+    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def parse_float_list(text: str, option: str) -> list[float]:
+    """Parse ``"0.1,0.3"``; UsageError naming the option when malformed."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated numbers, got '{text}'") from None
+    if not values or any(not math.isfinite(v) for v in values):
+        raise UsageError(f"{option} takes comma-separated finite numbers, got '{text}'")
+    return values
+
+
+def parse_name_list(text: str, option: str) -> list[str]:
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    if not values:
+        raise UsageError(f"{option} needs at least one name")
+    return values
+
+
+def parse_key_values(items: list[str] | None, option: str) -> dict[str, float]:
+    """Parse repeated ``key=value`` options into floats (keys use underscores)."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"{option} takes NAME=VALUE, got '{item}'")
+        try:
+            out[key.strip().replace("-", "_")] = float(value)
+        except ValueError:
+            raise UsageError(f"{option} {key}: '{value}' is not a number") from None
+    return out
+
+
+def require_positive(value: float | int | None, option: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if not (value > 0 or (allow_zero and value == 0)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UsageError(f"{option} must be {bound}, got {value}")
+
+
+def check_eps(values: list[float], option: str = "--eps") -> None:
+    for eps in values:
+        if not 0 < eps <= 1:
+            raise UsageError(f"{option} values must be in (0, 1] for images in [0, 1], got {eps}")

@@ -1,0 +1,79 @@
+"""``ncen plugins`` and ``ncen env``: what is registered and where things live."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ncen_cli import paths
+from ncen_cli.cli.common import app, handle_errors, out_console, print_json
+from ncen_cli.registry import all_registrations
+
+
+def _summary(obj: object) -> str:
+    return str(getattr(obj, "summary", "") or "")
+
+
+@app.command("plugins")
+@handle_errors
+def plugins_command(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List registered architectures, defenses, attacks and datasets, and whether each loaded."""
+    rows = []
+    for reg in all_registrations(load=True):
+        rows.append({
+            "group": reg.group,
+            "name": reg.name,
+            "distribution": reg.distribution,
+            "builtin": reg.builtin,
+            "entry_point": reg.value,
+            "loaded": reg.error is None,
+            "error": reg.error,
+            "summary": _summary(reg.loaded),
+        })
+    if json_output:
+        print_json({"plugins": rows})
+        return
+    table = Table(title="ncen registrations")
+    for col in ("group", "name", "from", "status", "summary"):
+        table.add_column(col)
+    for row in rows:
+        status = "[green]loaded[/]" if row["loaded"] else f"[red]failed: {row['error']}[/]"
+        table.add_row(row["group"], row["name"], row["distribution"], status, row["summary"])
+    out_console().print(table)
+
+
+@app.command("env")
+@handle_errors
+def env_command(
+    json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Versions, devices, resolved data/run folders and plugins."""
+    import torch
+
+    from ncen_cli import __version__
+    from ncen_cli.device import available_devices
+
+    info = {
+        "ncen": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "devices": available_devices(),
+        "data_dir": str(paths.data_dir()),
+        "runs_dir": str(paths.runs_dir()),
+        "plugins": sorted({f"{r.distribution}" for r in all_registrations(load=False)}),
+    }
+    if json_output:
+        print_json(info)
+        return
+    table = Table(title="ncen environment", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, str(value))
+    out_console().print(table)

@@ -1,0 +1,145 @@
+"""The device manager: one place that picks the device, precision, threads and seeds.
+
+Nothing else in ncen calls ``.cuda()``; modules and tensors are moved with ``runtime.device``.
+Under ``torchrun`` (``LOCAL_RANK`` set) ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from ncen_cli.errors import UsageError
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Turn ``auto|cpu|cuda|cuda:N|mps`` into a torch.device, checking it exists."""
+    spec = (spec or "auto").strip().lower()
+    local_rank = os.environ.get("LOCAL_RANK")
+    if spec == "auto":
+        if torch.cuda.is_available():
+            spec = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            spec = "mps"
+        else:
+            spec = "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError("--device mps: no Apple GPU is available here; use --device cpu")
+        return torch.device("mps")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available here; use --device cpu or auto")
+        if spec == "cuda":
+            index = int(local_rank) if local_rank is not None else torch.cuda.current_device()
+        else:
+            try:
+                index = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise UsageError(f"--device {spec}: write cuda:N with N a GPU index") from None
+        if not 0 <= index < torch.cuda.device_count():
+            raise UsageError(
+                f"--device {spec}: no such GPU (this machine has {torch.cuda.device_count()})"
+            )
+        return torch.device("cuda", index)
+    raise UsageError(f"unknown --device '{spec}'; use auto, cpu, cuda, cuda:N or mps")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy (if installed) and torch (all devices)."""
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover - numpy ships with torch wheels
+        pass
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Runtime:
+    """Where and how tensors are computed.
+
+    Attributes:
+        device: the torch device.
+        precision: ``fp32`` (default), ``tf32`` (TF32 matmuls/convs on CUDA) or ``bf16`` (autocast
+            for forward passes on CUDA; input gradients and the regularizer stay in float32).
+        threads: CPU threads torch may use (None: torch's default).
+        deterministic: ask torch for deterministic algorithms (slower on CUDA).
+        seed: the run's seed.
+    """
+
+    device: torch.device
+    precision: str = "fp32"
+    threads: int | None = None
+    deterministic: bool = False
+    seed: int = 0
+
+    @classmethod
+    def create(
+        cls,
+        device: str = "auto",
+        precision: str = "fp32",
+        threads: int | None = None,
+        deterministic: bool = False,
+        seed: int = 0,
+    ) -> Runtime:
+        """Resolve the device, apply thread/precision/determinism settings and seed everything."""
+        if precision not in PRECISIONS:
+            raise UsageError(f"unknown --precision '{precision}'; choose {', '.join(PRECISIONS)}")
+        if threads is not None and threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {threads}")
+        runtime = cls(resolve_device(device), precision, threads, deterministic, seed)
+        runtime.apply()
+        return runtime
+
+    def apply(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        if self.device.type == "cuda":
+            allow_tf32 = self.precision in ("tf32", "bf16")
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            torch.backends.cudnn.allow_tf32 = allow_tf32
+            torch.backends.cudnn.benchmark = not self.deterministic
+        if self.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(self.seed)
+
+    def autocast(self) -> AbstractContextManager:
+        """Autocast context for forward passes (bf16 on CUDA only; otherwise a no-op)."""
+        if self.precision == "bf16" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "device": str(self.device),
+            "precision": self.precision,
+            "threads": torch.get_num_threads(),
+            "deterministic": self.deterministic,
+            "seed": self.seed,
+        }
+
+
+def available_devices() -> list[dict[str, object]]:
+    """Devices torch can see, for ``ncen env``."""
+    devices: list[dict[str, object]] = [{"device": "cpu", "threads": torch.get_num_threads()}]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            devices.append(
+                {"device": f"cuda:{i}", "name": props.name, "memory_gib": props.total_memory / 2**30}
+            )
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append({"device": "mps"})
+    return devices

@@ -1,0 +1,34 @@
+"""Where ncen keeps things: platformdirs folders, overridable by environment variables.
+
+NCEN_DATA_DIR   datasets (default: the user cache dir / datasets)
+NCEN_RUNS_DIR   training runs (default: the user data dir / runs)
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+from platformdirs import PlatformDirs
+
+_DIRS = PlatformDirs("ncen", appauthor=False)
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("NCEN_DATA_DIR") or Path(_DIRS.user_cache_dir) / "datasets")
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("NCEN_RUNS_DIR") or Path(_DIRS.user_data_dir) / "runs")
+
+
+def new_run_path(label: str) -> Path:
+    """A fresh checkpoint path ``<runs>/<timestamp>-<label>/ensemble.safetensors``."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = runs_dir() / f"{stamp}-{label}"
+    n = 1
+    while folder.exists():
+        n += 1
+        folder = runs_dir() / f"{stamp}-{label}-{n}"
+    return folder / "ensemble.safetensors"

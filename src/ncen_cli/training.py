@@ -1,0 +1,356 @@
+"""The training loop: config in, checkpoint out, resumable after any interruption.
+
+After every epoch a *resume state* (weights, optimizer, epoch, RNG state) is written atomically to
+``<out>.resume.safetensors``, then the ensemble checkpoint to ``<out>``. A run killed at any moment
+resumes (``resume=True``) from the last completed epoch and, on the CPU with the same seed, ends with
+weights identical to an uninterrupted run: data order and augmentation are drawn from generators
+seeded by (seed, epoch), and the learning rate is a pure function of the epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ncen_cli import distributed
+from ncen_cli.atomic import atomic_write
+from ncen_cli.checkpoint import save_ensemble
+from ncen_cli.data import AugmentConfig, ImageArrays, iterate_batches, load_dataset
+from ncen_cli.data.base import FAMILY_DEFAULTS
+from ncen_cli.data.pipeline import iterate_eval_batches
+from ncen_cli.defenses.base import Defense
+from ncen_cli.device import Runtime
+from ncen_cli.ensemble import Ensemble, build_ensemble, parse_members
+from ncen_cli.errors import CheckpointError, NonFiniteLossError, UsageError
+from ncen_cli.registry import DEFENSES
+from ncen_cli.train_step import DEFAULT_FD_SCALE, DOUBLE_BACKPROP_MODES, training_step
+
+log = logging.getLogger("ncen.train")
+RESUME_SUFFIX = ".resume.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (recorded in the checkpoint's metadata).
+
+    ``None`` means "the paper's default for this dataset" (epochs, noise epsilon, hyperparameters).
+    """
+
+    members: list[str] = field(default_factory=lambda: ["resnet20"] * 3)
+    dataset: str = "fashionmnist"
+    data_dir: str | None = None
+    defense: str = "ncen"
+    hyperparameters: dict[str, float] = field(default_factory=dict)
+    activation: str = "relu"
+    combine: str = "mean-logits"
+    epochs: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_step_epochs: int = 15
+    lr_gamma: float = 0.1
+    lr_min: float = 1e-5
+    augment: bool = True
+    noise: bool = True
+    noise_eps: float | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    threads: int | None = None
+    deterministic: bool = False
+    double_backprop: str = "exact"
+    fd_scale: float = DEFAULT_FD_SCALE
+    eval_batch_size: int = 500
+    download: bool = True
+
+    def validate(self) -> None:
+        if len(self.members) < 2:
+            raise UsageError(f"an ensemble needs at least 2 members, got {len(self.members)}")
+        for name, value in (("--batch-size", self.batch_size), ("--eval-batch-size", self.eval_batch_size)):
+            if value < 1:
+                raise UsageError(f"{name} must be >= 1, got {value}")
+        if self.epochs is not None and self.epochs < 1:
+            raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if self.noise_eps is not None and not 0 <= self.noise_eps <= 1:
+            raise UsageError(f"--noise-eps must be in [0, 1], got {self.noise_eps}")
+        if self.double_backprop not in DOUBLE_BACKPROP_MODES:
+            raise UsageError(
+                f"unknown --double-backprop '{self.double_backprop}'; "
+                f"choose {', '.join(DOUBLE_BACKPROP_MODES)}"
+            )
+        if not self.fd_scale > 0:
+            raise UsageError(f"--fd-scale must be > 0, got {self.fd_scale}")
+        for key, value in self.hyperparameters.items():
+            if not value >= 0:
+                raise UsageError(f"--{key.replace('_', '-')} must be >= 0, got {value}")
+        for name, limit in (("--train-limit", self.train_limit), ("--test-limit", self.test_limit)):
+            if limit is not None and limit < 1:
+                raise UsageError(f"{name} must be >= 1, got {limit}")
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch produced (logged, and kept in the checkpoint's metrics history)."""
+
+    epoch: int
+    lr: float
+    ce: float
+    terms: dict[str, float]
+    loss: float
+    test_accuracy: float
+    images_per_s: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    ensemble: Ensemble
+    path: Path
+    metadata: dict[str, Any]
+    history: list[EpochRecord]
+    resumed_from_epoch: int = 0
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """lr * gamma^(epoch // step), floored at lr_min (epoch counts from 0)."""
+    return max(config.lr * config.lr_gamma ** (epoch // config.lr_step_epochs), config.lr_min)
+
+
+@torch.no_grad()
+def clean_accuracy(ensemble: Ensemble, arrays_x: torch.Tensor, arrays_y: torch.Tensor,
+                   batch_size: int, device: torch.device) -> float:
+    """Accuracy of the combined prediction on uint8 images, in eval mode (mode restored after)."""
+    was_training = ensemble.training
+    ensemble.eval()
+    correct = 0
+    for xb, yb in iterate_eval_batches(arrays_x, arrays_y, batch_size, device):
+        correct += int((ensemble(xb).argmax(1) == yb).sum())
+    ensemble.train(was_training)
+    total = distributed.all_reduce_sum(torch.tensor([correct, len(arrays_x)], dtype=torch.float64))
+    return float(total[0] / max(total[1], 1))
+
+
+def resolve_defense(config: TrainConfig, family: str) -> tuple[Defense, dict[str, float]]:
+    defense: Defense = DEFENSES.get(config.defense)
+    return defense, defense.resolve(family, config.hyperparameters)
+
+
+def resume_path(out: Path) -> Path:
+    return out.with_name(out.name + RESUME_SUFFIX)
+
+
+def _save_resume_state(path: Path, ensemble: Ensemble, optimizer: torch.optim.Optimizer,
+                       epochs_done: int, config_json: str, history: list[EpochRecord]) -> None:
+    tensors = {f"members.{k}": v.detach().cpu().contiguous()
+               for k, v in ensemble.members.state_dict().items()}
+    state = optimizer.state_dict()
+    for index, param_state in state["state"].items():
+        for key, value in param_state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "epochs_done": str(epochs_done),
+        "config": config_json,
+        "param_groups": json.dumps(state["param_groups"]),
+        "history": json.dumps([dataclasses.asdict(r) for r in history]),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def _load_resume_state(path: Path, ensemble: Ensemble, optimizer: torch.optim.Optimizer,
+                       config_json: str) -> tuple[int, list[EpochRecord]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if json.loads(meta.get("config", "{}")) != json.loads(config_json):
+                raise UsageError(
+                    f"{path} belongs to a run with other settings; rerun with the same options "
+                    "or choose another --out"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"resume state {path} is unreadable ({exc}); delete it to restart") from None
+    ensemble.members.load_state_dict(
+        {k.removeprefix("members."): v for k, v in tensors.items() if k.startswith("members.")}
+    )
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+    torch.set_rng_state(tensors["rng.torch"])
+    history = [EpochRecord(**r) for r in json.loads(meta.get("history", "[]"))]
+    return int(meta["epochs_done"]), history
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    arrays: ImageArrays | None = None,
+) -> TrainResult:
+    """Train an ensemble as ``config`` says and write it to ``out`` (.safetensors).
+
+    Args:
+        out: checkpoint path; the resume state lives beside it (``<out>.resume.safetensors``).
+        resume: continue from the resume state if there is one (else start fresh).
+        on_epoch: called with each finished :class:`EpochRecord` (rank 0 only).
+        on_batch: called with (batches done, batches per epoch) for progress display (rank 0 only).
+        arrays: use these images instead of loading ``config.dataset`` (tests, benchmarks).
+    """
+    config.validate()
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out must end in .safetensors, got {out}")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name ending in .safetensors")
+    dist = distributed.context()
+    runtime = Runtime.create(config.device, config.precision, config.threads,
+                             config.deterministic, config.seed)
+    if arrays is None:
+        arrays = load_dataset(config.dataset, config.data_dir, config.download,
+                              config.train_limit, config.test_limit, config.seed)
+    family = arrays.family
+    defaults = FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["fashionmnist"])
+    epochs = config.epochs or int(defaults["epochs"])
+    noise_eps = config.noise_eps if config.noise_eps is not None else float(defaults["noise_eps"])
+    augment = AugmentConfig(
+        crop_padding=int(defaults["crop_padding"]) if config.augment else 0,
+        flip=bool(defaults["flip"]) and config.augment,
+        noise_sigma=noise_eps / 2 if config.noise else 0.0,
+    )
+    defense, hyperparameters = resolve_defense(config, family)
+    if config.double_backprop == "finite-diff" and defense.needs_logits and defense.needs_input_gradients:
+        raise UsageError(f"--double-backprop finite-diff does not support '{defense.name}'; use exact")
+
+    recorded = {**dataclasses.asdict(config), "epochs": epochs, "noise_eps": noise_eps,
+                "hyperparameters": hyperparameters, "world_size": dist.world_size}
+    recorded.pop("device")  # where it ran does not change what was trained
+    recorded.pop("threads")
+    recorded.pop("download")
+    config_json = json.dumps(recorded, sort_keys=True)
+
+    torch.manual_seed(config.seed)
+    ensemble = build_ensemble(list(config.members), arrays.input_shape, arrays.num_classes,
+                              config.activation, config.combine).to(runtime.device)
+    optimizer = torch.optim.Adam(ensemble.parameters(), lr=learning_rate(config, 0))
+
+    state_file = resume_path(out)
+    start_epoch, history = 0, []
+    if resume and state_file.exists():
+        start_epoch, history = _load_resume_state(state_file, ensemble, optimizer, config_json)
+        log.info("resuming %s from epoch %d", out, start_epoch)
+
+    metadata = {
+        "members": list(config.members),
+        "activation": config.activation,
+        "dataset": arrays.name,
+        "family": family,
+        "input_shape": list(arrays.input_shape),
+        "num_classes": arrays.num_classes,
+        "classes": list(arrays.classes),
+        "defense": defense.name,
+        "hyperparameters": hyperparameters,
+        "config": recorded,
+        "world_size": dist.world_size,
+    }
+    distributed.broadcast_parameters(ensemble)
+    batches_per_epoch = math.ceil(len(arrays.train_x) * (2 if augment.noise_sigma > 0 else 1)
+                                  / config.batch_size)
+    for epoch in range(start_epoch, epochs):
+        lr = learning_rate(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ensemble.train()
+        started = time.perf_counter()
+        sums = {"ce": 0.0, "loss": 0.0}
+        term_sums: dict[str, float] = {}
+        seen = 0
+        batches = iterate_batches(arrays.train_x, arrays.train_y, config.batch_size, config.seed,
+                                  epoch, augment, runtime.device, dist.rank, dist.world_size)
+        for step, (xb, yb) in enumerate(batches):
+            optimizer.zero_grad(set_to_none=True)
+            with runtime.autocast():
+                result = training_step(ensemble, defense, hyperparameters, xb, yb,
+                                       config.double_backprop, config.fd_scale)
+            _check_finite(result, epoch)
+            distributed.average_gradients(ensemble)
+            optimizer.step()
+            n = len(yb)
+            seen += n
+            sums["ce"] += float(result.ce) * n
+            sums["loss"] += float(result.loss) * n
+            for name, value in result.terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + float(value) * n
+            if on_batch is not None and dist.is_main:
+                on_batch(step + 1, batches_per_epoch)
+        seconds = time.perf_counter() - started
+        accuracy = clean_accuracy(ensemble, arrays.test_x, arrays.test_y,
+                                  config.eval_batch_size, runtime.device)
+        record = EpochRecord(
+            epoch=epoch + 1, lr=lr, ce=sums["ce"] / max(seen, 1),
+            terms={k: v / max(seen, 1) for k, v in term_sums.items()},
+            loss=sums["loss"] / max(seen, 1), test_accuracy=accuracy,
+            images_per_s=seen * dist.world_size / max(seconds, 1e-9), seconds=seconds,
+        )
+        history.append(record)
+        if dist.is_main:
+            _save_resume_state(state_file, ensemble, optimizer, epoch + 1, config_json, history)
+            save_ensemble(ensemble, out, {**metadata, **_progress_metadata(history, epochs)})
+            if on_epoch is not None:
+                on_epoch(record)
+        distributed.barrier()
+
+    if not history:
+        raise UsageError("nothing to train: --epochs is 0")
+    metadata.update(_progress_metadata(history, epochs))
+    if dist.is_main and not (out.exists() and start_epoch >= epochs):
+        save_ensemble(ensemble, out, metadata)
+    ensemble.metadata = {**ensemble.metadata, **metadata}
+    return TrainResult(ensemble.eval(), out, metadata, history, start_epoch)
+
+
+def _progress_metadata(history: list[EpochRecord], epochs: int) -> dict[str, Any]:
+    last = history[-1]
+    return {
+        "epochs_done": last.epoch,
+        "epochs_planned": epochs,
+        "complete": last.epoch >= epochs,
+        "metrics": {"test_accuracy": last.test_accuracy, "ce": last.ce, "loss": last.loss,
+                    "terms": last.terms},
+        "history": [{"epoch": r.epoch, "ce": r.ce, "terms": r.terms, "test_accuracy": r.test_accuracy}
+                    for r in history],
+    }
+
+
+def _check_finite(result, epoch: int) -> None:
+    if bool(torch.isfinite(result.loss)):
+        return
+    bad = [name for name, value in {"ce": result.ce, **result.terms}.items()
+           if not bool(torch.isfinite(value))]
+    raise NonFiniteLossError(
+        f"non-finite loss in epoch {epoch + 1} (term: {', '.join(bad) or 'total'}); the checkpoint "
+        "of the last completed epoch is kept; lower --lr or the lambdas"
+    )
+
+
+def train_from_names(members: str, **kwargs: Any) -> TrainConfig:
+    """Build a TrainConfig from a ``--members`` string and keyword options."""
+    return TrainConfig(members=parse_members(members), **kwargs)
