@@ -66,3 +66,21 @@ def broadcast_parameters(module: nn.Module) -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def shard_slice(n: int) -> slice:
+    """This rank's contiguous share of ``n`` evaluation examples (everything in one process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return slice(0, n)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per = -(-n // world)
+    return slice(min(rank * per, n), min((rank + 1) * per, n))
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` in rank order (a one-element list in a single process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
