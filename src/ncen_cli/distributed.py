@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +27,36 @@ class DistContext:
         return self.world_size > 1
 
 
+_local_only = False
+
+
+@contextmanager
+def local_only() -> Iterator[None]:
+    """Within this block every helper acts as in a single process, even under torchrun.
+
+    ``ncen sweep`` uses it so that each rank trains and evaluates whole grid cells on its own
+    (no gradient averaging, no sharded evaluation, no barriers inside a cell).
+    """
+    global _local_only
+    previous, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = previous
+
+
+def _active() -> bool:
+    return (not _local_only and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1)
+
+
 def context() -> DistContext:
-    """The current process group's rank and size (initialising it under torchrun if needed)."""
+    """The current process group's rank and size (initialising it under torchrun if needed).
+
+    Inside :func:`local_only` this is a single-process context (rank 0 of 1).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 or _local_only:
         return DistContext()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -38,7 +66,7 @@ def context() -> DistContext:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (returns it unchanged in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _active():
         tensor = tensor.clone()
         dist.all_reduce(tensor)
     return tensor
@@ -46,7 +74,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def average_gradients(module: nn.Module) -> None:
     """Average ``.grad`` over ranks (data parallelism with double backprop)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _active():
         return
     world = dist.get_world_size()
     for p in module.parameters():
@@ -57,20 +85,20 @@ def average_gradients(module: nn.Module) -> None:
 
 def broadcast_parameters(module: nn.Module) -> None:
     """Make every rank start from rank 0's parameters and buffers."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _active():
         return
     for t in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(t.data, src=0)
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _active():
         dist.barrier()
 
 
 def shard_slice(n: int) -> slice:
     """This rank's contiguous share of ``n`` evaluation examples (everything in one process)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _active():
         return slice(0, n)
     rank, world = dist.get_rank(), dist.get_world_size()
     per = -(-n // world)
@@ -79,7 +107,7 @@ def shard_slice(n: int) -> slice:
 
 def gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj`` in rank order (a one-element list in a single process)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not _active():
         return [obj]
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
