@@ -21,8 +21,32 @@ from ncen_cli.errors import UsageError
 from ncen_cli.paths import new_run_path
 from ncen_cli.training import EpochRecord, TrainConfig, train
 
+# Option declarations shared with `ncen sweep` (which trains one ensemble per grid cell).
 Members = Annotated[str, typer.Option(help="Comma list (resnet20,resnet26,resnet32), 3xresnet20, "
                                       "or a paper shorthand ensemble1..ensemble4[-kK].")]
+Dataset = Annotated[str, typer.Option(help="fashionmnist, cifar10, digits, npz, synthetic, "
+                                      "or a plugin's.")]
+DataDir = Annotated[Path | None, typer.Option(envvar="NCEN_DATA_DIR", help="Read the dataset "
+                                              "from this folder (never downloads into it).")]
+NcenForm = Annotated[str, typer.Option(help="paper (eqs. 9-10) or official (authors' code).")]
+Param = Annotated[list[str] | None, typer.Option("--param", "-p", help="Any defense "
+                                                 "hyperparameter as NAME=VALUE (repeatable).")]
+Activation = Annotated[str, typer.Option(help="relu or leakyrelu (0.1, as the authors' code).")]
+Combine = Annotated[str, typer.Option(help="mean-logits or mean-prob.")]
+Epochs = Annotated[int | None, typer.Option(help="Default: 40 FashionMNIST-like, 60 CIFAR-10.")]
+Augment = Annotated[bool, typer.Option(help="Random crop (+ flip for CIFAR-10).")]
+Noise = Annotated[bool, typer.Option(help="Train on D + D_noise (paper).")]
+NoiseEps = Annotated[float | None, typer.Option(help="D_noise epsilon (sigma = eps/2); "
+                                                "default 0.3 / 0.09.")]
+TrainLimit = Annotated[int | None, typer.Option(help="Seeded subset of N training images.")]
+TestLimit = Annotated[int | None, typer.Option(help="Seeded subset of N test images.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+Precision = Annotated[str, typer.Option(help="fp32, tf32 or bf16 (CUDA).")]
+Threads = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
+Deterministic = Annotated[bool, typer.Option(help="Deterministic algorithms.")]
+DoubleBackprop = Annotated[str, typer.Option(help="exact or finite-diff.")]
+FdScale = Annotated[float, typer.Option(help="finite-diff step as a fraction of ||x||.")]
+Download = Annotated[bool, typer.Option(help="Download missing datasets into the cache.")]
 
 
 def build_config(
@@ -62,39 +86,35 @@ def build_config(
 @handle_errors
 def train_command(
     members: Members = "resnet20,resnet26,resnet32",
-    dataset: Annotated[str, typer.Option(help="fashionmnist, cifar10, digits, npz, synthetic, "
-                                         "or a plugin's.")] = "fashionmnist",
-    data_dir: Annotated[Path | None, typer.Option(envvar="NCEN_DATA_DIR", help="Read the dataset "
-                                                  "from this folder (never downloads into it).")] = None,
+    dataset: Dataset = "fashionmnist",
+    data_dir: DataDir = None,
     defense: Annotated[str, typer.Option(help="baseline, ncen, gal, gpmr, or a plugin's.")] = "ncen",
-    ncen_form: Annotated[str, typer.Option(help="paper (eqs. 9-10) or official (authors' code).")] = "paper",
+    ncen_form: NcenForm = "paper",
     lambda_cos: Annotated[float | None, typer.Option(help="NCEn direction weight (paper: 0.02 "
                                                      "FashionMNIST, 0.06 CIFAR-10).")] = None,
     lambda_norm: Annotated[float | None, typer.Option(help="NCEn magnitude weight (paper: 0.02 / 0.04).")] = None,
     lambda_gal: Annotated[float | None, typer.Option(help="GAL weight (paper: 0.5).")] = None,
     lambda_div: Annotated[float | None, typer.Option(help="GPMR phase weight (0.1 / 0.04).")] = None,
     lambda_eq: Annotated[float | None, typer.Option(help="GPMR magnitude weight (10).")] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Any defense "
-                                                    "hyperparameter as NAME=VALUE (repeatable).")] = None,
-    activation: Annotated[str, typer.Option(help="relu or leakyrelu (0.1, as the authors' code).")] = "relu",
-    combine: Annotated[str, typer.Option(help="mean-logits or mean-prob.")] = "mean-logits",
-    epochs: Annotated[int | None, typer.Option(help="Default: 40 FashionMNIST-like, 60 CIFAR-10.")] = None,
+    param: Param = None,
+    activation: Activation = "relu",
+    combine: Combine = "mean-logits",
+    epochs: Epochs = None,
     batch_size: int = 64,
     lr: float = 1e-3,
-    augment: Annotated[bool, typer.Option(help="Random crop (+ flip for CIFAR-10).")] = True,
-    noise: Annotated[bool, typer.Option(help="Train on D + D_noise (paper).")] = True,
-    noise_eps: Annotated[float | None, typer.Option(help="D_noise epsilon (sigma = eps/2); "
-                                                   "default 0.3 / 0.09.")] = None,
-    train_limit: Annotated[int | None, typer.Option(help="Seeded subset of N training images.")] = None,
-    test_limit: Annotated[int | None, typer.Option(help="Seeded subset of N test images.")] = None,
+    augment: Augment = True,
+    noise: Noise = True,
+    noise_eps: NoiseEps = None,
+    train_limit: TrainLimit = None,
+    test_limit: TestLimit = None,
     seed: int = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, tf32 or bf16 (CUDA).")] = "fp32",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
-    deterministic: Annotated[bool, typer.Option(help="Deterministic algorithms.")] = False,
-    double_backprop: Annotated[str, typer.Option(help="exact or finite-diff.")] = "exact",
-    fd_scale: Annotated[float, typer.Option(help="finite-diff step as a fraction of ||x||.")] = 1e-2,
-    download: Annotated[bool, typer.Option(help="Download missing datasets into the cache.")] = True,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    threads: Threads = None,
+    deterministic: Deterministic = False,
+    double_backprop: DoubleBackprop = "exact",
+    fd_scale: FdScale = 1e-2,
+    download: Download = True,
     out: Annotated[Path | None, typer.Option(help="Checkpoint path (.safetensors); default a new "
                                              "run folder (see `ncen env`).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run at --out.")] = False,
