@@ -1,19 +1,41 @@
-"""torch.distributed helpers. Without ``torchrun`` (no WORLD_SIZE) every helper is a no-op."""
+"""torch.distributed helpers for ``torchrun``. Without it (no WORLD_SIZE) every helper is a no-op.
+
+Data parallelism in ncen is hand-rolled instead of wrapping the ensemble in
+``DistributedDataParallel``. The training step takes the members' input gradients with
+``autograd.grad(create_graph=True)`` and back-propagates a loss on them (double backprop); DDP's
+documentation states that it does not work with ``torch.autograd.grad()`` (its reducer only
+handles gradients accumulated into ``.grad`` by one backward pass), and DDP averages the ranks'
+gradients with equal weights even when their shares differ in size. So every rank runs the
+ordinary step on its share, then :func:`average_gradients` all-reduces all ``.grad`` tensors in
+ONE flat buffer, weighted by each rank's number of samples, so the result equals the gradient of
+the global-batch mean loss whatever the share sizes are.
+
+Inside :func:`local_only` every helper behaves as in a single process (``ncen sweep`` trains whole
+grid cells per rank that way).
+"""
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+BACKEND_ENV = "NCEN_DIST_BACKEND"  # force "gloo" or "nccl"
+TIMEOUT_ENV = "NCEN_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks
+
 
 @dataclass(frozen=True)
 class DistContext:
+    """This process's place in the job (rank 0 of 1 outside torchrun)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -50,37 +72,125 @@ def _active() -> bool:
             and dist.get_world_size() > 1)
 
 
-def context() -> DistContext:
-    """The current process group's rank and size (initialising it under torchrun if needed).
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun); needs no process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and outside torchrun). Usable before the process group exists."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def backend_for(device: str | None = None) -> str:
+    """``nccl`` when the run computes on CUDA, else ``gloo`` (override: NCEN_DIST_BACKEND)."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced:
+        return forced
+    spec = (device or "auto").strip().lower()
+    if spec in ("cpu", "mps") or not torch.cuda.is_available():
+        return "gloo"
+    return "nccl"
+
+
+def context(device: str | None = None) -> DistContext:
+    """The current process group's rank and size, initialising it under torchrun if needed.
+
+    Args:
+        device: the run's ``--device`` (picks the backend: gloo for cpu, nccl for CUDA).
+
+    On first initialisation the process group is registered for destruction at exit, and the
+    ``ncen`` loggers of ranks other than 0 are limited to errors (logs come from rank 0 only).
     Inside :func:`local_only` this is a single-process context (rank 0 of 1).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     if world <= 1 or _local_only:
         return DistContext()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        backend = backend_for(device)
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        timeout = os.environ.get(TIMEOUT_ENV)
+        kwargs = {"timeout": timedelta(seconds=float(timeout))} if timeout else {}
+        dist.init_process_group(backend, **kwargs)
+        atexit.register(shutdown)
+        if dist.get_rank() != 0:
+            logging.getLogger("ncen").setLevel(logging.ERROR)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def shutdown() -> None:
+    """Destroy the process group (registered with atexit by :func:`context`)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    """Where tensors must live for collectives: the current GPU for nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (returns it unchanged in a single process)."""
-    if _active():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-    return tensor
+    """Sum a tensor over ranks (a copy; returns it unchanged in a single process).
+
+    The result is on the input's device whatever the backend needs for the transfer.
+    """
+    if not _active():
+        return tensor
+    out = tensor.to(_comm_device(), copy=True)
+    dist.all_reduce(out)
+    return out.to(tensor.device)
 
 
-def average_gradients(module: nn.Module) -> None:
-    """Average ``.grad`` over ranks (data parallelism with double backprop)."""
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (so all ranks can raise the same error together)."""
+    if not _active():
+        return flag
+    return bool(all_reduce_sum(torch.tensor([0.0 if flag else 1.0]))[0] == 0)
+
+
+def average_gradients(module: nn.Module, weight: float | None = None) -> None:
+    """Replace every ``.grad`` of ``module`` by its weighted mean over ranks, in place.
+
+    Args:
+        weight: this rank's weight, normally its number of samples in the global batch. If each
+            rank's ``.grad`` is the gradient of the MEAN loss over its own share, weighting by
+            the share size makes the result the gradient of the mean loss over the global batch
+            (a rank with a smaller or empty share is not over-weighted). None: equal weights.
+
+    A rank with an empty share passes ``weight=0`` and may have ``.grad`` None. A parameter whose
+    gradient is None on every rank keeps None (the optimizer then skips it, as in one process).
+    All gradients travel in one flat buffer: one all-reduce per step.
+    """
     if not _active():
         return
-    world = dist.get_world_size()
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        return
+    w = 1.0 if weight is None else float(weight)
+    ref = next((p.grad for p in params if p.grad is not None), params[0])
+    dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
+    pieces = [(p.grad.detach().to(dtype) * w if p.grad is not None
+               else torch.zeros(p.numel(), dtype=dtype, device=p.device)).reshape(-1)
+              for p in params]
+    present = torch.tensor([float(p.grad is not None) for p in params] + [w],
+                           dtype=dtype, device=ref.device)
+    flat = all_reduce_sum(torch.cat([*pieces, present]))
+    total_weight = float(flat[-1])
+    counts = flat[len(flat) - len(params) - 1 : -1]
+    offset = 0
+    for p, count in zip(params, counts.tolist(), strict=True):
+        n = p.numel()
+        if count > 0 and total_weight > 0:
+            p.grad = flat[offset : offset + n].view_as(p).div(total_weight).to(p.dtype)
+        else:
+            p.grad = None
+        offset += n
 
 
 def broadcast_parameters(module: nn.Module) -> None:
@@ -91,18 +201,39 @@ def broadcast_parameters(module: nn.Module) -> None:
         dist.broadcast(t.data, src=0)
 
 
+def sync_buffers(module: nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks; others from rank 0.
+
+    Each rank updates its BatchNorm running statistics from its own share during an epoch; after
+    this call every rank holds the same model, so sharded evaluation and rank 0's checkpoint
+    describe one and the same network.
+    """
+    if not _active():
+        return
+    world = dist.get_world_size()
+    for buf in module.buffers():
+        if buf.dtype.is_floating_point:
+            buf.data.copy_(all_reduce_sum(buf.data) / world)
+        else:
+            dist.broadcast(buf.data, src=0)
+
+
 def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
     if _active():
         dist.barrier()
 
 
 def shard_slice(n: int) -> slice:
-    """This rank's contiguous share of ``n`` evaluation examples (everything in one process)."""
+    """This rank's contiguous share of ``n`` evaluation examples (everything in one process).
+
+    Shares are balanced (sizes differ by at most one; a share may be empty when n < world size)
+    and together cover ``range(n)`` once, in rank order.
+    """
     if not _active():
         return slice(0, n)
     rank, world = dist.get_rank(), dist.get_world_size()
-    per = -(-n // world)
-    return slice(min(rank * per, n), min((rank + 1) * per, n))
+    return slice(rank * n // world, (rank + 1) * n // world)
 
 
 def gather_objects(obj: object) -> list[object]:
@@ -112,3 +243,12 @@ def gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a single process)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

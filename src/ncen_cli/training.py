@@ -32,7 +32,7 @@ from ncen_cli.data.pipeline import iterate_eval_batches
 from ncen_cli.defenses.base import Defense
 from ncen_cli.device import Runtime
 from ncen_cli.ensemble import Ensemble, build_ensemble, parse_members
-from ncen_cli.errors import CheckpointError, NonFiniteLossError, UsageError
+from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
 from ncen_cli.registry import DEFENSES
 from ncen_cli.train_step import DEFAULT_FD_SCALE, DOUBLE_BACKPROP_MODES, training_step
 
@@ -133,9 +133,15 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
 @torch.no_grad()
 def clean_accuracy(ensemble: Ensemble, arrays_x: torch.Tensor, arrays_y: torch.Tensor,
                    batch_size: int, device: torch.device) -> float:
-    """Accuracy of the combined prediction on uint8 images, in eval mode (mode restored after)."""
+    """Accuracy of the combined prediction on uint8 images, in eval mode (mode restored after).
+
+    Under torchrun each rank scores its contiguous share and the counts are summed over ranks
+    (sum of correct / sum of n: exactly the single-process accuracy).
+    """
     was_training = ensemble.training
     ensemble.eval()
+    share = distributed.shard_slice(len(arrays_x))
+    arrays_x, arrays_y = arrays_x[share], arrays_y[share]
     correct = 0
     for xb, yb in iterate_eval_batches(arrays_x, arrays_y, batch_size, device):
         correct += int((ensemble(xb).argmax(1) == yb).sum())
@@ -176,7 +182,13 @@ def _load_resume_state(path: Path, ensemble: Ensemble, optimizer: torch.optim.Op
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            if json.loads(meta.get("config", "{}")) != json.loads(config_json):
+            saved, wanted = json.loads(meta.get("config", "{}")), json.loads(config_json)
+            if saved.get("world_size", 1) != wanted.get("world_size", 1):
+                raise UsageError(
+                    f"{path} was trained by {saved.get('world_size', 1)} process(es), this run has "
+                    f"{wanted.get('world_size', 1)}; resume with the same torchrun world size"
+                )
+            if saved != wanted:
                 raise UsageError(
                     f"{path} belongs to a run with other settings; rerun with the same options "
                     "or choose another --out"
@@ -221,7 +233,9 @@ def train(
         raise UsageError(f"--out must end in .safetensors, got {out}")
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name ending in .safetensors")
-    dist = distributed.context()
+    dist = distributed.context(config.device)
+    if dist.enabled:  # every rank writes (rank 0) and resumes from rank 0's path
+        out = Path(str(distributed.broadcast_object(str(out))))
     runtime = Runtime.create(config.device, config.precision, config.threads,
                              config.deterministic, config.seed)
     if arrays is None:
@@ -254,7 +268,11 @@ def train(
 
     state_file = resume_path(out)
     start_epoch, history = 0, []
-    if resume and state_file.exists():
+    has_state = resume and state_file.exists()
+    if not distributed.all_true(has_state) and not distributed.all_true(not has_state):
+        raise UsageError(f"{state_file} is visible to some ranks only; under torchrun on several "
+                         "nodes put --out on a filesystem that every node shares")
+    if has_state:
         start_epoch, history = _load_resume_state(state_file, ensemble, optimizer, config_json)
         log.info("resuming %s from epoch %d", out, start_epoch)
 
@@ -274,57 +292,86 @@ def train(
     distributed.broadcast_parameters(ensemble)
     batches_per_epoch = math.ceil(len(arrays.train_x) * (2 if augment.noise_sigma > 0 else 1)
                                   / config.batch_size)
-    for epoch in range(start_epoch, epochs):
-        lr = learning_rate(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        ensemble.train()
-        started = time.perf_counter()
-        sums = {"ce": 0.0, "loss": 0.0}
-        term_sums: dict[str, float] = {}
-        seen = 0
-        batches = iterate_batches(arrays.train_x, arrays.train_y, config.batch_size, config.seed,
-                                  epoch, augment, runtime.device, dist.rank, dist.world_size)
-        for step, (xb, yb) in enumerate(batches):
-            optimizer.zero_grad(set_to_none=True)
-            with runtime.autocast():
-                result = training_step(ensemble, defense, hyperparameters, xb, yb,
-                                       config.double_backprop, config.fd_scale)
-            _check_finite(result, epoch)
-            distributed.average_gradients(ensemble)
-            optimizer.step()
-            n = len(yb)
-            seen += n
-            sums["ce"] += float(result.ce) * n
-            sums["loss"] += float(result.loss) * n
-            for name, value in result.terms.items():
-                term_sums[name] = term_sums.get(name, 0.0) + float(value) * n
-            if on_batch is not None and dist.is_main:
-                on_batch(step + 1, batches_per_epoch)
-        seconds = time.perf_counter() - started
-        accuracy = clean_accuracy(ensemble, arrays.test_x, arrays.test_y,
-                                  config.eval_batch_size, runtime.device)
-        record = EpochRecord(
-            epoch=epoch + 1, lr=lr, ce=sums["ce"] / max(seen, 1),
-            terms={k: v / max(seen, 1) for k, v in term_sums.items()},
-            loss=sums["loss"] / max(seen, 1), test_accuracy=accuracy,
-            images_per_s=seen * dist.world_size / max(seconds, 1e-9), seconds=seconds,
-        )
-        history.append(record)
-        if dist.is_main:
-            _save_resume_state(state_file, ensemble, optimizer, epoch + 1, config_json, history)
-            save_ensemble(ensemble, out, {**metadata, **_progress_metadata(history, epochs)})
-            if on_epoch is not None:
-                on_epoch(record)
-        distributed.barrier()
+    try:
+        for epoch in range(start_epoch, epochs):
+            record = _train_one_epoch(ensemble, optimizer, defense, hyperparameters, arrays, config,
+                                      augment, runtime, epoch, batches_per_epoch, on_batch, dist)
+            history.append(record)
+            if dist.is_main:
+                _save_resume_state(state_file, ensemble, optimizer, epoch + 1, config_json, history)
+                save_ensemble(ensemble, out, {**metadata, **_progress_metadata(history, epochs)})
+                if on_epoch is not None:
+                    on_epoch(record)
+            distributed.barrier()
+    except KeyboardInterrupt:
+        done = history[-1].epoch if history else 0
+        raise InterruptedRun(
+            f"interrupted during epoch {done + 1}; epochs 1-{done} are saved: continue with "
+            f"--resume --out {out}" if done else "interrupted before the first epoch finished"
+        ) from None
 
     if not history:
         raise UsageError("nothing to train: --epochs is 0")
     metadata.update(_progress_metadata(history, epochs))
     if dist.is_main and not (out.exists() and start_epoch >= epochs):
         save_ensemble(ensemble, out, metadata)
+    distributed.barrier()  # the checkpoint exists for every rank once train() returns
     ensemble.metadata = {**ensemble.metadata, **metadata}
     return TrainResult(ensemble.eval(), out, metadata, history, start_epoch)
+
+
+def _reduce_epoch_sums(seen: int, sums: dict[str, float], term_sums: dict[str, float]
+                       ) -> tuple[int, dict[str, float], dict[str, float]]:
+    """Sum one epoch's sample count and loss sums over ranks (a rank may have seen no term)."""
+    total_seen, total, terms = 0, {k: 0.0 for k in sums}, {}
+    for rank_seen, rank_sums, rank_terms in distributed.gather_objects((seen, sums, term_sums)):
+        total_seen += rank_seen
+        for k, v in rank_sums.items():
+            total[k] += v
+        for k, v in rank_terms.items():
+            terms[k] = terms.get(k, 0.0) + v
+    return total_seen, total, terms
+
+
+def _train_one_epoch(ensemble, optimizer, defense, hyperparameters, arrays, config, augment,
+                     runtime, epoch, batches_per_epoch, on_batch, dist) -> EpochRecord:
+    """One pass over the (sharded) training data, then the clean test accuracy."""
+    lr = learning_rate(config, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    ensemble.train()
+    started = time.perf_counter()
+    sums = {"ce": 0.0, "loss": 0.0}
+    term_sums: dict[str, float] = {}
+    seen = 0
+    batches = iterate_batches(arrays.train_x, arrays.train_y, config.batch_size, config.seed,
+                              epoch, augment, runtime.device, dist.rank, dist.world_size)
+    for step, (xb, yb) in enumerate(batches):
+        optimizer.zero_grad(set_to_none=True)
+        with runtime.autocast():
+            result = training_step(ensemble, defense, hyperparameters, xb, yb,
+                                   config.double_backprop, config.fd_scale)
+        _check_finite(result, epoch)
+        distributed.average_gradients(ensemble)
+        optimizer.step()
+        n = len(yb)
+        seen += n
+        sums["ce"] += float(result.ce) * n
+        sums["loss"] += float(result.loss) * n
+        for name, value in result.terms.items():
+            term_sums[name] = term_sums.get(name, 0.0) + float(value) * n
+        if on_batch is not None and dist.is_main:
+            on_batch(step + 1, batches_per_epoch)
+    seconds = time.perf_counter() - started
+    seen, sums, term_sums = _reduce_epoch_sums(seen, sums, term_sums)
+    accuracy = clean_accuracy(ensemble, arrays.test_x, arrays.test_y,
+                              config.eval_batch_size, runtime.device)
+    return EpochRecord(
+        epoch=epoch + 1, lr=lr, ce=sums["ce"] / max(seen, 1),
+        terms={k: v / max(seen, 1) for k, v in term_sums.items()},
+        loss=sums["loss"] / max(seen, 1), test_accuracy=accuracy,
+        images_per_s=seen / max(seconds, 1e-9), seconds=seconds,
+    )
 
 
 def _progress_metadata(history: list[EpochRecord], epochs: int) -> dict[str, Any]:
