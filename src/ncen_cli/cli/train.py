@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ncen_cli import distributed
 from ncen_cli.cli.common import (
     app,
     err_console,
@@ -133,7 +134,8 @@ def train_command(
     console = err_console()
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bars:
+                  "{task.total}"), TimeElapsedColumn(), console=console, transient=True,
+                  disable=not distributed.is_main_process()) as bars:
         task = bars.add_task("epoch 1", total=None)
 
         def on_batch(done: int, total: int) -> None:
@@ -146,6 +148,8 @@ def train_command(
             bars.update(task, description=f"epoch {record.epoch + 1}", completed=0)
 
         result = train(config, out, resume=resume, on_epoch=on_epoch, on_batch=on_batch)
+    if not distributed.is_main_process():  # under torchrun, rank 0 alone reports
+        return
 
     summary = {
         "checkpoint": str(result.path),
