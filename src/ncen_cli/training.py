@@ -348,13 +348,22 @@ def _train_one_epoch(ensemble, optimizer, defense, hyperparameters, arrays, conf
                               epoch, augment, runtime.device, dist.rank, dist.world_size)
     for step, (xb, yb) in enumerate(batches):
         optimizer.zero_grad(set_to_none=True)
+        n = len(yb)  # this rank's share of the global batch (may be 0 under torchrun)
+        if n == 0:  # take part in the step's collectives with weight 0
+            distributed.all_true(True)
+            distributed.average_gradients(ensemble, weight=0)
+            optimizer.step()
+            continue
         with runtime.autocast():
             result = training_step(ensemble, defense, hyperparameters, xb, yb,
                                    config.double_backprop, config.fd_scale)
-        _check_finite(result, epoch)
-        distributed.average_gradients(ensemble)
+        if not distributed.all_true(bool(torch.isfinite(result.loss))):  # all ranks stop together
+            _check_finite(result, epoch)  # raises on the ranks whose loss is non-finite
+            raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1} on another rank; "
+                                     "the checkpoint of the last completed epoch is kept")
+        # weighted by share size: the result is the gradient of the global-batch mean loss
+        distributed.average_gradients(ensemble, weight=n)
         optimizer.step()
-        n = len(yb)
         seen += n
         sums["ce"] += float(result.ce) * n
         sums["loss"] += float(result.loss) * n
@@ -363,7 +372,9 @@ def _train_one_epoch(ensemble, optimizer, defense, hyperparameters, arrays, conf
         if on_batch is not None and dist.is_main:
             on_batch(step + 1, batches_per_epoch)
     seconds = time.perf_counter() - started
-    seen, sums, term_sums = _reduce_epoch_sums(seen, sums, term_sums)
+    if dist.enabled:  # epoch figures over all ranks; one model (BN statistics) on every rank
+        seen, sums, term_sums = _reduce_epoch_sums(seen, sums, term_sums)
+        distributed.sync_buffers(ensemble)
     accuracy = clean_accuracy(ensemble, arrays.test_x, arrays.test_y,
                               config.eval_batch_size, runtime.device)
     return EpochRecord(
