@@ -1,7 +1,7 @@
 """Ensemble checkpoints: one ``.safetensors`` file, never pickle.
 
 Tensors are named ``members.<i>.<parameter or buffer>``. The string metadata holds
-``format = "ncen-ensemble"`` and ``ncen = <JSON>`` with at least: ``schema_version``, ``members``
+one key, ``ncen = <JSON>``, with at least ``format = "ncen-ensemble"``, ``schema_version``, ``members``
 (architecture names), ``activation``, ``combine``, ``dataset``, ``family``, ``input_shape``,
 ``num_classes``, ``defense``, ``hyperparameters``, ``config`` (the full training config),
 ``epochs_done``, ``metrics``, ``ncen_version``, ``torch_version``. See docs/checkpoint-format.md.
@@ -48,7 +48,10 @@ def save_ensemble(ensemble: Ensemble, path: str | Path, metadata: dict[str, Any]
         torch_version=torch.__version__,
     )
     tensors = ensemble_tensors(ensemble)
-    header = {"format": FORMAT, "ncen": json.dumps(meta, sort_keys=True)}
+    meta["format"] = FORMAT
+    # one metadata key: safetensors does not keep the order of several, and checkpoints of
+    # identical runs must be bit-identical
+    header = {"ncen": json.dumps(meta, sort_keys=True)}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
@@ -64,12 +67,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
-    if header.get("format") != FORMAT or "ncen" not in header:
-        raise CheckpointError(f"{path} is a safetensors file but not an ncen ensemble checkpoint")
+    not_ours = CheckpointError(f"{path} is a safetensors file but not an ncen ensemble checkpoint")
+    if "ncen" not in header:
+        raise not_ours
     try:
         meta = json.loads(header["ncen"])
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: its ncen metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise not_ours
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)}")

@@ -27,3 +27,9 @@ class CheckpointError(NcenError):
 
 class NonFiniteLossError(NcenError):
     """Training produced a NaN or infinite loss term. Exit code 1."""
+
+
+class InterruptedRun(NcenError):
+    """The user pressed Ctrl-C; the last completed epoch is saved. Exit code 130."""
+
+    exit_code = 130

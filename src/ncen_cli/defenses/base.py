@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-EPS = 1e-12
+EPS = 1e-30  # guards divisions by norms; tiny enough not to break scale invariance
 API_VERSION = 1
 
 

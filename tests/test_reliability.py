@@ -1,0 +1,213 @@
+"""Reliability: kill-and-resume equivalence, Ctrl-C, safe checkpoint loading, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from ncen_cli.checkpoint import load_ensemble, save_ensemble
+from ncen_cli.cli import app
+from ncen_cli.defenses.base import Defense
+from ncen_cli.ensemble import build_ensemble
+from ncen_cli.errors import CheckpointError, NonFiniteLossError, UsageError
+from ncen_cli.registry import DEFENSES
+from ncen_cli.training import TrainConfig, resume_path, train
+
+runner = CliRunner()
+TRAIN_ARGS = ["train", "--dataset", "synthetic", "--members", "2xresnet20", "--epochs", "3",
+              "--batch-size", "32", "--train-limit", "96", "--test-limit", "32", "--device", "cpu",
+              "--threads", "1", "--seed", "5"]
+
+
+def _cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
+    env = {**os.environ, "NCEN_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "ncen_cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _epochs_in_state(path: Path) -> int:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(f.metadata()["epochs_done"])
+    except Exception:
+        return 0
+
+
+def _wait_for_epoch(proc: subprocess.Popen, state: Path, epoch: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while _epochs_in_state(state) < epoch:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "training did not reach the epoch in time"
+        time.sleep(0.05)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_ensemble(path).members.state_dict()
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight.safetensors"
+    assert _cli([*TRAIN_ARGS, "--out", str(straight)]).wait(timeout=600) == 0
+
+    killed = tmp_path / "killed.safetensors"
+    proc = _cli([*TRAIN_ARGS, "--out", str(killed)])
+    _wait_for_epoch(proc, resume_path(killed), 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert _epochs_in_state(resume_path(killed)) in (1, 2)
+    load_ensemble(killed)  # whatever moment the kill hit, the checkpoint is complete
+
+    resumed = _cli([*TRAIN_ARGS, "--out", str(killed), "--resume", "--json"])
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    assert json.loads(stdout)["resumed_from_epoch"] >= 1
+    a, b = _weights(straight), _weights(killed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "int.safetensors"
+    proc = _cli([*TRAIN_ARGS, "--out", str(out)])
+    _wait_for_epoch(proc, resume_path(out), 1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:  # the run finished before the signal arrived
+        pytest.skip("run finished before SIGINT was delivered")
+    assert proc.returncode == 130
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert load_ensemble(out).metadata["epochs_done"] >= 1
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    config = TrainConfig(members=["resnet20", "resnet20"], dataset="synthetic", epochs=1,
+                         batch_size=32, train_limit=64, test_limit=32, device="cpu")
+    out = tmp_path / "r.safetensors"
+    train(config, out)
+    config.lr = 0.5
+    with pytest.raises(UsageError, match="other settings"):
+        train(config, out, resume=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    ens = build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4)
+    return save_ensemble(ens, tmp_path / "ok.safetensors", {"dataset": "synthetic",
+                                                           "input_shape": [1, 12, 12],
+                                                           "num_classes": 4})
+
+
+class _Trap:
+    """Unpickling this creates a file: proof that a loader ran code from the checkpoint."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_pickle_renamed_to_safetensors_is_rejected_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(_Trap(str(marker))))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_ensemble(evil)
+    assert not marker.exists()
+    result = runner.invoke(app, ["attack", str(evil)])
+    assert result.exit_code in (1, 2) and "Traceback" not in result.output
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint(saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        load_ensemble(saved)
+
+
+def test_newer_schema_is_named(saved, tmp_path):
+    with safe_open(str(saved), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["ncen"])
+    meta["schema_version"] = 99
+    newer = tmp_path / "newer.safetensors"
+    save_file(tensors, str(newer), metadata={"ncen": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="newer ncen"):
+        load_ensemble(newer)
+
+
+def test_member_mismatch_is_named(saved, tmp_path):
+    with safe_open(str(saved), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["ncen"])
+    meta["members"] = ["resnet20", "resnet26"]
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(tensors, str(wrong), metadata={"ncen": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="do not match its members"):
+        load_ensemble(wrong)
+
+
+def test_foreign_safetensors_and_missing_file(tmp_path):
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(CheckpointError, match="not an ncen ensemble"):
+        load_ensemble(other)
+    with pytest.raises(UsageError, match="does not exist"):
+        load_ensemble(tmp_path / "absent.safetensors")
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def test_non_finite_loss_stops_with_term_and_epoch_and_keeps_last_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def exploding(inputs, **_):
+        calls["n"] += 1
+        value = inputs.input_grads.sum() * 0
+        return {"boom": value + (float("nan") if calls["n"] > 2 else 0.0)}
+
+    DEFENSES.register("exploding", Defense("exploding", "test", {}, exploding))
+    try:
+        config = TrainConfig(members=["resnet20", "resnet20"], dataset="synthetic",
+                             defense="exploding", epochs=3, batch_size=32, train_limit=32,
+                             test_limit=16, noise=False, device="cpu")
+        out = tmp_path / "nan.safetensors"
+        with pytest.raises(NonFiniteLossError, match=r"epoch 2 \(term: boom\)"):
+            train(config, out)
+        assert load_ensemble(out).metadata["epochs_done"] == 1
+        assert all(torch.isfinite(t).all() for t in load_ensemble(out).state_dict().values())
+    finally:
+        DEFENSES.unregister("exploding")
+
+
+def test_unwritable_out_is_a_clean_error(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # running as root: permissions are not enforced
+            target = Path("/proc/ncen-cannot-write/x.safetensors")
+        else:
+            target = locked / "x.safetensors"
+        result = runner.invoke(app, TRAIN_ARGS[:-2] + ["--epochs", "1", "--out", str(target)])
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("error:") and "Traceback" not in result.output
+    finally:
+        locked.chmod(0o700)
