@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ncen_cli.checkpoint import load_ensemble, read_metadata
@@ -59,9 +60,9 @@ def test_every_defense_trains(tmp_path):
 
 def test_learning_rate_schedule():
     cfg = TrainConfig()
-    assert [learning_rate(cfg, e) for e in (0, 14, 15, 30, 45, 59)] == [
-        1e-3, 1e-3, 1e-4, 1e-5, 1e-5, 1e-5,
-    ]
+    assert [learning_rate(cfg, e) for e in (0, 14, 15, 30, 45, 59)] == pytest.approx(
+        [1e-3, 1e-3, 1e-4, 1e-5, 1e-5, 1e-5]
+    )
 
 
 def test_pipeline_doubles_with_noise_and_is_seeded(synthetic_arrays):
