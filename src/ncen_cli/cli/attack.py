@@ -1,8 +1,247 @@
-"""`ncen attack` (not yet available)."""
+"""``ncen attack``: the paper's white-box evaluation, or a stronger protocol, of a checkpoint."""
 
-from ncen_cli.cli.common import app, fail
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from ncen_cli.atomic import atomic_write_json, atomic_write_text
+from ncen_cli.cli.common import (
+    app,
+    check_eps,
+    err_console,
+    fail,
+    handle_errors,
+    out_console,
+    parse_float_list,
+    parse_name_list,
+    print_json,
+    require_positive,
+)
+from ncen_cli.errors import UsageError
+from ncen_cli.evaluation import (
+    AttackRun,
+    EvaluationReport,
+    custom_runs,
+    evaluate,
+    override_runs,
+    paper_protocol,
+    strong_protocol,
+    validate_runs,
+)
+
+PROTOCOLS = ("paper", "strong")
 
 
-@app.command(help="Not yet available in this version.")
-def attack() -> None:
-    raise fail("'ncen attack' is not yet available in this version", 1)
+class ImagesPerSecond(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} img/s" if speed else "", style="progress.data.speed")
+
+
+def build_runs(
+    family: str, protocol: str | None, attacks: str | None, eps: str | None, steps: int | None,
+    step_size: float | None, restarts: int | None, objective: str,
+) -> list[AttackRun]:
+    """The runs asked for: a protocol (paper by default when no attack settings are given),
+    optionally restricted by ``--attacks``, re-centred on ``--eps`` and overridden by
+    ``--steps/--step-size/--restarts``; or, with ``--attacks``/``--eps`` and no protocol, those
+    attacks with their defaults."""
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise UsageError(f"--protocol must be paper or strong, got '{protocol}'")
+    eps_values = parse_float_list(eps, "--eps") if eps is not None else None
+    if eps_values is not None:
+        check_eps(eps_values)
+    names = parse_name_list(attacks, "--attacks") if attacks is not None else None
+    require_positive(steps, "--steps")
+    require_positive(step_size, "--step-size")
+    require_positive(restarts, "--restarts")
+    if protocol is None and (names is not None or eps_values is not None):
+        runs = custom_runs(names or ["fgsm", "mifgsm", "pgd", "bim"], eps_values, family, objective)
+    elif protocol == "strong":
+        runs = strong_protocol(family, restarts or 2, objective, eps_values)
+    else:
+        runs = paper_protocol(family, objective, eps_values)
+    if protocol is not None and names is not None:
+        from ncen_cli.registry import ATTACKS
+
+        for name in names:
+            ATTACKS.get(name)
+        missing = [n for n in names if n not in {r.attack for r in runs}]
+        if missing:
+            raise UsageError(f"--attacks {','.join(missing)} not in the {protocol} protocol "
+                             f"({', '.join(dict.fromkeys(r.attack for r in runs))}); "
+                             "drop --protocol to run any attack")
+        runs = [r for r in runs if r.attack in names]
+    runs = override_runs(runs, steps=steps, step_size=step_size, restarts=restarts)
+    validate_runs(runs)
+    return runs
+
+
+def settings_text(params: dict[str, Any], attack: str = "") -> str:
+    step = params.get("step_size")
+    parts = [f"steps={params['steps']}", f"step={'auto' if step is None else f'{step:g}'}",
+             f"restarts={params['restarts']}", f"rand={'y' if params['random_start'] else 'n'}",
+             f"obj={params['objective']}"]
+    if attack == "mifgsm":
+        parts.append(f"decay={params['decay']:g}")
+    parts += [f"{k}={v}" for k, v in params.items()
+              if k not in ("steps", "step_size", "restarts", "random_start", "objective", "decay",
+                           "seed")]
+    return " ".join(parts)
+
+
+def report_table(report: EvaluationReport, title: str) -> Table:
+    table = Table(title=title)
+    for column, justify in (("attack", "left"), ("eps", "right"), ("accuracy", "right"),
+                            ("95% interval", "right"), ("correct/n", "right"),
+                            ("settings", "left"), ("s", "right")):
+        table.add_column(column, justify=justify, no_wrap=column != "settings")
+    clean = report.to_json()
+    table.add_row("clean (ACE)", "", f"{report.clean_accuracy:.4f}",
+                  f"[{clean['clean_ci_low']:.3f}, {clean['clean_ci_high']:.3f}]",
+                  f"{report.clean_correct}/{report.n}", "", "", end_section=True)
+    for r in report.results:
+        table.add_row(r.attack, f"{r.eps:g}", f"{r.accuracy:.4f}",
+                      f"[{r.ci_low:.3f}, {r.ci_high:.3f}]", f"{r.correct}/{r.n}",
+                      settings_text(r.params, r.attack), f"{r.seconds:.1f}")
+    return table
+
+
+def checks_table(report: EvaluationReport) -> Table:
+    table = Table(title="self-checks")
+    table.add_column("check")
+    table.add_column("status")
+    table.add_column("detail")
+    for c in report.checks:
+        status = {True: "[green]pass[/]", False: "[bold red]FAIL[/]", None: "n/a"}[c.passed]
+        table.add_row(c.name, status, c.detail)
+    return table
+
+
+def csv_text(report: EvaluationReport) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    keys = sorted({k for r in report.results for k in r.params})
+    writer.writerow(["attack", "eps", "accuracy", "correct", "n", "ci_low", "ci_high", "seconds",
+                     *keys])
+    writer.writerow(["clean", 0, report.clean_accuracy, report.clean_correct, report.n,
+                     report.to_json()["clean_ci_low"], report.to_json()["clean_ci_high"], "",
+                     *[""] * len(keys)])
+    for r in report.results:
+        writer.writerow([r.attack, r.eps, r.accuracy, r.correct, r.n, r.ci_low, r.ci_high,
+                         round(r.seconds, 3), *[r.params.get(k, "") for k in keys]])
+    return buffer.getvalue()
+
+
+@app.command("attack")
+@handle_errors
+def attack_command(
+    checkpoint: Annotated[Path, typer.Argument(help="An ensemble checkpoint (.safetensors).")],
+    protocol: Annotated[str | None, typer.Option(help="paper (Table II; the default when no attack "
+                                                  "settings are given) or strong (PGD with "
+                                                  "restarts + APGD-CE + APGD-DLR).")] = None,
+    attacks: Annotated[str | None, typer.Option(
+        help="Comma list: fgsm, mifgsm, pgd, bim, apgd-ce, apgd-dlr, square (or plugins).")] = None,
+    eps: Annotated[str | None, typer.Option(help="Comma list of L-inf radii in (0, 1], "
+                                            "e.g. 0.05,0.3.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Iterations (Square: queries).")] = None,
+    step_size: Annotated[float | None, typer.Option(help="Step size (alpha).")] = None,
+    restarts: Annotated[int | None, typer.Option(help="Random restarts, counted worst-case "
+                                                 "per example (strong default 2).")] = None,
+    objective: Annotated[str, typer.Option(help="mean-ce (the paper: mean of the members' CE), "
+                                           "logits (CE of combined logits) or prob (NLL of the "
+                                           "mean probability).")] = "mean-ce",
+    limit: Annotated[int | None, typer.Option(help="Seeded subset of N test images.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per attack batch.")] = 500,
+    dataset: Annotated[str | None, typer.Option(help="Default: the checkpoint's dataset.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(envvar="NCEN_DATA_DIR", help="Read the dataset "
+                                                  "from this folder.")] = None,
+    download: Annotated[bool, typer.Option(help="Download a missing dataset into the "
+                                           "cache.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seeds the subset and every random start.")] = 0,
+    strict: Annotated[bool, typer.Option(help="Exit 1 when a self-check fails.")] = False,
+    check_large_eps: Annotated[bool, typer.Option(help="Also check that PGD at eps 0.5 drives "
+                                                  "accuracy to about 0.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the results to FILE (.json or "
+                                             ".csv).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Attack an ensemble checkpoint and report accuracy under each attack, with self-checks."""
+    from ncen_cli.checkpoint import load_ensemble, read_metadata
+    from ncen_cli.data import load_dataset
+    from ncen_cli.device import Runtime
+
+    require_positive(limit, "--limit")
+    require_positive(batch_size, "--batch-size")
+    if out is not None and out.suffix.lower() not in (".json", ".csv"):
+        raise UsageError(f"--out {out}: the file name must end in .json or .csv")
+    meta = read_metadata(checkpoint)
+    name = (dataset or meta.get("dataset") or "").lower()
+    if not name:
+        raise UsageError(f"{checkpoint} records no dataset; pass --dataset")
+    family = meta.get("family")
+    runs_family = family if family in ("fashionmnist", "cifar10") else None
+    runtime = Runtime.create(device=device, seed=seed)
+    arrays = load_dataset(name, data_dir, download=download, test_limit=limit, seed=seed)
+    if (tuple(arrays.input_shape) != tuple(meta["input_shape"])
+            or arrays.num_classes != int(meta["num_classes"])):
+        raise UsageError(
+            f"dataset '{name}' has {arrays.num_classes} classes of shape "
+            f"{tuple(arrays.input_shape)}, the checkpoint expects {meta['num_classes']} of "
+            f"{tuple(meta['input_shape'])}")
+    runs = build_runs(runs_family or arrays.family, protocol, attacks, eps, steps, step_size,
+                      restarts, objective)
+    ensemble = load_ensemble(checkpoint, device=runtime.device)
+
+    console = err_console()
+    started = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), ImagesPerSecond(),
+                  TimeElapsedColumn(), console=console, transient=True) as bars:
+        tasks: dict[str, Any] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bars.add_task(label, total=total)
+            bars.update(tasks[label], completed=done)
+            if done >= total:
+                bars.remove_task(tasks.pop(label))
+
+        report = evaluate(ensemble, arrays.test_x, arrays.test_y, runs, batch_size=batch_size,
+                          device=runtime.device, seed=seed, check_large_eps=check_large_eps,
+                          progress=progress)
+    seconds = time.perf_counter() - started
+
+    payload = {**report.to_json(), "checkpoint": str(checkpoint), "dataset": arrays.name,
+               "family": runs_family or arrays.family, "protocol": protocol or (
+                   "custom" if attacks is not None or eps is not None else "paper"),
+               "device": str(runtime.device), "seconds": seconds}
+    if out is not None:
+        if out.suffix.lower() == ".json":
+            atomic_write_json(out, payload)
+        else:
+            atomic_write_text(out, csv_text(report))
+    if json_output:
+        print_json(payload)
+    else:
+        console_out = out_console()
+        console_out.print(report_table(
+            report, f"{checkpoint.name}: {arrays.name}, n={report.n}, protocol "
+            f"{payload['protocol']}, {seconds:.0f} s on {runtime.device}"))
+        console_out.print(checks_table(report))
+    failed = report.failed_checks
+    if failed:
+        names = ", ".join(c.name for c in failed)
+        if strict:
+            raise fail(f"{len(failed)} self-check(s) failed: {names}", 1)
+        console.print(f"[yellow]warning:[/] self-check(s) failed: {names} (see the table)")

@@ -1,0 +1,85 @@
+"""Square attack: score-based black-box random search (Andriushchenko et al., 2020,
+arXiv:1912.00049), the black-box half of AutoAttack.
+
+Distance: L-infinity. Wraps ``torchattacks.Square`` (margin loss on the combined logits: a
+black-box attack sees only the ensemble's output, so ``--objective`` does not apply). ``steps`` is
+the query budget per restart (default 1000; AutoAttack uses 5000); ``extra["p_init"]`` the initial
+square fraction (default 0.8). Restarts are counted worst-case per example by ncen's shared helper.
+Guards around torchattacks: its messages go to stderr (stdout stays clean for ``--json``), its
+global ``torch.manual_seed`` call runs inside a forked RNG seeded from our generator, no gradients
+are recorded, and every module's train/eval mode is restored afterwards.
+Shapes: x (B, C, H, W) float32 in [0, 1], y (B,), x_adv like x.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from ncen_cli.attacks.base import Attack, AttackSettings, AttackTarget
+from ncen_cli.attacks.core import as_float, check_settings, project, seed_from, worst_case_restarts
+
+
+class CombinedLogits(nn.Module):
+    """An nn.Module view of a target whose forward returns the combined logits (B, num_classes)."""
+
+    def __init__(self, target: AttackTarget) -> None:
+        super().__init__()
+        self.target = target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.target.combine_logits(self.target.member_logits(x))
+
+
+def perturb(
+    target: AttackTarget,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: AttackSettings,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    import torchattacks
+
+    check_settings(settings)
+    x = as_float(x)
+    model = CombinedLogits(target)
+    modes = [(m, m.training) for m in model.modules()]
+    p_init = float(settings.extra.get("p_init", 0.8))
+
+    def run_once(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        devices = [xs.device] if xs.device.type == "cuda" else []
+        with (
+            torch.random.fork_rng(devices=devices),
+            contextlib.redirect_stdout(sys.stderr),
+            torch.no_grad(),
+        ):
+            attack = torchattacks.Square(model, norm="Linf", eps=settings.eps,
+                                         n_queries=settings.steps, n_restarts=1, p_init=p_init,
+                                         loss="margin", seed=seed_from(generator) % 2**31)
+            attack.set_device(xs.device)
+            adv = attack(xs, ys).to(torch.float32)
+        return project(adv, xs, settings.eps)
+
+    try:
+        return worst_case_restarts(target, x, y, settings.restarts, run_once)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def defaults(eps: float) -> dict[str, Any]:
+    return {"steps": 1000, "step_size": None, "restarts": 1, "random_start": True,
+            "objective": "margin", "extra": {"p_init": 0.8}}
+
+
+ATTACK = Attack(
+    name="square",
+    summary="Square: black-box random search on the combined logits' margin (torchattacks, L-inf)",
+    perturb=perturb,
+    defaults=defaults,
+    white_box=False,
+)
