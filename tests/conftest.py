@@ -22,7 +22,8 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     base = tmp_path_factory.mktemp("ncen-home")
     monkeypatch.setenv("NCEN_OFFLINE", "1")
     monkeypatch.setenv("NCEN_RUNS_DIR", str(base / "runs"))
-    monkeypatch.setenv("NCEN_DATA_DIR", str(base / "data"))
+    monkeypatch.setenv("NCEN_CACHE_DIR", str(base / "cache"))
+    monkeypatch.delenv("NCEN_DATA_DIR", raising=False)
     torch.set_num_threads(1)
 
 

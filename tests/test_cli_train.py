@@ -96,4 +96,4 @@ def test_env_json():
     assert result.exit_code == 0
     info = json.loads(result.stdout)
     assert info["devices"][0]["device"] == "cpu"
-    assert info["runs_dir"] and info["data_dir"] and info["torch"]
+    assert info["runs_dir"] and info["cache_dir"] and info["torch"]

@@ -59,7 +59,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight.safetensors"
-    assert _cli([*TRAIN_ARGS, "--out", str(straight)]).wait(timeout=600) == 0
+    proc = _cli([*TRAIN_ARGS, "--out", str(straight)])
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
 
     killed = tmp_path / "killed.safetensors"
     proc = _cli([*TRAIN_ARGS, "--out", str(killed)])

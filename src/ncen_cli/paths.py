@@ -1,7 +1,9 @@
 """Where ncen keeps things: platformdirs folders, overridable by environment variables.
 
-NCEN_DATA_DIR   datasets (default: the user cache dir / datasets)
+NCEN_CACHE_DIR  where datasets are downloaded (default: the user cache dir / datasets)
 NCEN_RUNS_DIR   training runs (default: the user data dir / runs)
+NCEN_DATA_DIR   is different: it is the default of ``--data-dir``, a folder the user fills and
+                ncen only reads.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from platformdirs import PlatformDirs
 _DIRS = PlatformDirs("ncen", appauthor=False)
 
 
-def data_dir() -> Path:
-    return Path(os.environ.get("NCEN_DATA_DIR") or Path(_DIRS.user_cache_dir) / "datasets")
+def cache_dir() -> Path:
+    """Where torchvision datasets are downloaded when no --data-dir is given."""
+    return Path(os.environ.get("NCEN_CACHE_DIR") or Path(_DIRS.user_cache_dir) / "datasets")
 
 
 def runs_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from typing import Annotated
@@ -66,7 +67,8 @@ def env_command(
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "devices": available_devices(),
-        "data_dir": str(paths.data_dir()),
+        "data_dir": os.environ.get("NCEN_DATA_DIR"),
+        "cache_dir": str(paths.cache_dir()),
         "runs_dir": str(paths.runs_dir()),
         "plugins": sorted({f"{r.distribution}" for r in all_registrations(load=False)}),
     }

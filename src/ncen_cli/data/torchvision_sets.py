@@ -56,7 +56,7 @@ def _load(name: str, cls_name: str, classes: tuple[str, ...], marker: str):
                 return ImageArrays(**{**arrays.__dict__, "classes": classes})
             root, may_download = data_dir, False
         else:
-            root, may_download = paths.data_dir(), download and not _offline()
+            root, may_download = paths.cache_dir(), download and not _offline()
         hint = (
             f"{name} is not in {root}: put torchvision's files there ({marker}/...) or "
             f"{name}_train.npz/{name}_test.npz, or pass --data-dir DIR"
