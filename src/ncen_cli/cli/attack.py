@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.table import Table
 from rich.text import Text
 
+from ncen_cli import distributed
 from ncen_cli.atomic import atomic_write_json, atomic_write_text
 from ncen_cli.cli.common import (
     app,
@@ -191,6 +192,7 @@ def attack_command(
         raise UsageError(f"{checkpoint} records no dataset; pass --dataset")
     family = meta.get("family")
     runs_family = family if family in ("fashionmnist", "cifar10") else None
+    dist = distributed.context(device)  # under torchrun: each rank attacks its share
     runtime = Runtime.create(device=device, seed=seed)
     arrays = load_dataset(name, data_dir, download=download, test_limit=limit, seed=seed)
     if (tuple(arrays.input_shape) != tuple(meta["input_shape"])
@@ -207,7 +209,8 @@ def attack_command(
     started = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), ImagesPerSecond(),
-                  TimeElapsedColumn(), console=console, transient=True) as bars:
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=not dist.is_main) as bars:
         tasks: dict[str, Any] = {}
 
         def progress(label: str, done: int, total: int) -> None:
@@ -221,6 +224,8 @@ def attack_command(
                           device=runtime.device, seed=seed, check_large_eps=check_large_eps,
                           progress=progress)
     seconds = time.perf_counter() - started
+    if not dist.is_main:  # the counts are already summed over ranks; rank 0 reports
+        return
 
     payload = {**report.to_json(), "checkpoint": str(checkpoint), "dataset": arrays.name,
                "family": runs_family or arrays.family, "protocol": protocol or (
