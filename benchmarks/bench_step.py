@@ -1,0 +1,491 @@
+"""Benchmark ncen's training step against a plain step and an authors'-style reference.
+
+One command, one run, every figure side by side::
+
+    python benchmarks/bench_step.py --data-dir /work/shared/data --out docs/performance-run.md
+
+Sections (each measured in fresh subprocesses so that peak-memory figures are per method):
+
+1. ``step``: ms/step and images/s for (a) a plain ensemble step (mean CE), (b) ncen exact,
+   (c) ncen finite-diff, (d) the naive reference (benchmarks/reference.py), for FashionMNIST
+   (1x28x28) and CIFAR-10 (3x32x32) shapes and k = 3, 5 resnet20 members, batch 64. The four
+   methods are interleaved (a, b, c, d, a, b, ...) after a warm-up round and the median is reported;
+   wall time and process CPU time are both given (CPU time is less sensitive to other jobs).
+   Peak memory: growth of ``ru_maxrss`` over one step in a fresh process per method (CPU), or
+   ``torch.cuda.max_memory_allocated`` (CUDA).
+2. ``fd``: cosine between finite-diff and exact parameter gradients on one fixed batch of a
+   briefly trained 3 x resnet20, for several ``fd_scale`` values and both difference schemes.
+3. ``run``: whole training runs on the same data: ``ncen_cli.training.train`` (exact, finite-diff)
+   vs the reference training loop (``reference.reference_train``), 1 epoch of D + D_noise.
+4. ``attack``: PGD-40 on the ensemble vs 40 x (k plain forward+backward input-gradient passes).
+
+Writes a markdown report to ``--out`` (and the raw figures as JSON beside it) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHAPES = {"fashionmnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+METHODS = ("plain", "exact", "finite-diff", "reference")
+FAMILY_LAMBDAS = {"fashionmnist": (0.02, 0.02), "cifar10": (0.06, 0.04)}
+
+
+# ------------------------------------------------------------------------------------ workers
+
+
+def _setup(threads: int | None):
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    sys.path.insert(0, str(HERE))
+    return torch
+
+
+def _step_fns(family: str, k: int, batch: int, methods, seed: int = 0):
+    """Build models once per method and return {method: callable running one full step}."""
+    import torch
+    from reference import SoftmaxMember, make_optimizers, reference_step
+
+    from ncen_cli.archs import build_member
+    from ncen_cli.ensemble import build_ensemble
+    from ncen_cli.registry import DEFENSES
+    from ncen_cli.train_step import training_step
+
+    shape = SHAPES[family]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, *shape, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    lam_cos, lam_norm = FAMILY_LAMBDAS[family]
+    fns = {}
+    for method in methods:
+        torch.manual_seed(seed)
+        if method == "reference":
+            members = [SoftmaxMember(build_member("resnet20", shape, 10)) for _ in range(k)]
+            opts = make_optimizers(members)
+
+            def run(members=members, opts=opts):
+                reference_step(members, opts, x, y, lam_cos, lam_norm)
+
+        else:
+            ensemble = build_ensemble(["resnet20"] * k, shape, 10).train()
+            opt = torch.optim.Adam(ensemble.parameters(), lr=1e-3)
+            defense = DEFENSES.get("baseline" if method == "plain" else "ncen")
+            hp = defense.resolve(family)
+            mode = "finite-diff" if method == "finite-diff" else "exact"
+
+            def run(ensemble=ensemble, opt=opt, defense=defense, hp=hp, mode=mode):
+                opt.zero_grad(set_to_none=True)
+                training_step(ensemble, defense, hp, x, y, mode)
+                opt.step()
+
+        fns[method] = run
+    return fns
+
+
+def worker_step(args) -> dict:
+    torch = _setup(args.threads)
+    fns = _step_fns(args.family, args.k, args.batch, METHODS)
+    for fn in fns.values():  # warm-up round
+        for _ in range(args.warmup):
+            fn()
+    wall = {m: [] for m in fns}
+    cpu = {m: [] for m in fns}
+    for _ in range(args.reps):
+        for method, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[method].append(time.perf_counter() - w0)
+            cpu[method].append(time.process_time() - c0)
+    return {"wall": wall, "cpu": cpu, "threads": torch.get_num_threads()}
+
+
+def worker_memory(args) -> dict:
+    torch = _setup(args.threads)
+    fns = _step_fns(args.family, args.k, args.batch, [args.method])
+    fn = fns[args.method]
+    cuda = torch.cuda.is_available() and args.device == "cuda"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = {"maxrss_delta_mib": (after - before) / 1024, "maxrss_mib": after / 1024}
+    if cuda:  # pragma: no cover - no GPU on the dev box
+        result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def _flat_grad(module):
+    import torch
+
+    return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
+
+
+def worker_fd(args) -> dict:
+    """Cosine(finite-diff, exact) of the parameter gradient on one fixed batch."""
+    torch = _setup(args.threads)
+    from ncen_cli.registry import DEFENSES
+    from ncen_cli.train_step import exact_step, finite_diff_step
+
+    arrays = _arrays(args, "fashionmnist", train=max(args.fd_train_steps * 64, 64), test=64)
+    from ncen_cli.data import AugmentConfig, iterate_batches
+    from ncen_cli.ensemble import build_ensemble
+
+    torch.manual_seed(0)
+    ensemble = build_ensemble(["resnet20"] * 3, arrays.input_shape, arrays.num_classes).train()
+    opt = torch.optim.Adam(ensemble.parameters(), lr=1e-3)
+    ncen = DEFENSES.get("ncen")
+    hp = ncen.resolve("fashionmnist")
+    from ncen_cli.train_step import training_step
+
+    aug = AugmentConfig(crop_padding=2, noise_sigma=0.15)
+    for xb, yb in iterate_batches(arrays.train_x, arrays.train_y, 64, 0, 0, aug):  # "trained-ish"
+        opt.zero_grad(set_to_none=True)
+        training_step(ensemble, ncen, hp, xb, yb, "exact")
+        opt.step()
+    x = arrays.test_x[:64].float() / 255
+    y = arrays.test_y[:64]
+    state = {k: v.clone() for k, v in ensemble.state_dict().items()}
+
+    def grad_of(fn, **kw):
+        ensemble.load_state_dict(state)
+        ensemble.zero_grad(set_to_none=True)
+        fn(ensemble, ncen, hp, x, y, **kw)
+        return _flat_grad(ensemble)
+
+    exact = grad_of(exact_step)
+    # the regularizer's own part of the gradient (exact minus the CE part), for a harder check
+    ensemble.load_state_dict(state)
+    ensemble.zero_grad(set_to_none=True)
+    from ncen_cli.train_step import _forward
+
+    _, _, ce_sum, _ = _forward(ensemble, x, y)
+    (ce_sum / (3 * len(y))).backward()
+    ce_grad = _flat_grad(ensemble)
+    rows = []
+    cos = torch.nn.functional.cosine_similarity
+    for scheme in ("forward", "central"):
+        for scale in args.fd_scales:
+            fd = grad_of(finite_diff_step, fd_scale=scale, fd_scheme=scheme)
+            rows.append({
+                "scheme": scheme,
+                "fd_scale": scale,
+                "cosine_total": float(cos(fd, exact, dim=0)),
+                "cosine_regularizer": float(cos(fd - ce_grad, exact - ce_grad, dim=0)),
+                "rel_error_total": float((fd - exact).norm() / exact.norm()),
+            })
+    reg_share = float((exact - ce_grad).norm() / exact.norm())
+    return {"rows": rows, "regularizer_grad_share": reg_share}
+
+
+def _arrays(args, family: str, train: int, test: int):
+    """Real images from --data-dir when present, else random uint8 images of the same shape."""
+    import torch
+
+    from ncen_cli.data.base import ImageArrays
+
+    if args.data_dir and Path(args.data_dir).is_dir():
+        from ncen_cli.data import load_dataset
+
+        arrays = load_dataset(family, args.data_dir, False, train, test, 0)
+        return arrays
+    gen = torch.Generator().manual_seed(0)
+    shape = SHAPES[family]
+    return ImageArrays(
+        name=f"synthetic-{family}", family=family,
+        train_x=torch.randint(0, 256, (train, *shape), dtype=torch.uint8, generator=gen),
+        train_y=torch.randint(0, 10, (train,), generator=gen),
+        test_x=torch.randint(0, 256, (test, *shape), dtype=torch.uint8, generator=gen),
+        test_y=torch.randint(0, 10, (test,), generator=gen),
+        classes=tuple(str(i) for i in range(10)),
+    )
+
+
+def worker_run(args) -> dict:
+    """One whole training run (1 epoch of D + D_noise), timed end to end."""
+    torch = _setup(args.threads)
+    arrays = _arrays(args, "fashionmnist", args.run_images, args.run_test)
+    lam_cos, lam_norm = FAMILY_LAMBDAS["fashionmnist"]
+    c0 = time.process_time()
+    if args.method == "reference":
+        from reference import reference_train
+
+        result = reference_train(arrays, ["resnet20"] * 3, epochs=1, batch_size=64,
+                                 lambda_cos=lam_cos, lambda_norm=lam_norm)
+    else:
+        import tempfile
+
+        from ncen_cli.training import TrainConfig, train
+
+        config = TrainConfig(members=["resnet20"] * 3, dataset="fashionmnist", defense="ncen",
+                             epochs=1, batch_size=64, device="cpu", threads=torch.get_num_threads(),
+                             double_backprop=args.method, download=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            out = train(config, Path(tmp) / "bench.safetensors", arrays=arrays)
+            seconds = time.perf_counter() - started
+        result = {"seconds": seconds, "test_accuracy": out.history[-1].test_accuracy}
+    result["cpu_seconds"] = time.process_time() - c0
+    result["images"] = 2 * len(arrays.train_x)
+    result["source"] = arrays.name
+    return result
+
+
+def worker_attack(args) -> dict:
+    """PGD-40 (no early stop) vs 40 x k plain member forward+backward input-gradient passes."""
+    torch = _setup(args.threads)
+    from ncen_cli.attacks.base import AttackSettings
+    from ncen_cli.attacks.pgd import ATTACK
+    from ncen_cli.ensemble import build_ensemble
+
+    torch.manual_seed(0)
+    shape = SHAPES["fashionmnist"]
+    ensemble = build_ensemble(["resnet20"] * 3, shape, 10).eval()
+    for p in ensemble.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, *shape, generator=gen)
+    y = torch.randint(0, 10, (args.batch,), generator=gen)
+    steps = args.attack_steps
+    settings = AttackSettings(eps=0.1, steps=steps, step_size=0.1, random_start=True,
+                              extra={"early_stop": False})
+
+    def pgd():
+        ATTACK.perturb(ensemble, x, y, settings, torch.Generator().manual_seed(1))
+
+    def plain():
+        for _ in range(steps):
+            for member in ensemble.members:
+                xi = x.detach().requires_grad_(True)
+                loss = torch.nn.functional.cross_entropy(member(xi), y, reduction="sum")
+                torch.autograd.grad(loss, xi)
+
+    fns = {"pgd": pgd, "plain": plain}
+    times = {n: [] for n in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(args.attack_reps):
+        for n, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[n].append(time.perf_counter() - t0)
+    return {"wall": times}
+
+
+WORKERS = {"step": worker_step, "memory": worker_memory, "fd": worker_fd, "run": worker_run,
+           "attack": worker_attack}
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def _spawn(args, worker: str, **extra) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker]
+    for key, value in {**_common(args), **extra}.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, list):
+            cmd += [flag, *map(str, value)]
+        else:
+            cmd += [flag, str(value)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr[-3000:])
+        raise SystemExit(f"worker {worker} {extra} failed")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _common(args) -> dict:
+    return {"threads": args.threads, "reps": args.reps, "warmup": args.warmup, "batch": args.batch,
+            "data_dir": args.data_dir, "device": args.device}
+
+
+def _log(message: str) -> None:
+    sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stderr.flush()
+
+
+def _median(values) -> float:
+    return statistics.median(values)
+
+
+def drive(args) -> None:
+    started = time.perf_counter()
+    results: dict = {"step": {}, "memory": {}, "fd": None, "run": {}, "attack": None}
+    configs = [(f, k) for f in args.families for k in args.ks]
+    if "step" in args.sections:
+        for family, k in configs:
+            _log(f"step timing {family} k={k}")
+            results["step"][f"{family}/k{k}"] = _spawn(args, "step", family=family, k=k)
+            for method in METHODS:
+                results["memory"][f"{family}/k{k}/{method}"] = _spawn(
+                    args, "memory", family=family, k=k, method=method)
+    if "fd" in args.sections:
+        _log("finite-diff agreement")
+        results["fd"] = _spawn(args, "fd", fd_scales=args.fd_scales,
+                               fd_train_steps=args.fd_train_steps)
+    if "run" in args.sections:
+        for rep in range(args.run_reps):
+            for method in ("reference", "exact", "finite-diff"):
+                _log(f"whole run {method} (rep {rep + 1})")
+                results["run"].setdefault(method, []).append(_spawn(
+                    args, "run", method=method, run_images=args.run_images,
+                    run_test=args.run_test))
+    if "attack" in args.sections:
+        _log("attack throughput")
+        results["attack"] = _spawn(args, "attack", attack_steps=args.attack_steps,
+                                   attack_reps=args.attack_reps)
+    results["seconds"] = time.perf_counter() - started
+    results["machine"] = args.machine
+    results["command"] = "python benchmarks/bench_step.py " + " ".join(sys.argv[1:])
+    text = report(results, args)
+    if args.out:
+        Path(args.out).write_text(text)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    sys.stdout.write(text)
+
+
+def report(results: dict, args) -> str:
+    import torch
+
+    lines = [
+        "## Benchmark run",
+        "",
+        f"- command: `{results['command']}`",
+        f"- machine: {results['machine']}; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+        f"threads {args.threads or torch.get_num_threads()}",
+        f"- wall time of the whole benchmark: {results['seconds'] / 60:.1f} min",
+        "",
+    ]
+    if results["step"]:
+        lines += [
+            f"### Training step (batch {args.batch}, resnet20 members; median of {args.reps} "
+            f"interleaved repetitions after {args.warmup} warm-up)",
+            "",
+            "| shape | k | method | ms/step (wall) | images/s | ms/step (CPU) | vs reference "
+            "(wall) | vs reference (CPU) | peak RSS growth (MiB) |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for key, res in results["step"].items():
+            family, k = key.split("/")
+            ref_w = _median(res["wall"]["reference"])
+            ref_c = _median(res["cpu"]["reference"])
+            for method in METHODS:
+                w = _median(res["wall"][method])
+                c = _median(res["cpu"][method])
+                mem = results["memory"].get(f"{key}/{method}", {})
+                lines.append(
+                    f"| {family} | {k[1:]} | {method} | {w * 1e3:.0f} | {args.batch / w:.0f} | "
+                    f"{c * 1e3:.0f} | {w / ref_w:.2f} | {c / ref_c:.2f} | "
+                    f"{mem.get('maxrss_delta_mib', float('nan')):.0f} |"
+                )
+        lines.append("")
+    if results["fd"]:
+        fd = results["fd"]
+        lines += [
+            "### Finite-diff vs exact parameter gradient (one fixed batch of 64 test images, "
+            "3 x resnet20 after a short NCEn training)",
+            "",
+            f"Share of the regularizer in the exact gradient: "
+            f"||grad R|| / ||grad (CE + R)|| = {fd['regularizer_grad_share']:.3f}.",
+            "",
+            "| scheme | fd_scale | cosine (CE + R) | cosine (R part only) | relative error |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for row in fd["rows"]:
+            lines.append(
+                f"| {row['scheme']} | {row['fd_scale']:g} | {row['cosine_total']:.5f} | "
+                f"{row['cosine_regularizer']:.4f} | {row['rel_error_total']:.2e} |"
+            )
+        lines.append("")
+    if results["run"]:
+        ref = _median([r["seconds"] for r in results["run"]["reference"]])
+        ref_cpu = _median([r["cpu_seconds"] for r in results["run"]["reference"]])
+        first = results["run"]["reference"][0]
+        lines += [
+            f"### Whole training run (3 x resnet20, 1 epoch of {first['images']} images = "
+            f"D + D_noise of {first['images'] // 2} `{first['source']}` images, batch "
+            f"64, evaluation on {args.run_test} test images; median of {args.run_reps})",
+            "",
+            "| run | seconds (wall) | vs reference | CPU seconds | vs reference (CPU) | "
+            "test accuracy | target |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        targets = {"reference": "", "exact": 0.85, "finite-diff": 0.5}
+        for method, runs in results["run"].items():
+            s = _median([r["seconds"] for r in runs])
+            c = _median([r["cpu_seconds"] for r in runs])
+            acc = _median([r["test_accuracy"] for r in runs])
+            target = targets[method]
+            verdict = ""
+            if target:
+                verdict = f"<= {target}: {'met' if s / ref <= target else 'NOT met'}"
+            lines.append(f"| {method} | {s:.1f} | {s / ref:.2f} | {c:.1f} | {c / ref_cpu:.2f} | "
+                         f"{acc:.3f} | {verdict} |")
+        lines.append("")
+    if results["attack"]:
+        a = results["attack"]["wall"]
+        pgd, plain = _median(a["pgd"]), _median(a["plain"])
+        lines += [
+            f"### Attack throughput (PGD-{args.attack_steps}, no early stop, 3 x resnet20, "
+            f"batch {args.batch}, FashionMNIST shape)",
+            "",
+            "| what | seconds | images/s | speed vs k plain passes |",
+            "| --- | ---: | ---: | ---: |",
+            f"| PGD-{args.attack_steps} on the ensemble | {pgd:.2f} | {args.batch / pgd:.1f} | "
+            f"{plain / pgd:.2f} |",
+            f"| {args.attack_steps} x 3 plain member forward+backward | {plain:.2f} | "
+            f"{args.batch / plain:.1f} | 1.00 |",
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--family", default="fashionmnist", help=argparse.SUPPRESS)
+    parser.add_argument("--k", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="exact", help=argparse.SUPPRESS)
+    parser.add_argument("--sections", nargs="+", default=["step", "fd", "run", "attack"],
+                        choices=["step", "fd", "run", "attack"])
+    parser.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--ks", nargs="+", type=int, default=[3, 5])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per method")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default=os.environ.get("NCEN_SHARED_DATA"))
+    parser.add_argument("--fd-scales", nargs="+", type=float,
+                        default=[1e-1, 3e-2, 1e-2, 3e-3, 1e-3])
+    parser.add_argument("--fd-train-steps", type=int, default=15)
+    parser.add_argument("--run-images", type=int, default=640)
+    parser.add_argument("--run-test", type=int, default=500)
+    parser.add_argument("--run-reps", type=int, default=1)
+    parser.add_argument("--attack-steps", type=int, default=40)
+    parser.add_argument("--attack-reps", type=int, default=2)
+    parser.add_argument("--machine", default="2-core CPU dev box, shared with other jobs")
+    parser.add_argument("--out", default=None, help="write the markdown report here (+ .json)")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))  # noqa: T201 - worker protocol on stdout
+        return
+    drive(args)
+
+
+if __name__ == "__main__":
+    main()
