@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from ncen_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from ncen_cli.sweep import SweepResult
 
 
 def require_matplotlib() -> ModuleType:
@@ -19,3 +24,51 @@ def require_matplotlib() -> ModuleType:
             "--png needs matplotlib: pip install 'ncen[plot]' (or pipx inject ncen matplotlib)"
         ) from None
     return plt
+
+
+def sweep_heatmap(result: SweepResult, path: str | Path, dpi: int = 110) -> Path:
+    """Save a lambda_cos x lambda_norm sweep as a PNG heat map of ACE x mean AAE (paper Fig. 4).
+
+    Rows are lambda_cos (bottom to top), columns lambda_norm; each cell shows its score, failed
+    cells stay blank, the best cell is outlined and starred, and contour lines are drawn when the
+    grid is at least 2 x 2 and complete. Written atomically. Raises UsageError without matplotlib.
+    """
+    import math
+
+    from ncen_cli.atomic import atomic_write
+
+    plt = require_matplotlib()
+    rows, cols = result.lambda_cos, result.lambda_norm
+    by_pos = {(c.cell.lambda_cos, c.cell.lambda_norm): c.score for c in result.cells}
+    grid = [[by_pos.get((r, c)) for c in cols] for r in rows]
+    values = [[math.nan if v is None else v for v in row] for row in grid]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(cols), 1.4 + 0.8 * len(rows)),
+                           constrained_layout=True)
+    image = ax.imshow(values, origin="lower", cmap="viridis", aspect="auto")
+    if len(rows) >= 2 and len(cols) >= 2 and all(v is not None for row in grid for v in row):
+        lines = ax.contour(values, levels=6, colors="white", linewidths=0.7, alpha=0.6)
+        ax.clabel(lines, fontsize=7, fmt="%.2f")
+    best = result.best
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value is None:
+                continue
+            is_best = best is not None and (rows[i], cols[j]) == (best.cell.lambda_cos,
+                                                                  best.cell.lambda_norm)
+            ax.text(j, i, f"{value:.3f}" + (" *" if is_best else ""), ha="center", va="center",
+                    fontsize=9, fontweight="bold" if is_best else "normal", color="black",
+                    bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0, "pad": 1})
+            if is_best:
+                ax.add_patch(plt.Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False,
+                                           edgecolor="red", linewidth=2.5))
+    ax.set_xticks(range(len(cols)), [f"{v:g}" for v in cols])
+    ax.set_yticks(range(len(rows)), [f"{v:g}" for v in rows])
+    ax.set_xlabel("lambda_norm")
+    ax.set_ylabel("lambda_cos")
+    attacks = ", ".join(f"{s['attack']}@{s['eps']:g}" for s in result.attack_settings)
+    ax.set_title(f"ACE x mean AAE ({attacks})", fontsize=9)
+    fig.colorbar(image, ax=ax, label="score")
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)

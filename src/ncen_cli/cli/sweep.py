@@ -1,8 +1,232 @@
-"""`ncen sweep` (not yet available)."""
+"""``ncen sweep``: the lambda_cos x lambda_norm grid (paper Fig. 4), resumable, with a heat map."""
 
-from ncen_cli.cli.common import app, fail
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from ncen_cli import distributed
+from ncen_cli.cli.common import (
+    app,
+    check_eps,
+    err_console,
+    handle_errors,
+    out_console,
+    parse_float_list,
+    parse_name_list,
+    print_json,
+)
+from ncen_cli.cli.train import (
+    Activation,
+    Augment,
+    Combine,
+    DataDir,
+    Dataset,
+    Deterministic,
+    Device,
+    DoubleBackprop,
+    Download,
+    Epochs,
+    FdScale,
+    Members,
+    NcenForm,
+    Noise,
+    NoiseEps,
+    Param,
+    Precision,
+    TestLimit,
+    Threads,
+    TrainLimit,
+    build_config,
+)
+from ncen_cli.errors import UsageError
+from ncen_cli.paths import runs_dir
+from ncen_cli.registry import DATASETS
+from ncen_cli.sweep import Cell, CellResult, SweepResult, format_value, run_sweep, score_runs_for
+from ncen_cli.training import EpochRecord
 
 
-@app.command(help="Not yet available in this version.")
-def sweep() -> None:
-    raise fail("'ncen sweep' is not yet available in this version", 1)
+@app.command("sweep")
+@handle_errors
+def sweep_command(
+    lambda_cos: Annotated[str, typer.Option(help="Comma list of lambda_cos values (grid rows).")]
+    = "0,0.02,0.04,0.06",
+    lambda_norm: Annotated[str, typer.Option(help="Comma list of lambda_norm values (grid "
+                                             "columns).")] = "0,0.02,0.04",
+    members: Members = "ensemble1",
+    dataset: Dataset = "fashionmnist",
+    data_dir: DataDir = None,
+    ncen_form: NcenForm = "paper",
+    param: Param = None,
+    activation: Activation = "relu",
+    combine: Combine = "mean-logits",
+    epochs: Epochs = None,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    augment: Augment = True,
+    noise: Noise = True,
+    noise_eps: NoiseEps = None,
+    train_limit: TrainLimit = None,
+    test_limit: TestLimit = None,
+    seed: int = 0,
+    device: Device = "auto",
+    precision: Precision = "fp32",
+    threads: Threads = None,
+    deterministic: Deterministic = False,
+    double_backprop: DoubleBackprop = "exact",
+    fd_scale: FdScale = 1e-2,
+    download: Download = True,
+    attacks: Annotated[str | None, typer.Option(help="Scoring attacks, comma list (default: the "
+                                                "paper's fgsm,mifgsm,pgd,bim).")] = None,
+    eps: Annotated[str | None, typer.Option(help="Scoring epsilons, comma list (default: each "
+                                            "attack's smaller paper epsilon).")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Score on the first N test images "
+                                                   "(default: the whole test split).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Sweep folder (re-run with the same --out to "
+                                             "resume); default a new run folder.")] = None,
+    png: Annotated[Path | None, typer.Option(help="Write a heat map of the score (Fig. 4).")]
+    = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Train and score one NCEn ensemble per (lambda_cos, lambda_norm) cell; resumable."""
+    config = build_config(
+        members, dataset, data_dir, "ncen", ncen_form, None, None, None, None, None, param,
+        activation, combine, epochs, batch_size, lr, augment, noise, noise_eps, train_limit,
+        test_limit, seed, device, precision, threads, deterministic, double_backprop, fd_scale,
+        download,
+    )
+    cos_values = parse_float_list(lambda_cos, "--lambda-cos")
+    norm_values = parse_float_list(lambda_norm, "--lambda-norm")
+    attack_names = parse_name_list(attacks, "--attacks") if attacks is not None else None
+    eps_values = parse_float_list(eps, "--eps") if eps is not None else None
+    if eps_values is not None:
+        check_eps(eps_values)
+    runs = None
+    if attack_names is not None or eps_values is not None:
+        runs = score_runs_for(DATASETS.get(config.dataset).family, attack_names, eps_values)
+    if png is not None and png.suffix.lower() != ".png":
+        raise UsageError(f"--png must end in .png, got {png}")
+    if png is not None:
+        from ncen_cli.plots import require_matplotlib
+
+        require_matplotlib()  # fail before hours of training, not after
+    main = distributed.is_main_process()
+    console = err_console()
+    if out is None:
+        out = _new_sweep_dir(config.dataset)
+        if main:
+            console.log(f"sweep folder {out} (to resume, re-run with --out {out})")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total}"), TimeElapsedColumn(), console=console, transient=True,
+                  disable=not main) as bars:
+        task = bars.add_task("sweep", total=None)
+        current = ["sweep"]
+
+        def on_cell_start(cell: Cell, position: int, total: int) -> None:
+            current[0] = f"cell {position}/{total} {cell.id}"
+            bars.update(task, description=current[0], completed=0, total=None)
+
+        def on_batch(done: int, total: int) -> None:
+            bars.update(task, completed=done, total=total)
+
+        def on_eval(label: str, done: int, total: int) -> None:
+            bars.update(task, description=f"{current[0]}: {label}", completed=done, total=total)
+
+        def on_epoch(record: EpochRecord) -> None:
+            console.log(f"  epoch {record.epoch}: ce={record.ce:.4f} "
+                        f"test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s")
+
+        def on_cell_done(result: CellResult) -> None:
+            if result.skipped:
+                console.log(f"cell {result.cell.id}: finished earlier, skipped")
+            elif result.error:
+                console.log(f"cell {result.cell.id}: [red]failed[/red] ({result.error})")
+            else:
+                console.log(f"cell {result.cell.id}: ACE {result.clean_accuracy:.4f} mean AAE "
+                            f"{result.mean_adversarial_accuracy:.4f} score {result.score:.4f} "
+                            f"({result.seconds:.1f} s)")
+            if result.failed_checks:
+                console.log(f"[yellow]warning[/yellow]: cell {result.cell.id}: evaluation checks "
+                            f"failed: {', '.join(result.failed_checks)}")
+
+        result = run_sweep(config, cos_values, norm_values, out, score_runs=runs,
+                           eval_limit=eval_limit, on_cell_start=on_cell_start,
+                           on_cell_done=on_cell_done, on_epoch=on_epoch, on_batch=on_batch,
+                           on_eval=on_eval)
+    if not main:
+        return
+    if png is not None:
+        from ncen_cli.plots import sweep_heatmap
+
+        sweep_heatmap(result, png)
+        console.log(f"wrote {png}")
+    if json_output:
+        print_json(result.to_json())
+    else:
+        out_console().print(render_grid(result))
+
+
+def _new_sweep_dir(dataset: str) -> Path:
+    """A fresh ``<runs>/<timestamp>-sweep-<dataset>`` folder name."""
+    from datetime import datetime
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = runs_dir() / f"{stamp}-sweep-{dataset}"
+    n = 1
+    while folder.exists():
+        n += 1
+        folder = runs_dir() / f"{stamp}-sweep-{dataset}-{n}"
+    return folder
+
+
+def _colour(score: float, low: float, high: float) -> str:
+    """Red (low) -> yellow -> green (high) as an ``rgb(...)`` style."""
+    t = 0.5 if high <= low else (score - low) / (high - low)
+    red = 220 if t < 0.5 else int(220 - (t - 0.5) * 2 * 180)
+    green = int(60 + t * 2 * 140) if t < 0.5 else 200
+    return f"rgb({red},{green},60)"
+
+
+def render_grid(result: SweepResult) -> Table:
+    """Rows lambda_cos, columns lambda_norm; each cell ACE x mean AAE, coloured, best starred."""
+    by_pos = {(c.cell.lambda_cos, c.cell.lambda_norm): c for c in result.cells}
+    scores = [c.score for c in result.cells if c.score is not None]
+    low, high = (min(scores), max(scores)) if scores else (0.0, 0.0)
+    best = result.best
+    table = Table(title="score = ACE x mean AAE (rows lambda_cos, columns lambda_norm)",
+                  caption=_caption(result))
+    table.add_column("cos \\ norm", justify="right", style="bold")
+    for norm in result.lambda_norm:
+        table.add_column(format_value(norm), justify="center")
+    for cos in result.lambda_cos:
+        row: list[Text | str] = [format_value(cos)]
+        for norm in result.lambda_norm:
+            cell = by_pos.get((cos, norm))
+            if cell is None:
+                row.append("")
+            elif cell.score is None:
+                row.append(Text("failed", style="dim"))
+            else:
+                star = " *" if best is not None and cell is best else ""
+                text = Text(f"{cell.score:.4f}{star}\n", style=_colour(cell.score, low, high)
+                            + (" bold reverse" if star else ""))
+                text.append(f"{cell.clean_accuracy:.3f} x {cell.mean_adversarial_accuracy:.3f}",
+                            style="dim")
+                row.append(text)
+        table.add_row(*row)
+    return table
+
+
+def _caption(result: SweepResult) -> str:
+    attacks = ", ".join(f"{s['attack']}@{s['eps']:g}" for s in result.attack_settings)
+    best = result.best
+    best_text = (f"best (*): lambda_cos {format_value(best.cell.lambda_cos)}, lambda_norm "
+                 f"{format_value(best.cell.lambda_norm)}, score {best.score:.4f}"
+                 if best else "no cell scored")
+    return f"{best_text}\ncell: ACE x mean AAE over {attacks}\nfolder: {result.out_dir}"
