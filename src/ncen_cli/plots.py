@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING
 from ncen_cli.errors import UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ncen_cli.sweep import SweepResult
+    from ncen_cli.transfer import TransferResult
 
 
 def require_matplotlib() -> ModuleType:
@@ -24,6 +27,54 @@ def require_matplotlib() -> ModuleType:
             "--png needs matplotlib: pip install 'ncen[plot]' (or pipx inject ncen matplotlib)"
         ) from None
     return plt
+
+
+def transfer_heatmap(results: Sequence[TransferResult], path: str | Path, dpi: int = 110) -> Path:
+    """Save transferability matrices as a PNG heat map, one panel per attack, written atomically.
+
+    Args:
+        results: :class:`ncen_cli.transfer.TransferResult` objects (each a k x (k + 1) matrix:
+            rows = member the examples were crafted on, columns = member evaluated, then the
+            ensemble).
+        path: the PNG file to write.
+    Returns:
+        ``path``. Raises UsageError when matplotlib is not installed.
+    """
+    from ncen_cli.atomic import atomic_write
+
+    plt = require_matplotlib()
+    k = results[0].k
+    width = 1.1 + 0.95 * (k + 1)
+    fig, axes = plt.subplots(
+        1, len(results), figsize=(width * len(results) + 1.0, 0.8 * k + 1.9), squeeze=False,
+        constrained_layout=True,
+    )
+    image = None
+    for ax, result in zip(axes[0], results, strict=True):
+        image = ax.imshow(result.matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        columns = [*result.members, "ensemble"]
+        ax.set_xticks(range(k + 1), columns, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(k), result.members, fontsize=8)
+        ax.set_xlabel("evaluated on", fontsize=9)
+        ax.set_ylabel("crafted on", fontsize=9)
+        ax.axvline(k - 0.5, color="white", linewidth=2.5)
+        for i, row in enumerate(result.matrix):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9,
+                        fontweight="bold" if i == j else "normal",
+                        color="black" if value > 0.6 else "white")
+        eps = result.params.get("eps")
+        summary = result.summary
+        ax.set_title(
+            f"{result.attack}, eps={eps:g}, n={result.n}\n"
+            f"diag {summary['mean_diagonal']:.2f}, off-diag {summary['mean_off_diagonal']:.2f}",
+            fontsize=9,
+        )
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy", shrink=0.9)
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
 
 
 def sweep_heatmap(result: SweepResult, path: str | Path, dpi: int = 110) -> Path:

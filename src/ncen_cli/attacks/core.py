@@ -149,6 +149,7 @@ def sign_ascent(
     random_start: bool = False,
     decay: float | None = None,
     generator: torch.Generator | None = None,
+    early_stop: bool = True,
 ) -> torch.Tensor:
     """Projected sign-gradient ascent (BIM/PGD; MI-FGSM when ``decay`` is given).
 
@@ -156,7 +157,9 @@ def sign_ascent(
     backward), then ``x <- project(x + step_size * sign(d))`` with ``d`` the gradient or, for
     MI-FGSM, the momentum ``g <- decay * g + grad / mean|grad|`` (an exactly-zero gradient adds
     nothing instead of a NaN). An example whose current iterate is already misclassified keeps that
-    iterate and leaves the batch (it is adversarial; further steps cannot help it).
+    iterate and leaves the batch (it is adversarial; further steps cannot help it). With
+    ``early_stop=False`` every example runs all ``steps`` (for transfer attacks, where an example
+    that barely fools its source transfers poorly; ``settings.extra["early_stop"]``).
 
     Args:
         x: (B, C, H, W) float32 clean images in [0, 1]; y: (B,) labels.
@@ -171,7 +174,7 @@ def sign_ascent(
         xa, ya = x_adv[active], y[active]
         grad, _, logits = input_gradient(target, xa, ya, loss_fn)
         fooled = logits.argmax(-1) != ya
-        if fooled.any():
+        if early_stop and fooled.any():
             result[active[fooled]] = xa[fooled]
             keep = ~fooled
             active, xa, grad = active[keep], xa[keep], grad[keep]

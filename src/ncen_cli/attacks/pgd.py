@@ -47,7 +47,8 @@ def perturb(
 
     def run_once(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         return sign_ascent(target, xs, ys, eps=settings.eps, steps=settings.steps, step_size=step,
-                           loss_fn=loss_fn, random_start=settings.random_start, generator=generator)
+                           loss_fn=loss_fn, random_start=settings.random_start, generator=generator,
+                           early_stop=bool(settings.extra.get("early_stop", True)))
 
     with frozen_parameters(target):
         return worst_case_restarts(target, x, y, settings.restarts, run_once)

@@ -1,0 +1,253 @@
+"""The member-to-member transferability matrix (the paper's Fig. 3).
+
+For each member ``i`` of an ensemble, adversarial examples are crafted against member ``i`` alone
+(wrapped in :class:`~ncen_cli.attacks.base.MemberTarget`) and evaluated on every member ``j`` and on
+the whole ensemble. The result is a ``k x (k + 1)`` matrix of accuracies: row = source member,
+column ``j < k`` = target member, last column = the ensemble. The diagonal is white-box accuracy;
+off-diagonal cells measure transfer. An ensemble whose members are diverse has off-diagonal cells
+well above the diagonal.
+
+Each batch is crafted once per source member; all ``k + 1`` evaluations reuse that batch.
+Iterative attacks run all their steps here (``settings.extra["early_stop"] = False`` unless given):
+an example that stops at the first iterate that barely fools its source transfers poorly, which
+would make the members look more diverse than they are.
+
+Example::
+
+    from ncen_cli.checkpoint import load_ensemble
+    from ncen_cli.transfer import transfer_matrix
+
+    ensemble = load_ensemble("run.safetensors")
+    result = transfer_matrix(ensemble, x_test, y_test, attack="pgd", settings=None)
+    print(result.matrix, result.summary)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ncen_cli.attacks.base import Attack, AttackSettings, MemberTarget
+from ncen_cli.distributed import all_reduce_sum, shard_slice
+from ncen_cli.ensemble import Ensemble
+from ncen_cli.errors import NcenError, UsageError
+
+DEFAULT_EPS = 0.05
+"""The paper's transfer radius (Fig. 3: PGD and MI-FGSM at eps = 0.05)."""
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class TransferResult:
+    """A transferability matrix and how it was measured.
+
+    Attributes:
+        matrix: k rows of k + 1 accuracies in [0, 1]. ``matrix[i][j]`` (j < k) is member j's
+            accuracy on examples crafted against member i; ``matrix[i][k]`` is the ensemble's.
+        members: row/column labels, ``"<index>:<architecture>"``.
+        attack: the attack's registry name.
+        params: every attack setting used (eps, steps, step_size, restarts, ...), plus ``seed`` and
+            ``only_correct``.
+        n: number of test examples evaluated (after ``only_correct`` filtering).
+        clean: k + 1 clean accuracies on the same n examples (members, then the ensemble).
+    """
+
+    matrix: list[list[float]]
+    members: list[str]
+    attack: str
+    params: dict[str, Any]
+    n: int
+    clean: list[float] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return len(self.members)
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """Mean diagonal (white-box), mean off-diagonal (member-to-member transfer), their gap
+        (off-diagonal minus diagonal: positive when attacks transfer less than they hit their own
+        source), and the mean of the ensemble column."""
+        k = self.k
+        diag = [self.matrix[i][i] for i in range(k)]
+        off = [self.matrix[i][j] for i in range(k) for j in range(k) if i != j]
+        ens = [self.matrix[i][k] for i in range(k)]
+        mean_diag = sum(diag) / k
+        mean_off = sum(off) / len(off) if off else math.nan
+        return {
+            "mean_diagonal": mean_diag,
+            "mean_off_diagonal": mean_off,
+            "gap": mean_off - mean_diag,
+            "ensemble_mean": sum(ens) / k,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"matrix", "members", "attack", "params", "n", "summary", "clean"}`` (see
+        docs/transfer.md)."""
+        return {
+            "matrix": [list(row) for row in self.matrix],
+            "members": list(self.members),
+            "attack": self.attack,
+            "params": dict(self.params),
+            "n": self.n,
+            "summary": self.summary,
+            "clean": list(self.clean),
+        }
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> TransferResult:
+        """Rebuild a result from :meth:`to_json` output (e.g. to re-plot a saved ``--json``)."""
+        try:
+            return cls(
+                matrix=[[float(v) for v in row] for row in payload["matrix"]],
+                members=[str(m) for m in payload["members"]],
+                attack=str(payload["attack"]),
+                params=dict(payload["params"]),
+                n=int(payload["n"]),
+                clean=[float(v) for v in payload.get("clean", [])],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"not a transfer result ({type(exc).__name__}: {exc})") from None
+
+
+def member_labels(ensemble: Ensemble) -> list[str]:
+    """``"<index>:<architecture>"`` for each member (architecture from the metadata if recorded)."""
+    names = ensemble.metadata.get("members")
+    if not isinstance(names, list | tuple) or len(names) != ensemble.k:
+        names = [type(m).__name__.lower() for m in ensemble.members]
+    return [f"{i}:{name}" for i, name in enumerate(names)]
+
+
+def resolve_settings(
+    attack: Attack,
+    eps: float = DEFAULT_EPS,
+    steps: int | None = None,
+    step_size: float | None = None,
+    restarts: int | None = None,
+) -> AttackSettings:
+    """The attack's own defaults for ``eps`` (``attack.defaults(eps)``), overrides applied."""
+    if not 0 < eps <= 1:
+        raise UsageError(f"--eps must be in (0, 1] for images in [0, 1], got {eps}")
+    fields = {**attack.defaults(eps), "eps": eps}
+    for name, value in (("steps", steps), ("step_size", step_size), ("restarts", restarts)):
+        if value is not None:
+            if value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+            fields[name] = value
+    return AttackSettings(**fields)
+
+
+def _batch_generator(device: torch.device, seed: int, source: int, start: int) -> torch.Generator:
+    """Randomness for one (source member, batch): independent of batch order and of the rank."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + source * 10_007 + start) % (2**63 - 1))
+    return gen
+
+
+def _to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+@torch.no_grad()
+def _correct(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (k + 1, B) booleans: each member's, then the ensemble's, correctness."""
+    logits = ensemble.member_logits(x)  # (k, B, classes)
+    combined = ensemble.combine_logits(logits)  # (B, classes)
+    preds = torch.cat([logits.argmax(-1), combined.argmax(-1).unsqueeze(0)])
+    return preds == y.unsqueeze(0)
+
+
+def transfer_matrix(
+    ensemble: Ensemble,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: str = "pgd",
+    settings: AttackSettings | None = None,
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    only_correct: bool = False,
+    progress: Progress | None = None,
+) -> TransferResult:
+    """Measure how adversarial examples crafted on each member transfer to the others.
+
+    Args:
+        ensemble: the ensemble (put in eval mode here; its parameters are not changed).
+        x: (N, C, H, W) test images, uint8 (0-255) or float in [0, 1]; y: (N,) int64 labels.
+        attack: registry name in ``ncen.attacks`` (e.g. ``"pgd"``, ``"mifgsm"``).
+        settings: the attack's settings; None: ``attack.defaults(0.05)`` (the paper's eps).
+            ``extra["early_stop"]`` defaults to False here (every example runs all steps).
+        batch_size: examples crafted at once.
+        device: where to compute.
+        seed: seeds the attack's randomness (random starts), per source member and batch.
+        only_correct: keep only examples that every member classifies correctly (as DVERGE does).
+        progress: called as ``progress(done, total)`` after each (batch, source member) pass.
+    Returns:
+        a :class:`TransferResult` with the k x (k + 1) matrix. Under ``torchrun`` each rank
+        evaluates its share of the examples and the counts are summed exactly over ranks.
+    Raises:
+        UsageError for bad arguments; NcenError when no example is left to evaluate.
+    """
+    from ncen_cli.registry import ATTACKS
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if len(x) != len(y):
+        raise UsageError(f"x has {len(x)} examples but y has {len(y)} labels")
+    attack_obj: Attack = ATTACKS.get(attack)
+    if settings is None:
+        settings = resolve_settings(attack_obj, DEFAULT_EPS)
+    if "early_stop" not in settings.extra:  # craft with every step: see the module docstring
+        settings = replace(settings, extra={**settings.extra, "early_stop": False})
+    device = torch.device(device)
+    ensemble = ensemble.to(device).eval()
+    k = ensemble.k
+    targets = [MemberTarget(member).eval() for member in ensemble.members]
+
+    share = shard_slice(len(x))
+    xs, ys = x[share], y[share]
+    starts = range(share.start, share.start + len(xs), batch_size)
+    total, done = len(starts) * k, 0
+    adv_correct = torch.zeros(k, k + 1, dtype=torch.int64, device=device)
+    clean_correct = torch.zeros(k + 1, dtype=torch.int64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+
+    for start in starts:
+        local = slice(start - share.start, start - share.start + batch_size)
+        xb = _to_float(xs[local]).to(device)
+        yb = ys[local].to(device)
+        clean = _correct(ensemble, xb, yb)  # (k + 1, B)
+        if only_correct:
+            keep = clean[:k].all(0)
+            xb, yb, clean = xb[keep], yb[keep], clean[:, keep]
+        count += len(yb)
+        clean_correct += clean.sum(1)
+        for i, target in enumerate(targets):
+            if len(yb):
+                gen = _batch_generator(device, seed, i, start)
+                x_adv = attack_obj.perturb(target, xb, yb, settings, gen).detach()
+                adv_correct[i] += _correct(ensemble, x_adv, yb).sum(1)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+    count = int(all_reduce_sum(count).item())
+    adv_correct = all_reduce_sum(adv_correct).cpu()
+    clean_correct = all_reduce_sum(clean_correct).cpu()
+    if count == 0:
+        why = " that every member classifies correctly" if only_correct else ""
+        raise NcenError(f"no test example{why} to evaluate; use more examples (--limit)")
+    params = {**asdict(settings), "seed": seed, "only_correct": only_correct}
+    return TransferResult(
+        matrix=(adv_correct.double() / count).tolist(),
+        members=member_labels(ensemble),
+        attack=attack,
+        params=params,
+        n=count,
+        clean=(clean_correct.double() / count).tolist(),
+    )
