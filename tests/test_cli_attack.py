@@ -52,7 +52,8 @@ def test_json_schema_and_overrides(ckpt, tmp_path):
                 "seed"} <= r["params"].keys()
     pgd = payload["results"][2]["params"]
     assert pgd["steps"] == 3 and pgd["step_size"] == 0.0125 and pgd["objective"] == "mean-ce"
-    assert payload["results"][0]["params"]["steps"] == 1
+    fgsm = [r["params"] for r in payload["results"][:2]]
+    assert [(p["steps"], p["step_size"]) for p in fgsm] == [(1, 0.05), (1, 0.3)]
     assert all({"name", "passed", "detail"} <= c.keys() for c in payload["checks"])
 
 

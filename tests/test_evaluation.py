@@ -115,7 +115,8 @@ def test_custom_and_override_runs():
     assert runs[2].settings.objective == "dlr"  # its own loss, --objective does not apply
     out = override_runs(runs, steps=7, step_size=0.01, restarts=2)
     assert out[0].settings.steps == 1 and out[2].settings.steps == 7
-    assert all(r.settings.step_size == 0.01 and r.settings.restarts == 2 for r in out)
+    assert [r.settings.step_size for r in out] == [0.05, 0.3, 0.01, 0.01]  # FGSM: a step of eps
+    assert all(r.settings.restarts == 2 for r in out)
     with pytest.raises(UsageError):
         custom_runs(["nope"], [0.1], "fashionmnist")
 

@@ -227,13 +227,15 @@ def override_runs(
     step_size: float | None = None,
     restarts: int | None = None,
 ) -> list[AttackRun]:
-    """Replace steps / step size / restarts in every run (None: keep). FGSM keeps 1 step."""
+    """Replace steps / step size / restarts in every run (None: keep). FGSM keeps its single step
+    of size eps (``--steps``/``--step-size`` are for the iterative attacks)."""
     out = []
     for run in runs:
         changes: dict[str, Any] = {}
-        if steps is not None and not (run.attack == "fgsm"):
+        single_step = run.attack == "fgsm"
+        if steps is not None and not single_step:
             changes["steps"] = steps
-        if step_size is not None:
+        if step_size is not None and not single_step:
             changes["step_size"] = step_size
         if restarts is not None:
             changes["restarts"] = restarts
