@@ -36,7 +36,7 @@ from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import UsageError
 
 DOUBLE_BACKPROP_MODES = ("exact", "finite-diff")
-DEFAULT_FD_SCALE = 1e-2
+DEFAULT_FD_SCALE = 3e-2
 FD_SCHEMES = ("forward", "central")
 
 

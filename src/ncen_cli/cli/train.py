@@ -20,6 +20,7 @@ from ncen_cli.cli.common import (
 from ncen_cli.ensemble import parse_members
 from ncen_cli.errors import UsageError
 from ncen_cli.paths import new_run_path
+from ncen_cli.train_step import DEFAULT_FD_SCALE
 from ncen_cli.training import EpochRecord, TrainConfig, train
 
 # Option declarations shared with `ncen sweep` (which trains one ensemble per grid cell).
@@ -114,7 +115,7 @@ def train_command(
     threads: Threads = None,
     deterministic: Deterministic = False,
     double_backprop: DoubleBackprop = "exact",
-    fd_scale: FdScale = 1e-2,
+    fd_scale: FdScale = DEFAULT_FD_SCALE,
     download: Download = True,
     out: Annotated[Path | None, typer.Option(help="Checkpoint path (.safetensors); default a new "
                                              "run folder (see `ncen env`).")] = None,
