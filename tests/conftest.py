@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_DATA = Path(os.environ.get("NCEN_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
+SHARED_DATA = Path(
+    os.environ.get(
+        "NCEN_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    )
+).resolve()
 
 requires_shared_data = pytest.mark.skipif(
     not (SHARED_DATA / "FashionMNIST" / "raw").is_dir(),
@@ -39,8 +43,16 @@ def tiny_checkpoint(tmp_path) -> Path:
     """A 2-member ensemble trained one epoch on the synthetic dataset."""
     from ncen_cli.training import TrainConfig, train
 
-    config = TrainConfig(members=["resnet20", "resnet20"], dataset="synthetic", defense="ncen",
-                         epochs=1, batch_size=32, train_limit=64, test_limit=32, device="cpu")
+    config = TrainConfig(
+        members=["resnet20", "resnet20"],
+        dataset="synthetic",
+        defense="ncen",
+        epochs=1,
+        batch_size=32,
+        train_limit=64,
+        test_limit=32,
+        device="cpu",
+    )
     out = tmp_path / "tiny.safetensors"
     train(config, out)
     return out

@@ -11,8 +11,22 @@ from ncen_cli.checkpoint import load_ensemble
 from ncen_cli.cli import app
 
 runner = CliRunner()
-TINY = ["--dataset", "synthetic", "--members", "2xresnet20", "--epochs", "1", "--batch-size", "32",
-        "--train-limit", "64", "--test-limit", "32", "--device", "cpu"]
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--members",
+    "2xresnet20",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--train-limit",
+    "64",
+    "--test-limit",
+    "32",
+    "--device",
+    "cpu",
+]
 
 
 def test_train_writes_a_loadable_checkpoint(tmp_path):
@@ -34,8 +48,22 @@ def test_train_default_out_goes_to_the_runs_folder(tmp_path, monkeypatch):
 
 def test_ncen_form_official_and_lambda_flags(tmp_path):
     out = tmp_path / "o.safetensors"
-    result = runner.invoke(app, ["train", *TINY, "--ncen-form", "official", "--lambda-cos", "0.1",
-                                 "--lambda-norm", "0", "--out", str(out), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            *TINY,
+            "--ncen-form",
+            "official",
+            "--lambda-cos",
+            "0.1",
+            "--lambda-norm",
+            "0",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     meta = load_ensemble(out).metadata
     assert meta["defense"] == "ncen-official"

@@ -62,7 +62,9 @@ SCALE_INVARIANT = ("ncen", "ncen-official", "gal")
 
 def grads_strategy():
     return st.tuples(
-        st.integers(2, 5), st.integers(1, 4), st.integers(0, 2**31 - 1),
+        st.integers(2, 5),
+        st.integers(1, 4),
+        st.integers(0, 2**31 - 1),
         st.sampled_from([1e-6, 1e-3, 1.0, 1e3]),
     )
 
@@ -78,7 +80,9 @@ def test_regularizers_are_finite_and_symmetric(params, name):
     value = REGULARIZERS[name](grads)
     assert math.isfinite(value.item())
     perm = torch.randperm(k, generator=gen)
-    assert REGULARIZERS[name](grads[perm]).item() == pytest.approx(value.item(), rel=1e-9, abs=1e-12)
+    assert REGULARIZERS[name](grads[perm]).item() == pytest.approx(
+        value.item(), rel=1e-9, abs=1e-12
+    )
 
 
 @settings(max_examples=40, deadline=None)

@@ -26,15 +26,39 @@ from ncen_cli.registry import DEFENSES
 from ncen_cli.training import TrainConfig, resume_path, train
 
 runner = CliRunner()
-TRAIN_ARGS = ["train", "--dataset", "synthetic", "--members", "2xresnet20", "--epochs", "3",
-              "--batch-size", "32", "--train-limit", "96", "--test-limit", "32", "--device", "cpu",
-              "--threads", "1", "--seed", "5"]
+TRAIN_ARGS = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--members",
+    "2xresnet20",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "32",
+    "--train-limit",
+    "96",
+    "--test-limit",
+    "32",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--seed",
+    "5",
+]
 
 
 def _cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
     env = {**os.environ, "NCEN_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "ncen_cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ncen_cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _epochs_in_state(path: Path) -> int:
@@ -94,8 +118,15 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
 
 
 def test_resume_refuses_other_settings(tmp_path):
-    config = TrainConfig(members=["resnet20", "resnet20"], dataset="synthetic", epochs=1,
-                         batch_size=32, train_limit=64, test_limit=32, device="cpu")
+    config = TrainConfig(
+        members=["resnet20", "resnet20"],
+        dataset="synthetic",
+        epochs=1,
+        batch_size=32,
+        train_limit=64,
+        test_limit=32,
+        device="cpu",
+    )
     out = tmp_path / "r.safetensors"
     train(config, out)
     config.lr = 0.5
@@ -109,9 +140,11 @@ def test_resume_refuses_other_settings(tmp_path):
 @pytest.fixture
 def saved(tmp_path) -> Path:
     ens = build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4)
-    return save_ensemble(ens, tmp_path / "ok.safetensors", {"dataset": "synthetic",
-                                                           "input_shape": [1, 12, 12],
-                                                           "num_classes": 4})
+    return save_ensemble(
+        ens,
+        tmp_path / "ok.safetensors",
+        {"dataset": "synthetic", "input_shape": [1, 12, 12], "num_classes": 4},
+    )
 
 
 class _Trap:
@@ -187,9 +220,17 @@ def test_non_finite_loss_stops_with_term_and_epoch_and_keeps_last_checkpoint(tmp
 
     DEFENSES.register("exploding", Defense("exploding", "test", {}, exploding))
     try:
-        config = TrainConfig(members=["resnet20", "resnet20"], dataset="synthetic",
-                             defense="exploding", epochs=3, batch_size=32, train_limit=32,
-                             test_limit=16, noise=False, device="cpu")
+        config = TrainConfig(
+            members=["resnet20", "resnet20"],
+            dataset="synthetic",
+            defense="exploding",
+            epochs=3,
+            batch_size=32,
+            train_limit=32,
+            test_limit=16,
+            noise=False,
+            device="cpu",
+        )
         out = tmp_path / "nan.safetensors"
         with pytest.raises(NonFiniteLossError, match=r"epoch 2 \(term: boom\)"):
             train(config, out)

@@ -11,8 +11,16 @@ from ncen_cli.training import TrainConfig, learning_rate, train
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(members=["resnet20", "resnet20"], dataset="synthetic", defense="ncen", epochs=2,
-                batch_size=32, train_limit=128, test_limit=64, device="cpu")
+    base = dict(
+        members=["resnet20", "resnet20"],
+        dataset="synthetic",
+        defense="ncen",
+        epochs=2,
+        batch_size=32,
+        train_limit=128,
+        test_limit=64,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 

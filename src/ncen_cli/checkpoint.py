@@ -1,7 +1,8 @@
 """Ensemble checkpoints: one ``.safetensors`` file, never pickle.
 
 Tensors are named ``members.<i>.<parameter or buffer>``. The string metadata holds
-one key, ``ncen = <JSON>``, with at least ``format = "ncen-ensemble"``, ``schema_version``, ``members``
+one key, ``ncen = <JSON>``, with at least ``format = "ncen-ensemble"``, ``schema_version``,
+``members``
 (architecture names), ``activation``, ``combine``, ``dataset``, ``family``, ``input_shape``,
 ``num_classes``, ``defense``, ``hyperparameters``, ``config`` (the full training config),
 ``epochs_done``, ``metrics``, ``ncen_version``, ``torch_version``. See docs/checkpoint-format.md.
@@ -34,7 +35,9 @@ def ensemble_tensors(ensemble: Ensemble) -> dict[str, torch.Tensor]:
     }
 
 
-def save_ensemble(ensemble: Ensemble, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+def save_ensemble(
+    ensemble: Ensemble, path: str | Path, metadata: dict[str, Any] | None = None
+) -> Path:
     """Write ``ensemble`` atomically to ``path`` (.safetensors). ``metadata`` is merged over
     ``ensemble.metadata``; ``schema_version`` and versions are filled in."""
     from ncen_cli import __version__

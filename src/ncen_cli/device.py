@@ -37,7 +37,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
         return torch.device("mps")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: CUDA is not available here; use --device cpu or auto")
+            raise UsageError(
+                f"--device {spec}: CUDA is not available here; use --device cpu or auto"
+            )
         if spec == "cuda":
             index = int(local_rank) if local_rank is not None else torch.cuda.current_device()
         else:
@@ -138,7 +140,11 @@ def available_devices() -> list[dict[str, object]]:
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             devices.append(
-                {"device": f"cuda:{i}", "name": props.name, "memory_gib": props.total_memory / 2**30}
+                {
+                    "device": f"cuda:{i}",
+                    "name": props.name,
+                    "memory_gib": props.total_memory / 2**30,
+                }
             )
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         devices.append({"device": "mps"})

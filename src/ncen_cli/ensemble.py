@@ -1,4 +1,4 @@
-"""The ensemble: k members in an ``nn.ModuleList`` and a recorded rule that combines their logits."""
+"""The ensemble: k members in an ``nn.ModuleList`` and a recorded rule combining their logits."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ncen_cli.archs import build_member
 from ncen_cli.errors import UsageError
 
 COMBINE_RULES = ("mean-logits", "mean-prob")
+
 
 def paper_ensemble(index: int, k: int) -> list[str]:
     """The paper's Table I structures for k members.
@@ -61,8 +62,8 @@ class Ensemble(nn.Module):
 
     Args:
         members: the member modules, each mapping (B, C, H, W) in [0, 1] to (B, num_classes) logits.
-        combine: ``"mean-logits"`` (average the members' logits) or ``"mean-prob"`` (log of the average
-            of the members' softmax probabilities, a valid log-probability usable as logits).
+        combine: ``"mean-logits"`` (average the members' logits) or ``"mean-prob"`` (log of the
+            average of the members' softmax probabilities, a log-probability usable as logits).
         metadata: free-form record (architectures, dataset, training config) kept with checkpoints.
     """
 
@@ -74,7 +75,9 @@ class Ensemble(nn.Module):
     ) -> None:
         super().__init__()
         if combine not in COMBINE_RULES:
-            raise UsageError(f"unknown combination rule '{combine}'; choose {', '.join(COMBINE_RULES)}")
+            raise UsageError(
+                f"unknown combination rule '{combine}'; choose {', '.join(COMBINE_RULES)}"
+            )
         if len(members) < 2:
             raise UsageError(f"an ensemble needs at least 2 members, got {len(members)}")
         self.members = nn.ModuleList(members)

@@ -12,7 +12,7 @@ class NcenError(Exception):
 
 
 class UsageError(NcenError):
-    """The user asked for something invalid (unknown name, out-of-range value, bad path). Exit code 2."""
+    """The user asked for something invalid (unknown name, bad value or path). Exit code 2."""
 
     exit_code = 2
 

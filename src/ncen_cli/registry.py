@@ -81,7 +81,9 @@ class Registry:
 
     def register(self, name: str, obj: Any, distribution: str = "<runtime>") -> None:
         """Register an object directly (tests, notebooks). Entry points are the normal route."""
-        self._extra[name] = Registration(GROUPS[self.kind], name, repr(obj), distribution, loaded=obj)
+        self._extra[name] = Registration(
+            GROUPS[self.kind], name, repr(obj), distribution, loaded=obj
+        )
 
     def unregister(self, name: str) -> None:
         self._extra.pop(name, None)

@@ -2,9 +2,9 @@
 
 After every epoch a *resume state* (weights, optimizer, epoch, RNG state) is written atomically to
 ``<out>.resume.safetensors``, then the ensemble checkpoint to ``<out>``. A run killed at any moment
-resumes (``resume=True``) from the last completed epoch and, on the CPU with the same seed, ends with
-weights identical to an uninterrupted run: data order and augmentation are drawn from generators
-seeded by (seed, epoch), and the learning rate is a pure function of the epoch.
+resumes (``resume=True``) from the last completed epoch and, on the CPU with the same seed, ends
+with weights identical to an uninterrupted run: data order and augmentation are drawn from
+generators seeded by (seed, epoch), and the learning rate is a pure function of the epoch.
 """
 
 from __future__ import annotations
@@ -78,7 +78,10 @@ class TrainConfig:
     def validate(self) -> None:
         if len(self.members) < 2:
             raise UsageError(f"an ensemble needs at least 2 members, got {len(self.members)}")
-        for name, value in (("--batch-size", self.batch_size), ("--eval-batch-size", self.eval_batch_size)):
+        for name, value in (
+            ("--batch-size", self.batch_size),
+            ("--eval-batch-size", self.eval_batch_size),
+        ):
             if value < 1:
                 raise UsageError(f"{name} must be >= 1, got {value}")
         if self.epochs is not None and self.epochs < 1:
@@ -131,8 +134,13 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
 
 
 @torch.no_grad()
-def clean_accuracy(ensemble: Ensemble, arrays_x: torch.Tensor, arrays_y: torch.Tensor,
-                   batch_size: int, device: torch.device) -> float:
+def clean_accuracy(
+    ensemble: Ensemble,
+    arrays_x: torch.Tensor,
+    arrays_y: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> float:
     """Accuracy of the combined prediction on uint8 images, in eval mode (mode restored after).
 
     Under torchrun each rank scores its contiguous share and the counts are summed over ranks
@@ -159,10 +167,18 @@ def resume_path(out: Path) -> Path:
     return out.with_name(out.name + RESUME_SUFFIX)
 
 
-def _save_resume_state(path: Path, ensemble: Ensemble, optimizer: torch.optim.Optimizer,
-                       epochs_done: int, config_json: str, history: list[EpochRecord]) -> None:
-    tensors = {f"members.{k}": v.detach().cpu().contiguous()
-               for k, v in ensemble.members.state_dict().items()}
+def _save_resume_state(
+    path: Path,
+    ensemble: Ensemble,
+    optimizer: torch.optim.Optimizer,
+    epochs_done: int,
+    config_json: str,
+    history: list[EpochRecord],
+) -> None:
+    tensors = {
+        f"members.{k}": v.detach().cpu().contiguous()
+        for k, v in ensemble.members.state_dict().items()
+    }
     state = optimizer.state_dict()
     for index, param_state in state["state"].items():
         for key, value in param_state.items():
@@ -177,8 +193,9 @@ def _save_resume_state(path: Path, ensemble: Ensemble, optimizer: torch.optim.Op
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def _load_resume_state(path: Path, ensemble: Ensemble, optimizer: torch.optim.Optimizer,
-                       config_json: str) -> tuple[int, list[EpochRecord]]:
+def _load_resume_state(
+    path: Path, ensemble: Ensemble, optimizer: torch.optim.Optimizer, config_json: str
+) -> tuple[int, list[EpochRecord]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -195,7 +212,9 @@ def _load_resume_state(path: Path, ensemble: Ensemble, optimizer: torch.optim.Op
                 )
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"resume state {path} is unreadable ({exc}); delete it to restart") from None
+        raise CheckpointError(
+            f"resume state {path} is unreadable ({exc}); delete it to restart"
+        ) from None
     ensemble.members.load_state_dict(
         {k.removeprefix("members."): v for k, v in tensors.items() if k.startswith("members.")}
     )
@@ -204,7 +223,9 @@ def _load_resume_state(path: Path, ensemble: Ensemble, optimizer: torch.optim.Op
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
             opt_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+    optimizer.load_state_dict(
+        {"state": opt_state, "param_groups": json.loads(meta["param_groups"])}
+    )
     torch.set_rng_state(tensors["rng.torch"])
     history = [EpochRecord(**r) for r in json.loads(meta.get("history", "[]"))]
     return int(meta["epochs_done"]), history
@@ -236,11 +257,18 @@ def train(
     dist = distributed.context(config.device)
     if dist.enabled:  # every rank writes (rank 0) and resumes from rank 0's path
         out = Path(str(distributed.broadcast_object(str(out))))
-    runtime = Runtime.create(config.device, config.precision, config.threads,
-                             config.deterministic, config.seed)
+    runtime = Runtime.create(
+        config.device, config.precision, config.threads, config.deterministic, config.seed
+    )
     if arrays is None:
-        arrays = load_dataset(config.dataset, config.data_dir, config.download,
-                              config.train_limit, config.test_limit, config.seed)
+        arrays = load_dataset(
+            config.dataset,
+            config.data_dir,
+            config.download,
+            config.train_limit,
+            config.test_limit,
+            config.seed,
+        )
     family = arrays.family
     defaults = FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["fashionmnist"])
     epochs = config.epochs or int(defaults["epochs"])
@@ -251,27 +279,45 @@ def train(
         noise_sigma=noise_eps / 2 if config.noise else 0.0,
     )
     defense, hyperparameters = resolve_defense(config, family)
-    if config.double_backprop == "finite-diff" and defense.needs_logits and defense.needs_input_gradients:
-        raise UsageError(f"--double-backprop finite-diff does not support '{defense.name}'; use exact")
+    if (
+        config.double_backprop == "finite-diff"
+        and defense.needs_logits
+        and defense.needs_input_gradients
+    ):
+        raise UsageError(
+            f"--double-backprop finite-diff does not support '{defense.name}'; use exact"
+        )
 
-    recorded = {**dataclasses.asdict(config), "epochs": epochs, "noise_eps": noise_eps,
-                "hyperparameters": hyperparameters, "world_size": dist.world_size}
+    recorded = {
+        **dataclasses.asdict(config),
+        "epochs": epochs,
+        "noise_eps": noise_eps,
+        "hyperparameters": hyperparameters,
+        "world_size": dist.world_size,
+    }
     recorded.pop("device")  # where it ran does not change what was trained
     recorded.pop("threads")
     recorded.pop("download")
     config_json = json.dumps(recorded, sort_keys=True)
 
     torch.manual_seed(config.seed)
-    ensemble = build_ensemble(list(config.members), arrays.input_shape, arrays.num_classes,
-                              config.activation, config.combine).to(runtime.device)
+    ensemble = build_ensemble(
+        list(config.members),
+        arrays.input_shape,
+        arrays.num_classes,
+        config.activation,
+        config.combine,
+    ).to(runtime.device)
     optimizer = torch.optim.Adam(ensemble.parameters(), lr=learning_rate(config, 0))
 
     state_file = resume_path(out)
     start_epoch, history = 0, []
     has_state = resume and state_file.exists()
     if not distributed.all_true(has_state) and not distributed.all_true(not has_state):
-        raise UsageError(f"{state_file} is visible to some ranks only; under torchrun on several "
-                         "nodes put --out on a filesystem that every node shares")
+        raise UsageError(
+            f"{state_file} is visible to some ranks only; under torchrun on several "
+            "nodes put --out on a filesystem that every node shares"
+        )
     if has_state:
         start_epoch, history = _load_resume_state(state_file, ensemble, optimizer, config_json)
         log.info("resuming %s from epoch %d", out, start_epoch)
@@ -290,12 +336,25 @@ def train(
         "world_size": dist.world_size,
     }
     distributed.broadcast_parameters(ensemble)
-    batches_per_epoch = math.ceil(len(arrays.train_x) * (2 if augment.noise_sigma > 0 else 1)
-                                  / config.batch_size)
+    batches_per_epoch = math.ceil(
+        len(arrays.train_x) * (2 if augment.noise_sigma > 0 else 1) / config.batch_size
+    )
     try:
         for epoch in range(start_epoch, epochs):
-            record = _train_one_epoch(ensemble, optimizer, defense, hyperparameters, arrays, config,
-                                      augment, runtime, epoch, batches_per_epoch, on_batch, dist)
+            record = _train_one_epoch(
+                ensemble,
+                optimizer,
+                defense,
+                hyperparameters,
+                arrays,
+                config,
+                augment,
+                runtime,
+                epoch,
+                batches_per_epoch,
+                on_batch,
+                dist,
+            )
             history.append(record)
             if dist.is_main:
                 _save_resume_state(state_file, ensemble, optimizer, epoch + 1, config_json, history)
@@ -307,7 +366,9 @@ def train(
         done = history[-1].epoch if history else 0
         raise InterruptedRun(
             f"interrupted during epoch {done + 1}; epochs 1-{done} are saved: continue with "
-            f"--resume --out {out}" if done else "interrupted before the first epoch finished"
+            f"--resume --out {out}"
+            if done
+            else "interrupted before the first epoch finished"
         ) from None
 
     if not history:
@@ -320,8 +381,9 @@ def train(
     return TrainResult(ensemble.eval(), out, metadata, history, start_epoch)
 
 
-def _reduce_epoch_sums(seen: int, sums: dict[str, float], term_sums: dict[str, float]
-                       ) -> tuple[int, dict[str, float], dict[str, float]]:
+def _reduce_epoch_sums(
+    seen: int, sums: dict[str, float], term_sums: dict[str, float]
+) -> tuple[int, dict[str, float], dict[str, float]]:
     """Sum one epoch's sample count and loss sums over ranks (a rank may have seen no term)."""
     total_seen, total, terms = 0, {k: 0.0 for k in sums}, {}
     for rank_seen, rank_sums, rank_terms in distributed.gather_objects((seen, sums, term_sums)):
@@ -333,8 +395,20 @@ def _reduce_epoch_sums(seen: int, sums: dict[str, float], term_sums: dict[str, f
     return total_seen, total, terms
 
 
-def _train_one_epoch(ensemble, optimizer, defense, hyperparameters, arrays, config, augment,
-                     runtime, epoch, batches_per_epoch, on_batch, dist) -> EpochRecord:
+def _train_one_epoch(
+    ensemble,
+    optimizer,
+    defense,
+    hyperparameters,
+    arrays,
+    config,
+    augment,
+    runtime,
+    epoch,
+    batches_per_epoch,
+    on_batch,
+    dist,
+) -> EpochRecord:
     """One pass over the (sharded) training data, then the clean test accuracy."""
     lr = learning_rate(config, epoch)
     for group in optimizer.param_groups:
@@ -344,8 +418,17 @@ def _train_one_epoch(ensemble, optimizer, defense, hyperparameters, arrays, conf
     sums = {"ce": 0.0, "loss": 0.0}
     term_sums: dict[str, float] = {}
     seen = 0
-    batches = iterate_batches(arrays.train_x, arrays.train_y, config.batch_size, config.seed,
-                              epoch, augment, runtime.device, dist.rank, dist.world_size)
+    batches = iterate_batches(
+        arrays.train_x,
+        arrays.train_y,
+        config.batch_size,
+        config.seed,
+        epoch,
+        augment,
+        runtime.device,
+        dist.rank,
+        dist.world_size,
+    )
     for step, (xb, yb) in enumerate(batches):
         optimizer.zero_grad(set_to_none=True)
         n = len(yb)  # this rank's share of the global batch (may be 0 under torchrun)
@@ -355,12 +438,15 @@ def _train_one_epoch(ensemble, optimizer, defense, hyperparameters, arrays, conf
             optimizer.step()
             continue
         with runtime.autocast():
-            result = training_step(ensemble, defense, hyperparameters, xb, yb,
-                                   config.double_backprop, config.fd_scale)
+            result = training_step(
+                ensemble, defense, hyperparameters, xb, yb, config.double_backprop, config.fd_scale
+            )
         if not distributed.all_true(bool(torch.isfinite(result.loss))):  # all ranks stop together
             _check_finite(result, epoch)  # raises on the ranks whose loss is non-finite
-            raise NonFiniteLossError(f"non-finite loss in epoch {epoch + 1} on another rank; "
-                                     "the checkpoint of the last completed epoch is kept")
+            raise NonFiniteLossError(
+                f"non-finite loss in epoch {epoch + 1} on another rank; "
+                "the checkpoint of the last completed epoch is kept"
+            )
         # weighted by share size: the result is the gradient of the global-batch mean loss
         distributed.average_gradients(ensemble, weight=n)
         optimizer.step()
@@ -375,13 +461,18 @@ def _train_one_epoch(ensemble, optimizer, defense, hyperparameters, arrays, conf
     if dist.enabled:  # epoch figures over all ranks; one model (BN statistics) on every rank
         seen, sums, term_sums = _reduce_epoch_sums(seen, sums, term_sums)
         distributed.sync_buffers(ensemble)
-    accuracy = clean_accuracy(ensemble, arrays.test_x, arrays.test_y,
-                              config.eval_batch_size, runtime.device)
+    accuracy = clean_accuracy(
+        ensemble, arrays.test_x, arrays.test_y, config.eval_batch_size, runtime.device
+    )
     return EpochRecord(
-        epoch=epoch + 1, lr=lr, ce=sums["ce"] / max(seen, 1),
+        epoch=epoch + 1,
+        lr=lr,
+        ce=sums["ce"] / max(seen, 1),
         terms={k: v / max(seen, 1) for k, v in term_sums.items()},
-        loss=sums["loss"] / max(seen, 1), test_accuracy=accuracy,
-        images_per_s=seen / max(seconds, 1e-9), seconds=seconds,
+        loss=sums["loss"] / max(seen, 1),
+        test_accuracy=accuracy,
+        images_per_s=seen / max(seconds, 1e-9),
+        seconds=seconds,
     )
 
 
@@ -391,18 +482,27 @@ def _progress_metadata(history: list[EpochRecord], epochs: int) -> dict[str, Any
         "epochs_done": last.epoch,
         "epochs_planned": epochs,
         "complete": last.epoch >= epochs,
-        "metrics": {"test_accuracy": last.test_accuracy, "ce": last.ce, "loss": last.loss,
-                    "terms": last.terms},
-        "history": [{"epoch": r.epoch, "ce": r.ce, "terms": r.terms, "test_accuracy": r.test_accuracy}
-                    for r in history],
+        "metrics": {
+            "test_accuracy": last.test_accuracy,
+            "ce": last.ce,
+            "loss": last.loss,
+            "terms": last.terms,
+        },
+        "history": [
+            {"epoch": r.epoch, "ce": r.ce, "terms": r.terms, "test_accuracy": r.test_accuracy}
+            for r in history
+        ],
     }
 
 
 def _check_finite(result, epoch: int) -> None:
     if bool(torch.isfinite(result.loss)):
         return
-    bad = [name for name, value in {"ce": result.ce, **result.terms}.items()
-           if not bool(torch.isfinite(value))]
+    bad = [
+        name
+        for name, value in {"ce": result.ce, **result.terms}.items()
+        if not bool(torch.isfinite(value))
+    ]
     raise NonFiniteLossError(
         f"non-finite loss in epoch {epoch + 1} (term: {', '.join(bad) or 'total'}); the checkpoint "
         "of the last completed epoch is kept; lower --lr or the lambdas"

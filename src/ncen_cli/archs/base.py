@@ -42,7 +42,9 @@ def build_member(
 
     arch: Architecture = ARCHS.get(name)
     if activation not in ACTIVATIONS:
-        raise UsageError(f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")
+        raise UsageError(
+            f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}"
+        )
     if min(input_shape[1:]) < arch.min_size:
         raise UsageError(
             f"architecture '{name}' needs images of at least {arch.min_size}x{arch.min_size}, "

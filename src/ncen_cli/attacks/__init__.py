@@ -9,4 +9,11 @@ from ncen_cli.attacks.base import (
     objective_loss,
 )
 
-__all__ = ["OBJECTIVES", "Attack", "AttackSettings", "AttackTarget", "MemberTarget", "objective_loss"]
+__all__ = [
+    "OBJECTIVES",
+    "Attack",
+    "AttackSettings",
+    "AttackTarget",
+    "MemberTarget",
+    "objective_loss",
+]

@@ -65,7 +65,9 @@ def objective_loss(
     combined = target.combine_logits(logits)
     if objective == "mean-ce":
         k = logits.shape[0]
-        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none").view(k, -1).mean(0)
+        loss = (
+            F.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none").view(k, -1).mean(0)
+        )
     elif objective == "logits":
         loss = F.cross_entropy(combined, y, reduction="none")
     elif objective == "prob":

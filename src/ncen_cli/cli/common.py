@@ -17,7 +17,8 @@ from ncen_cli.errors import NcenError, UsageError
 
 app = typer.Typer(
     name="ncen",
-    help="Train and honestly evaluate Negative Correlation Ensembles (NCEn) and other ensemble defenses.",
+    help="Train and honestly evaluate Negative Correlation Ensembles (NCEn) and other "
+    "ensemble defenses.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

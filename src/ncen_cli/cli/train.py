@@ -24,22 +24,35 @@ from ncen_cli.train_step import DEFAULT_FD_SCALE
 from ncen_cli.training import EpochRecord, TrainConfig, train
 
 # Option declarations shared with `ncen sweep` (which trains one ensemble per grid cell).
-Members = Annotated[str, typer.Option(help="Comma list (resnet20,resnet26,resnet32), 3xresnet20, "
-                                      "or a paper shorthand ensemble1..ensemble4[-kK].")]
-Dataset = Annotated[str, typer.Option(help="fashionmnist, cifar10, digits, npz, synthetic, "
-                                      "or a plugin's.")]
-DataDir = Annotated[Path | None, typer.Option(envvar="NCEN_DATA_DIR", help="Read the dataset "
-                                              "from this folder (never downloads into it).")]
+Members = Annotated[
+    str,
+    typer.Option(
+        help="Comma list (resnet20,resnet26,resnet32), 3xresnet20, "
+        "or a paper shorthand ensemble1..ensemble4[-kK]."
+    ),
+]
+Dataset = Annotated[
+    str, typer.Option(help="fashionmnist, cifar10, digits, npz, synthetic, or a plugin's.")
+]
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="NCEN_DATA_DIR", help="Read the dataset from this folder (never downloads into it)."
+    ),
+]
 NcenForm = Annotated[str, typer.Option(help="paper (eqs. 9-10) or official (authors' code).")]
-Param = Annotated[list[str] | None, typer.Option("--param", "-p", help="Any defense "
-                                                 "hyperparameter as NAME=VALUE (repeatable).")]
+Param = Annotated[
+    list[str] | None,
+    typer.Option("--param", "-p", help="Any defense hyperparameter as NAME=VALUE (repeatable)."),
+]
 Activation = Annotated[str, typer.Option(help="relu or leakyrelu (0.1, as the authors' code).")]
 Combine = Annotated[str, typer.Option(help="mean-logits or mean-prob.")]
 Epochs = Annotated[int | None, typer.Option(help="Default: 40 FashionMNIST-like, 60 CIFAR-10.")]
 Augment = Annotated[bool, typer.Option(help="Random crop (+ flip for CIFAR-10).")]
 Noise = Annotated[bool, typer.Option(help="Train on D + D_noise (paper).")]
-NoiseEps = Annotated[float | None, typer.Option(help="D_noise epsilon (sigma = eps/2); "
-                                                "default 0.3 / 0.09.")]
+NoiseEps = Annotated[
+    float | None, typer.Option(help="D_noise epsilon (sigma = eps/2); default 0.3 / 0.09.")
+]
 TrainLimit = Annotated[int | None, typer.Option(help="Seeded subset of N training images.")]
 TestLimit = Annotated[int | None, typer.Option(help="Seeded subset of N test images.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
@@ -52,13 +65,35 @@ Download = Annotated[bool, typer.Option(help="Download missing datasets into the
 
 
 def build_config(
-    members: str, dataset: str, data_dir: Path | None, defense: str, ncen_form: str,
-    lambda_cos: float | None, lambda_norm: float | None, lambda_gal: float | None,
-    lambda_div: float | None, lambda_eq: float | None, param: list[str] | None,
-    activation: str, combine: str, epochs: int | None, batch_size: int, lr: float,
-    augment: bool, noise: bool, noise_eps: float | None, train_limit: int | None,
-    test_limit: int | None, seed: int, device: str, precision: str, threads: int | None,
-    deterministic: bool, double_backprop: str, fd_scale: float, download: bool,
+    members: str,
+    dataset: str,
+    data_dir: Path | None,
+    defense: str,
+    ncen_form: str,
+    lambda_cos: float | None,
+    lambda_norm: float | None,
+    lambda_gal: float | None,
+    lambda_div: float | None,
+    lambda_eq: float | None,
+    param: list[str] | None,
+    activation: str,
+    combine: str,
+    epochs: int | None,
+    batch_size: int,
+    lr: float,
+    augment: bool,
+    noise: bool,
+    noise_eps: float | None,
+    train_limit: int | None,
+    test_limit: int | None,
+    seed: int,
+    device: str,
+    precision: str,
+    threads: int | None,
+    deterministic: bool,
+    double_backprop: str,
+    fd_scale: float,
+    download: bool,
 ) -> TrainConfig:
     """Turn command-line options into a validated :class:`TrainConfig`."""
     if ncen_form not in ("paper", "official"):
@@ -66,19 +101,39 @@ def build_config(
     if defense == "ncen" and ncen_form == "official":
         defense = "ncen-official"
     hyper = parse_key_values(param, "--param")
-    for name, value in (("lambda_cos", lambda_cos), ("lambda_norm", lambda_norm),
-                        ("lambda_gal", lambda_gal), ("lambda_div", lambda_div),
-                        ("lambda_eq", lambda_eq)):
+    for name, value in (
+        ("lambda_cos", lambda_cos),
+        ("lambda_norm", lambda_norm),
+        ("lambda_gal", lambda_gal),
+        ("lambda_div", lambda_div),
+        ("lambda_eq", lambda_eq),
+    ):
         if value is not None:
             hyper[name] = value
     config = TrainConfig(
-        members=parse_members(members), dataset=dataset.lower(),
-        data_dir=str(data_dir) if data_dir else None, defense=defense.lower(),
-        hyperparameters=hyper, activation=activation.lower(), combine=combine, epochs=epochs,
-        batch_size=batch_size, lr=lr, augment=augment, noise=noise, noise_eps=noise_eps,
-        train_limit=train_limit, test_limit=test_limit, seed=seed, device=device,
-        precision=precision, threads=threads, deterministic=deterministic,
-        double_backprop=double_backprop, fd_scale=fd_scale, download=download,
+        members=parse_members(members),
+        dataset=dataset.lower(),
+        data_dir=str(data_dir) if data_dir else None,
+        defense=defense.lower(),
+        hyperparameters=hyper,
+        activation=activation.lower(),
+        combine=combine,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        augment=augment,
+        noise=noise,
+        noise_eps=noise_eps,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        seed=seed,
+        device=device,
+        precision=precision,
+        threads=threads,
+        deterministic=deterministic,
+        double_backprop=double_backprop,
+        fd_scale=fd_scale,
+        download=download,
     )
     config.validate()
     return config
@@ -90,13 +145,21 @@ def train_command(
     members: Members = "resnet20,resnet26,resnet32",
     dataset: Dataset = "fashionmnist",
     data_dir: DataDir = None,
-    defense: Annotated[str, typer.Option(help="baseline, ncen, gal, gpmr, or a plugin's.")] = "ncen",
+    defense: Annotated[
+        str, typer.Option(help="baseline, ncen, gal, gpmr, or a plugin's.")
+    ] = "ncen",
     ncen_form: NcenForm = "paper",
-    lambda_cos: Annotated[float | None, typer.Option(help="NCEn direction weight (paper: 0.02 "
-                                                     "FashionMNIST, 0.06 CIFAR-10).")] = None,
-    lambda_norm: Annotated[float | None, typer.Option(help="NCEn magnitude weight (paper: 0.02 / 0.04).")] = None,
+    lambda_cos: Annotated[
+        float | None,
+        typer.Option(help="NCEn direction weight (paper: 0.02 FashionMNIST, 0.06 CIFAR-10)."),
+    ] = None,
+    lambda_norm: Annotated[
+        float | None, typer.Option(help="NCEn magnitude weight (paper: 0.02 / 0.04).")
+    ] = None,
     lambda_gal: Annotated[float | None, typer.Option(help="GAL weight (paper: 0.5).")] = None,
-    lambda_div: Annotated[float | None, typer.Option(help="GPMR phase weight (0.1 / 0.04).")] = None,
+    lambda_div: Annotated[
+        float | None, typer.Option(help="GPMR phase weight (0.1 / 0.04).")
+    ] = None,
     lambda_eq: Annotated[float | None, typer.Option(help="GPMR magnitude weight (10).")] = None,
     param: Param = None,
     activation: Activation = "relu",
@@ -117,26 +180,61 @@ def train_command(
     double_backprop: DoubleBackprop = "exact",
     fd_scale: FdScale = DEFAULT_FD_SCALE,
     download: Download = True,
-    out: Annotated[Path | None, typer.Option(help="Checkpoint path (.safetensors); default a new "
-                                             "run folder (see `ncen env`).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Checkpoint path (.safetensors); default a new run folder (see `ncen env`)."
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run at --out.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Train an ensemble and write it to a safetensors checkpoint."""
     config = build_config(
-        members, dataset, data_dir, defense, ncen_form, lambda_cos, lambda_norm, lambda_gal,
-        lambda_div, lambda_eq, param, activation, combine, epochs, batch_size, lr, augment, noise,
-        noise_eps, train_limit, test_limit, seed, device, precision, threads, deterministic,
-        double_backprop, fd_scale, download,
+        members,
+        dataset,
+        data_dir,
+        defense,
+        ncen_form,
+        lambda_cos,
+        lambda_norm,
+        lambda_gal,
+        lambda_div,
+        lambda_eq,
+        param,
+        activation,
+        combine,
+        epochs,
+        batch_size,
+        lr,
+        augment,
+        noise,
+        noise_eps,
+        train_limit,
+        test_limit,
+        seed,
+        device,
+        precision,
+        threads,
+        deterministic,
+        double_backprop,
+        fd_scale,
+        download,
     )
     if resume and out is None:
         raise UsageError("--resume needs --out pointing at the interrupted run's checkpoint")
     out = out or new_run_path(f"{config.defense}-{config.dataset}")
     console = err_console()
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total}"), TimeElapsedColumn(), console=console, transient=True,
-                  disable=not distributed.is_main_process()) as bars:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not distributed.is_main_process(),
+    ) as bars:
         task = bars.add_task("epoch 1", total=None)
 
         def on_batch(done: int, total: int) -> None:
@@ -144,8 +242,10 @@ def train_command(
 
         def on_epoch(record: EpochRecord) -> None:
             terms = " ".join(f"{k}={v:.4f}" for k, v in record.terms.items())
-            console.log(f"epoch {record.epoch}: lr={record.lr:.0e} ce={record.ce:.4f} {terms} "
-                        f"test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s")
+            console.log(
+                f"epoch {record.epoch}: lr={record.lr:.0e} ce={record.ce:.4f} {terms} "
+                f"test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s"
+            )
             bars.update(task, description=f"epoch {record.epoch + 1}", completed=0)
 
         result = train(config, out, resume=resume, on_epoch=on_epoch, on_batch=on_batch)

@@ -46,8 +46,10 @@ def arrays_from_files(name: str, family: str | None, train: Path, test: Path) ->
     train_x, train_y = read_npz(train)
     test_x, test_y = read_npz(test)
     if train_x.shape[1:] != test_x.shape[1:]:
-        raise UsageError(f"train images {tuple(train_x.shape[1:])} and test images "
-                         f"{tuple(test_x.shape[1:])} differ in shape")
+        raise UsageError(
+            f"train images {tuple(train_x.shape[1:])} and test images "
+            f"{tuple(test_x.shape[1:])} differ in shape"
+        )
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     return ImageArrays(
         name=name,

@@ -98,7 +98,10 @@ def load_dataset(
     test_limit: int | None = None,
     seed: int = 0,
 ) -> ImageArrays:
-    """Load a registered dataset (optionally seeded subsets). Raises UsageError/DataUnavailableError."""
+    """Load a registered dataset, optionally seeded subsets of it.
+
+    Raises UsageError (unknown name, bad folder) or DataUnavailableError (files missing).
+    """
     from ncen_cli.registry import DATASETS
 
     spec: DatasetSpec = DATASETS.get(name)

@@ -45,7 +45,9 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
     ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
     rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
     cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
-    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    return padded[
+        torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
+    ]
 
 
 def iterate_batches(
@@ -97,4 +99,7 @@ def iterate_eval_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Test batches in order: (B, C, H, W) float32 in [0, 1] and (B,) labels on ``device``."""
     for start in range(0, len(x), batch_size):
-        yield to_float(x[start : start + batch_size]).to(device), y[start : start + batch_size].to(device)
+        yield (
+            to_float(x[start : start + batch_size]).to(device),
+            y[start : start + batch_size].to(device),
+        )

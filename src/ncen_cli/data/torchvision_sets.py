@@ -15,16 +15,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ncen_cli import paths
 from ncen_cli.data.arrays import arrays_from_files, find_split_files
 from ncen_cli.data.base import DatasetSpec, ImageArrays
 from ncen_cli.errors import DataUnavailableError
-from ncen_cli import paths
 
 FASHION_CLASSES = (
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot",
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "boot",
 )
 CIFAR_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 DOWNLOAD_TIMEOUT_S = 20.0
 

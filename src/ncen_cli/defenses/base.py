@@ -1,8 +1,8 @@
 """The defense contract (plugin API version 1).
 
-A defense is a :class:`Defense`: a name, its hyperparameters with per-dataset defaults, what it needs
-(the members' per-sample input gradients, their logits, or both), and a function ``loss_terms`` that
-returns named, already weighted, scalar loss terms. The training loss is
+A defense is a :class:`Defense`: a name, its hyperparameters with per-dataset defaults, what it
+needs (the members' per-sample input gradients, their logits, or both), and a function
+``loss_terms`` that returns named, already weighted, scalar loss terms. The training loss is
 ``mean_i CE_i + sum(loss_terms(...).values())``.
 """
 
@@ -60,8 +60,9 @@ class Defense:
         loss_terms: ``loss_terms(inputs: DefenseInputs, **hyperparameters) -> dict[str, Tensor]`` of
             scalar terms (batch-averaged, already multiplied by their weights).
         needs_input_gradients: whether ``inputs.input_grads`` must be computed (double backprop).
-        needs_logits: whether the terms depend on ``inputs.logits`` (not only on the input gradients).
-            ``--double-backprop finite-diff`` supports only terms that depend on input gradients alone.
+        needs_logits: whether the terms depend on ``inputs.logits`` (not only on the input
+            gradients). ``--double-backprop finite-diff`` supports only terms that depend on input
+            gradients alone.
     """
 
     name: str
@@ -71,7 +72,9 @@ class Defense:
     needs_input_gradients: bool = True
     needs_logits: bool = False
 
-    def resolve(self, dataset: str, overrides: Mapping[str, float] | None = None) -> dict[str, float]:
+    def resolve(
+        self, dataset: str, overrides: Mapping[str, float] | None = None
+    ) -> dict[str, float]:
         """Hyperparameters for ``dataset`` with ``overrides`` applied (unknown names rejected)."""
         from ncen_cli.errors import UsageError
 
@@ -79,7 +82,9 @@ class Defense:
         for key, value in (overrides or {}).items():
             if key not in self.hyperparameters:
                 known = ", ".join(self.hyperparameters) or "none"
-                raise UsageError(f"defense '{self.name}' has no hyperparameter '{key}'; it has: {known}")
+                raise UsageError(
+                    f"defense '{self.name}' has no hyperparameter '{key}'; it has: {known}"
+                )
             if not (value >= self.hyperparameters[key].minimum):  # also rejects NaN
                 flag = key.replace("_", "-")
                 raise UsageError(
@@ -95,7 +100,7 @@ def flat_norms(grads: torch.Tensor) -> torch.Tensor:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity along the last dim with an epsilon-guarded denominator. (..., D) -> (...)."""
+    """Cosine similarity along the last dim, epsilon-guarded. (..., D) -> (...)."""
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + EPS)
 
 

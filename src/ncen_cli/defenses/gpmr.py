@@ -32,7 +32,9 @@ def terms(grads: torch.Tensor, lambda_div: float, lambda_eq: float) -> dict[str,
     return {"div": lambda_div * div.mean(), "eq": lambda_eq * eq.mean()}
 
 
-def regularizer(grads: torch.Tensor, lambda_div: float = 0.1, lambda_eq: float = 10.0) -> torch.Tensor:
+def regularizer(
+    grads: torch.Tensor, lambda_div: float = 0.1, lambda_eq: float = 10.0
+) -> torch.Tensor:
     """grads: (k, B, *shape) per-sample input gradients -> scalar (batch mean)."""
     return sum(terms(grads, lambda_div, lambda_eq).values())
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import torch
 
-from ncen_cli.defenses.base import EPS, Defense, DefenseInputs, Hyperparameter, flat_norms
+from ncen_cli.defenses.base import EPS, Defense, DefenseInputs, Hyperparameter
 
 FORMS = ("paper", "official")
 
 
-def _direction_and_magnitude(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _direction_and_magnitude(
+    grads: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(k, B, *shape) -> c (k, B) cosines to the mean gradient, norms (k, B), m (B,)."""
     flat = grads.flatten(start_dim=2)
     mean_grad = flat.mean(0, keepdim=True)
