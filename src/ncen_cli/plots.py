@@ -93,12 +93,12 @@ def sweep_heatmap(result: SweepResult, path: str | Path, dpi: int = 110) -> Path
     by_pos = {(c.cell.lambda_cos, c.cell.lambda_norm): c.score for c in result.cells}
     grid = [[by_pos.get((r, c)) for c in cols] for r in rows]
     values = [[math.nan if v is None else v for v in row] for row in grid]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(cols), 1.4 + 0.8 * len(rows)),
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 1.1 * len(cols)), 1.6 + 0.8 * len(rows)),
                            constrained_layout=True)
     image = ax.imshow(values, origin="lower", cmap="viridis", aspect="auto")
     if len(rows) >= 2 and len(cols) >= 2 and all(v is not None for row in grid for v in row):
         lines = ax.contour(values, levels=6, colors="white", linewidths=0.7, alpha=0.6)
-        ax.clabel(lines, fontsize=7, fmt="%.2f")
+        ax.clabel(lines, fontsize=7, fmt="%.3g")
     best = result.best
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
@@ -117,7 +117,7 @@ def sweep_heatmap(result: SweepResult, path: str | Path, dpi: int = 110) -> Path
     ax.set_xlabel("lambda_norm")
     ax.set_ylabel("lambda_cos")
     attacks = ", ".join(f"{s['attack']}@{s['eps']:g}" for s in result.attack_settings)
-    ax.set_title(f"ACE x mean AAE ({attacks})", fontsize=9)
+    ax.set_title(f"score = ACE x mean AAE\n{attacks}", fontsize=9)
     fig.colorbar(image, ax=ax, label="score")
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
