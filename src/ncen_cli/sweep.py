@@ -300,6 +300,8 @@ def run_sweep(
             "lambda_norm": sorted({float(v) for v in lambda_norm})}
 
     ctx = distributed.context(base_config.device)
+    if ctx.enabled:  # every rank must use rank 0's folder (a default name holds a timestamp)
+        out_dir = Path(str(distributed.broadcast_object(str(out_dir))))
     _check_manifest(out_dir, shared)
     finished_before = {c.id for c in cells if _finished(out_dir, c, shared) is not None}
     if ctx.is_main:

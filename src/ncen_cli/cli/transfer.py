@@ -115,7 +115,7 @@ def transfer_command(
                 for name, obj in attacks.items()}
 
     meta = read_metadata(checkpoint)
-    dist = context()
+    dist = context(device)
     torch_device = resolve_device(device)
     seed_everything(seed)
     ensemble = load_ensemble(checkpoint, device=torch_device)
