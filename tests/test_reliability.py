@@ -69,9 +69,17 @@ def _epochs_in_state(path: Path) -> int:
         return 0
 
 
-def _wait_for_epoch(proc: subprocess.Popen, state: Path, epoch: int, timeout: float = 240) -> None:
+def _checkpoint_epochs(path: Path) -> int:
+    try:
+        return int(load_ensemble(path).metadata["epochs_done"])
+    except Exception:
+        return 0
+
+
+def _wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int, timeout: float = 240) -> None:
+    """Wait until both the resume state and the checkpoint record ``epoch`` finished epochs."""
     deadline = time.time() + timeout
-    while _epochs_in_state(state) < epoch:
+    while _epochs_in_state(resume_path(out)) < epoch or _checkpoint_epochs(out) < epoch:
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "training did not reach the epoch in time"
         time.sleep(0.05)
@@ -89,7 +97,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 
     killed = tmp_path / "killed.safetensors"
     proc = _cli([*TRAIN_ARGS, "--out", str(killed)])
-    _wait_for_epoch(proc, resume_path(killed), 1)
+    _wait_for_epoch(proc, killed, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert _epochs_in_state(resume_path(killed)) in (1, 2)
@@ -107,7 +115,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     out = tmp_path / "int.safetensors"
     proc = _cli([*TRAIN_ARGS, "--out", str(out)])
-    _wait_for_epoch(proc, resume_path(out), 1)
+    _wait_for_epoch(proc, out, 1)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     if proc.returncode == 0:  # the run finished before the signal arrived
@@ -216,7 +224,7 @@ def test_non_finite_loss_stops_with_term_and_epoch_and_keeps_last_checkpoint(tmp
     def exploding(inputs, **_):
         calls["n"] += 1
         value = inputs.input_grads.sum() * 0
-        return {"boom": value + (float("nan") if calls["n"] > 2 else 0.0)}
+        return {"boom": value + (float("nan") if calls["n"] > 1 else 0.0)}  # 1 batch per epoch
 
     DEFENSES.register("exploding", Defense("exploding", "test", {}, exploding))
     try:
@@ -251,6 +259,7 @@ def test_unwritable_out_is_a_clean_error(tmp_path):
             target = locked / "x.safetensors"
         result = runner.invoke(app, TRAIN_ARGS[:-2] + ["--epochs", "1", "--out", str(target)])
         assert result.exit_code == 1, result.output
-        assert result.stderr.startswith("error:") and "Traceback" not in result.output
+        assert result.stderr.strip().startswith("error:") and "Traceback" not in result.output
+        assert len(result.stderr.strip().splitlines()) == 1
     finally:
         locked.chmod(0o700)

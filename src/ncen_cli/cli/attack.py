@@ -210,7 +210,7 @@ def attack_command(
     with Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), ImagesPerSecond(),
                   TimeElapsedColumn(), console=console, transient=True,
-                  disable=not dist.is_main) as bars:
+                  disable=not (dist.is_main and console.is_terminal)) as bars:
         tasks: dict[str, Any] = {}
 
         def progress(label: str, done: int, total: int) -> None:

@@ -124,7 +124,7 @@ def sweep_command(
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total}"), TimeElapsedColumn(), console=console, transient=True,
-                  disable=not main) as bars:
+                  disable=not (main and console.is_terminal)) as bars:
         task = bars.add_task("sweep", total=None)
         current = ["sweep"]
 

@@ -233,7 +233,7 @@ def train_command(
         TimeElapsedColumn(),
         console=console,
         transient=True,
-        disable=not distributed.is_main_process(),
+        disable=not (distributed.is_main_process() and console.is_terminal),
     ) as bars:
         task = bars.add_task("epoch 1", total=None)
 

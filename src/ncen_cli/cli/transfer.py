@@ -129,7 +129,7 @@ def transfer_command(
     results: list[TransferResult] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total}"), TimeElapsedColumn(), console=console, transient=True,
-                  disable=not dist.is_main) as bars:
+                  disable=not (dist.is_main and console.is_terminal)) as bars:
         for name in names:
             task = bars.add_task(f"{name} on each member", total=None)
 
