@@ -5,8 +5,16 @@ Each subcommand lives in its own module and registers itself on :data:`app`.
 
 from __future__ import annotations
 
-from ncen_cli.cli import attack, info, sweep, train, transfer  # noqa: F401  (registers commands)
 from ncen_cli.cli.common import app
+
+# Importing a module registers its commands; `ncen --help` lists them in this order.
+# isort: off
+from ncen_cli.cli import train  # noqa: F401, E402
+from ncen_cli.cli import attack  # noqa: F401, E402
+from ncen_cli.cli import transfer  # noqa: F401, E402
+from ncen_cli.cli import sweep  # noqa: F401, E402
+from ncen_cli.cli import info  # noqa: F401, E402
+# isort: on
 
 
 def main() -> None:
