@@ -69,6 +69,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--stages", default="paper,strong,transfer",
+                   help="evaluation stages to compute (others are read from the cache if present);"
+                        " separate processes may compute separate stages in parallel")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report")
     return p.parse_args()
 
@@ -150,13 +153,16 @@ def evaluate_method(ensemble, arrays, args, work: Path, defense: str, label: str
                                           seed=args.seed).to_json()
         return out
 
-    return {
-        "paper": stage(work / f"{defense}.paper.json", paper, f"{label} paper protocol", timings),
-        "strong": stage(work / f"{defense}.strong.json", strong, f"{label} strong protocol",
-                        timings),
-        "transfer": stage(work / f"{defense}.transfer.json", transfer, f"{label} transfer",
-                          timings),
-    }
+    computations = {"paper": (paper, "paper protocol"), "strong": (strong, "strong protocol"),
+                    "transfer": (transfer, "transfer")}
+    out = {}
+    for name, (compute, title) in computations.items():
+        path = work / f"{defense}.{name}.json"
+        if name in args.stages.split(","):
+            out[name] = stage(path, compute, f"{label} {title}", timings)
+        else:
+            out[name] = json.loads(path.read_text()) if path.exists() else None
+    return out
 
 
 def pct(value: float) -> str:
