@@ -24,6 +24,7 @@ from ncen_cli.atomic import atomic_write_json, atomic_write_text
 from ncen_cli.attacks.base import AttackSettings
 from ncen_cli.checkpoint import read_metadata
 from ncen_cli.data import load_dataset
+from ncen_cli.device import resolve_device
 from ncen_cli.evaluation import evaluate, paper_protocol, strong_protocol
 from ncen_cli.plots import transfer_heatmap
 from ncen_cli.training import TrainConfig, train
@@ -67,6 +68,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--transfer-limit", type=int, default=300)
     p.add_argument("--strong-restarts", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--stages", default="paper,strong,transfer",
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
         ckpt = work / f"{defense}.safetensors"
         config = TrainConfig(members=members, dataset="fashionmnist", data_dir=args.data_dir,
                              defense=defense, epochs=args.epochs, train_limit=args.train_limit,
-                             test_limit=args.test_limit, seed=args.seed, device="cpu",
+                             test_limit=args.test_limit, seed=args.seed, device=args.device,
                              threads=args.threads)
         if args.report_only and not ckpt.exists():
             continue
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
             train(config, ckpt, resume=True, arrays=arrays)
             atomic_write_json(work / f"{defense}.train.json",
                               {"seconds": time.perf_counter() - started})
-        ensemble = load_ensemble(ckpt)
+        ensemble = load_ensemble(ckpt, device=resolve_device(args.device))
         entry = {"meta": read_metadata(ckpt)}
         train_info = work / f"{defense}.train.json"
         entry["train_seconds"] = (json.loads(train_info.read_text())["seconds"]
@@ -132,15 +134,16 @@ def evaluate_method(ensemble, arrays, args, work: Path, defense: str, label: str
                     timings: dict) -> dict:
     """Paper protocol, strong protocol and transfer matrices for one trained ensemble (cached)."""
     x, y = arrays.test_x, arrays.test_y
+    device = resolve_device(args.device)
 
     def paper():
         runs = paper_protocol("fashionmnist")
-        return evaluate(ensemble, x, y, runs, seed=args.seed).to_json()
+        return evaluate(ensemble, x, y, runs, seed=args.seed, device=device).to_json()
 
     def strong():
         runs = strong_protocol("fashionmnist", restarts=args.strong_restarts)
         n = args.strong_limit
-        return evaluate(ensemble, x[:n], y[:n], runs, seed=args.seed).to_json()
+        return evaluate(ensemble, x[:n], y[:n], runs, seed=args.seed, device=device).to_json()
 
     def transfer():
         n = args.transfer_limit
@@ -150,7 +153,7 @@ def evaluate_method(ensemble, arrays, args, work: Path, defense: str, label: str
             ("mifgsm", AttackSettings(eps=0.05, steps=40, step_size=0.01, decay=1.0)),
         ):
             out[attack] = transfer_matrix(ensemble, x[:n], y[:n], attack, settings,
-                                          seed=args.seed).to_json()
+                                          seed=args.seed, device=device).to_json()
         return out
 
     computations = {"paper": (paper, "paper protocol"), "strong": (strong, "strong protocol"),
