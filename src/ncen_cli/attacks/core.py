@@ -194,3 +194,39 @@ def seed_from(generator: torch.Generator | None) -> int:
     """A 63-bit seed drawn from ``generator`` (for code that only takes integer seeds)."""
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+
+
+def sign_ascent_attack(
+    target: AttackTarget,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: AttackSettings,
+    generator: torch.Generator | None,
+    default_step_fraction: float,
+    momentum: bool = False,
+) -> torch.Tensor:
+    """The shared body of BIM, PGD and MI-FGSM: validate ``settings``, then :func:`sign_ascent`
+    with frozen weights and worst-case restarts.
+
+    Args:
+        x: (B, C, H, W) images (uint8 or float in [0, 1]); y: (B,) labels.
+        default_step_fraction: step size as a fraction of eps when ``settings.step_size`` is None.
+        momentum: use MI-FGSM's momentum with ``settings.decay``.
+    Returns:
+        (B, C, H, W) float32 adversarial images.
+    """
+    check_settings(settings)
+    x = as_float(x)
+    step = settings.step_size if settings.step_size is not None else (
+        settings.eps * default_step_fraction)
+    loss_fn = objective_fn(settings.objective)
+    decay = settings.decay if momentum else None
+
+    def run_once(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        return sign_ascent(target, xs, ys, eps=settings.eps, steps=settings.steps, step_size=step,
+                           loss_fn=loss_fn, random_start=settings.random_start, decay=decay,
+                           generator=generator,
+                           early_stop=bool(settings.extra.get("early_stop", True)))
+
+    with frozen_parameters(target):
+        return worst_case_restarts(target, x, y, settings.restarts, run_once)

@@ -16,14 +16,7 @@ from typing import Any
 import torch
 
 from ncen_cli.attacks.base import Attack, AttackSettings, AttackTarget
-from ncen_cli.attacks.core import (
-    as_float,
-    check_settings,
-    frozen_parameters,
-    objective_fn,
-    sign_ascent,
-    worst_case_restarts,
-)
+from ncen_cli.attacks.core import sign_ascent_attack
 
 
 def perturb(
@@ -33,19 +26,8 @@ def perturb(
     settings: AttackSettings,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    check_settings(settings)
-    x = as_float(x)
-    step = settings.step_size if settings.step_size is not None else settings.eps / 10
-    loss_fn = objective_fn(settings.objective)
-
-    def run_once(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        return sign_ascent(target, xs, ys, eps=settings.eps, steps=settings.steps, step_size=step,
-                           loss_fn=loss_fn, random_start=settings.random_start,
-                           decay=settings.decay, generator=generator,
-                           early_stop=bool(settings.extra.get("early_stop", True)))
-
-    with frozen_parameters(target):
-        return worst_case_restarts(target, x, y, settings.restarts, run_once)
+    return sign_ascent_attack(target, x, y, settings, generator, default_step_fraction=0.1,
+                              momentum=True)
 
 
 def defaults(eps: float) -> dict[str, Any]:
