@@ -7,9 +7,12 @@ One command, one run, every figure side by side::
 Sections (each measured in fresh subprocesses so that peak-memory figures are per method):
 
 1. ``step``: ms/step and images/s for (a) a plain ensemble step (mean CE), (b) ncen exact,
-   (c) ncen finite-diff, (d) the naive reference (benchmarks/reference.py), for FashionMNIST
-   (1x28x28) and CIFAR-10 (3x32x32) shapes and k = 3, 5 resnet20 members, batch 64. The four
-   methods are interleaved (a, b, c, d, a, b, ...) after a warm-up round and the median is reported;
+   (c) ncen finite-diff, (d) ncen exact with the members run one after another (no member
+   threads), (e) the naive reference (benchmarks/reference.py), for FashionMNIST (1x28x28) and
+   CIFAR-10 (3x32x32) shapes and k = 3, 5 resnet20 members, batch 64. (a)-(c) run as ``ncen train``
+   does on this machine (member threads on a multi-core CPU); the reference uses torch's intra-op
+   threads. The methods are interleaved (a, b, c, d, e, a, ...) after a warm-up round and the
+   median is reported;
    wall time and process CPU time are both given (CPU time is less sensitive to other jobs).
    Peak memory: growth of ``ru_maxrss`` over one step in a fresh process per method (CPU), or
    ``torch.cuda.max_memory_allocated`` (CUDA).
@@ -37,7 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SHAPES = {"fashionmnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-METHODS = ("plain", "exact", "finite-diff", "reference")
+METHODS = ("plain", "exact", "finite-diff", "exact-serial", "reference")
 FAMILY_LAMBDAS = {"fashionmnist": (0.02, 0.02), "cifar10": (0.06, 0.04)}
 
 
@@ -60,9 +63,13 @@ def _step_fns(family: str, k: int, batch: int, methods, seed: int = 0):
 
     from ncen_cli.archs import build_member
     from ncen_cli.ensemble import build_ensemble
+    from ncen_cli.member_parallel import SERIAL, MemberExecutor, plan_threads
     from ncen_cli.registry import DEFENSES
     from ncen_cli.train_step import training_step
 
+    # what `ncen train` does on this machine: member threads on a multi-core CPU
+    plan = plan_threads(torch.device("cpu"), k, None, None)
+    threaded = MemberExecutor(plan.member_threads, plan.intra_op_threads)
     shape = SHAPES[family]
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, *shape, generator=gen)
@@ -84,10 +91,11 @@ def _step_fns(family: str, k: int, batch: int, methods, seed: int = 0):
             defense = DEFENSES.get("baseline" if method == "plain" else "ncen")
             hp = defense.resolve(family)
             mode = "finite-diff" if method == "finite-diff" else "exact"
+            executor = SERIAL if method == "exact-serial" else threaded
 
-            def run(ensemble=ensemble, opt=opt, defense=defense, hp=hp, mode=mode):
+            def run(ensemble=ensemble, opt=opt, defense=defense, hp=hp, mode=mode, ex=executor):
                 opt.zero_grad(set_to_none=True)
-                training_step(ensemble, defense, hp, x, y, mode)
+                training_step(ensemble, defense, hp, x, y, mode, executor=ex)
                 opt.step()
 
         fns[method] = run
@@ -167,10 +175,7 @@ def worker_fd(args) -> dict:
     # the regularizer's own part of the gradient (exact minus the CE part), for a harder check
     ensemble.load_state_dict(state)
     ensemble.zero_grad(set_to_none=True)
-    from ncen_cli.train_step import _forward
-
-    _, _, ce_sum, _ = _forward(ensemble, x, y)
-    (ce_sum / (3 * len(y))).backward()
+    exact_step(ensemble, DEFENSES.get("baseline"), {}, x, y)  # the mean-CE part alone
     ce_grad = _flat_grad(ensemble)
     rows = []
     cos = torch.nn.functional.cosine_similarity

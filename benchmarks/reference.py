@@ -4,6 +4,7 @@ This is NOT library code and NOT a recommended implementation: it reproduces, fo
 habits of the authors' code (MiLabHITSZ/2022ZhangNCEn, as described in
 /work/shared/notes/paper-digest.md), written from that description:
 
+* torch's ``nn.Conv2d`` and ``nn.BatchNorm2d`` (not ncen's fast-double-backward layers);
 * members return softmax probabilities and cross-entropy is applied on top of them
   (``log_softmax`` of the probabilities + NLL: the "double softmax");
 * one Adam optimizer per member (k ``step()`` / ``zero_grad()`` calls);
@@ -29,12 +30,27 @@ from torch import nn
 EPS = 1e-12
 
 
+def with_torch_layers(net: nn.Module) -> nn.Module:
+    """Give ``net`` torch's own ``nn.Conv2d`` and ``nn.BatchNorm2d`` (the authors' code uses
+    them), replacing ncen's fast-double-backward subclasses: same parameters and buffers, only
+    the classes change."""
+    from ncen_cli import layers
+
+    for module in net.modules():
+        if isinstance(module, layers.BatchNorm2d):
+            module.__class__ = nn.BatchNorm2d
+        elif isinstance(module, layers.Conv2d):
+            module.__class__ = nn.Conv2d
+    return net
+
+
 class SoftmaxMember(nn.Module):
-    """A member that returns probabilities (B, classes), as in the authors' code."""
+    """A member that returns probabilities (B, classes), as in the authors' code (with torch's
+    layers)."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = net
+        self.net = with_torch_layers(net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.softmax(self.net(x), dim=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -10,8 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ncen_cli.defenses import ncen as ncen_defense
+from ncen_cli.defenses.base import Defense, DefenseInputs
 from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import UsageError
+from ncen_cli.member_parallel import MemberExecutor, ThreadPlan, plan_threads
 from ncen_cli.registry import DEFENSES
 from ncen_cli.train_step import exact_step, finite_diff_step, training_step
 
@@ -210,3 +213,74 @@ def test_unknown_mode_and_scheme_are_usage_errors():
         training_step(ensemble, DEFENSES.get("ncen"), HP, x, y, double_backprop="fast")
     with pytest.raises(UsageError, match="scheme"):
         training_step(ensemble, DEFENSES.get("ncen"), HP, x, y, "finite-diff", fd_scheme="backward")
+
+
+def _logit_and_gradient_defense():
+    """A defense whose terms use both the logits and the input gradients (exercises d R / d
+    logits in the exact step): entropy of the mean prediction plus the mean gradient norm."""
+
+    def terms(inputs, weight):
+        probs = inputs.logits.softmax(-1).mean(0)
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        return {"entropy": weight * entropy, "norm": weight * inputs.input_grads.norm()}
+
+    return Defense("logit-test", "test", {}, terms, needs_input_gradients=True, needs_logits=True)
+
+
+def test_exact_step_routes_the_logits_gradient_of_the_terms():
+    ensemble, x, y = make_case(seed=15)
+    reference = copy.deepcopy(ensemble)
+    defense = _logit_and_gradient_defense()
+    exact_step(ensemble, defense, {"weight": 0.7}, x, y)
+
+    copies = [x.clone().requires_grad_(True) for _ in range(K)]
+    logits = torch.stack([m(c) for m, c in zip(reference.members, copies, strict=True)])
+    ce = sum(F.cross_entropy(lg, y) for lg in logits) / K
+    grads = torch.autograd.grad(ce * K * B, copies, create_graph=True)
+    inputs = DefenseInputs(x, y, logits, torch.stack(grads))
+    (ce + sum(defense.loss_terms(inputs, weight=0.7).values())).backward()
+    torch.testing.assert_close(param_grad(ensemble), param_grad(reference), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["exact", "finite-diff"])
+def test_member_threads_give_the_same_step_as_serial(mode):
+    """One worker per member (the CPU default) computes exactly what the serial loop computes."""
+    ensemble, x, y = make_case(seed=17, dtype=torch.float32)
+    twin = copy.deepcopy(ensemble)
+    defense = DEFENSES.get("ncen")
+    serial = training_step(ensemble, defense, HP, x, y, mode)
+    with MemberExecutor(K) as executor:
+        threaded = training_step(twin, defense, HP, x, y, mode, executor=executor)
+    assert torch.equal(serial.loss, threaded.loss)
+    assert torch.equal(param_grad(ensemble), param_grad(twin))
+    for a, b in zip(ensemble.buffers(), twin.buffers(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_member_executor_keeps_member_order_and_raises_worker_errors():
+    with MemberExecutor(3) as executor:
+        assert executor.map(lambda i: i * i, 5) == [0, 1, 4, 9, 16]
+
+        def fail(i):
+            raise ValueError(f"member {i}")
+
+        with pytest.raises(ValueError, match="member"):
+            executor.map(fail, 3)
+    with pytest.raises(UsageError, match="member-threads"):
+        MemberExecutor(0)
+
+
+def test_thread_plan():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = plan_threads(cpu, k=3, threads=2, member_threads=None)
+    if (os.cpu_count() or 1) >= 2:
+        assert auto == ThreadPlan(member_threads=3, intra_op_threads=1)
+    assert plan_threads(cpu, 3, 12, 3) == ThreadPlan(3, 4)  # the cores are shared out
+    assert plan_threads(cpu, 3, 1, None) == ThreadPlan(1, 1)
+    assert plan_threads(cpu, 3, 8, 1) == ThreadPlan(1, 8)
+    assert plan_threads(cpu, 3, 8, 5) == ThreadPlan(3, 2)  # never more workers than members
+    assert plan_threads(cuda, 3, 8, None) == ThreadPlan(1, 8)
+    with pytest.raises(UsageError, match="does not apply"):
+        plan_threads(cuda, 3, 8, 2)
+    with pytest.raises(UsageError, match=">= 1"):
+        plan_threads(cpu, 3, 8, 0)

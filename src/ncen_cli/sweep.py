@@ -57,7 +57,7 @@ FORMAT = "ncen-sweep"
 SCHEMA_VERSION = 1
 SWEPT = ("lambda_cos", "lambda_norm")
 # TrainConfig fields that do not change what is trained (as in training.train's recorded config).
-_NOT_SHARED = ("device", "threads", "download")
+_NOT_SHARED = ("device", "threads", "member_threads", "download")
 
 Evaluator = Callable[..., Any]
 

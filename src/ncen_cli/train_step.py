@@ -2,10 +2,13 @@
 
 Two ways to get the regularizer's gradient with respect to the parameters:
 
-* ``exact`` (default): every member runs ONCE forward on its own leaf copy of the batch
-  (copies (k, B, C, H, W)); ONE ``autograd.grad(create_graph=True)`` returns all k per-sample input
-  gradients; the defense's terms are vectorised over members and batch; one ``backward()`` of
-  CE + terms does the double backpropagation. No Python loop over samples.
+* ``exact`` (default): every member runs ONCE forward on its own leaf copy of the batch and takes
+  its per-sample input gradients with ``autograd.grad(create_graph=True)``; the defense's terms are
+  evaluated vectorised over members and batch on detached leaves and differentiated (cheap), and
+  each member then back-propagates CE_i / (k B) + <g_i, d R / d g_i> (+ <logits_i, d R / d
+  logits_i>), which carries the double backpropagation. No Python loop over samples; the
+  per-member stages run concurrently on CPU threads when given a threaded
+  :class:`~ncen_cli.member_parallel.MemberExecutor`.
 * ``finite-diff``: the input gradients and the CE parameter gradients come from one ordinary
   forward-backward without a graph; v = dR/dg is cheap (R is a function of the gradients alone);
   then d R / d theta = (d g / d theta)^T v is the directional derivative of the parameter gradient
@@ -18,14 +21,15 @@ Two ways to get the regularizer's gradient with respect to the parameters:
   norm). The extra passes leave BatchNorm running statistics untouched. The measured agreement
   with ``exact`` and the choice of ``fd_scale`` are in docs/performance.md.
 
-Measured on CPU (docs/performance.md): channels_last and a BatchNorm with a hand-written
-differentiable backward were both slower than the defaults here, so neither is used.
+Measured on CPU (docs/performance.md): member threads (one per member, single-threaded operations)
+beat intra-op threading; channels_last and a BatchNorm with a hand-written differentiable backward
+were both slower than the defaults here, so neither is used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +38,8 @@ import torch.nn.functional as F
 from ncen_cli.defenses.base import Defense, DefenseInputs
 from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import UsageError
+from ncen_cli.layers import input_gradient_pass
+from ncen_cli.member_parallel import SERIAL, MemberExecutor
 
 DOUBLE_BACKPROP_MODES = ("exact", "finite-diff")
 DEFAULT_FD_SCALE = 3e-2
@@ -49,21 +55,39 @@ class StepOutput:
     terms: dict[str, torch.Tensor]
 
 
-def member_input_gradients(
-    ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor, create_graph: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward each member once on its own copy of the batch and take all input gradients at once.
+@dataclass
+class _MemberPass:
+    """One member's forward (and first backward) on its own leaf copy of the batch.
 
-    Args:
-        x: (B, C, H, W) images; y: (B,) labels.
-    Returns:
-        copies (k, B, C, H, W) leaf inputs, logits (k, B, classes), ce_sum (scalar: sum over
-        members and samples of CE), grads (k, B, C, H, W) with
-        grads[i, b] = d CE(f_i(x_b), y_b) / d x_b.
-    """
-    copies, logits, ce_sum, _ = _forward(ensemble, x, y)
-    (grads,) = torch.autograd.grad(ce_sum, copies, create_graph=create_graph)
-    return copies, logits, ce_sum, grads
+    logits (B, classes) and ce (scalar: CE summed over the batch) are in the autograd graph;
+    input_grad (B, C, H, W) is d ce / d copy (in the graph when taken with create_graph);
+    param_grads: d ce / d theta_i when asked for (finite-diff), else None."""
+
+    logits: torch.Tensor
+    ce: torch.Tensor
+    input_grad: torch.Tensor | None
+    param_grads: tuple[torch.Tensor, ...] | None = None
+
+
+def _member_pass(
+    member: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    input_grad: bool,
+    create_graph: bool = False,
+    params: list[torch.Tensor] | None = None,
+) -> _MemberPass:
+    copy = x.detach().clone().requires_grad_(input_grad)
+    logits = member(copy)
+    ce = _summed_ce(logits.unsqueeze(0), y)
+    if not input_grad:
+        return _MemberPass(logits, ce, None)
+    wanted = [copy, *(params or [])]
+    # w.r.t. the input only: the layers need not build parameter-gradient graphs
+    marker = input_gradient_pass() if create_graph and not params else nullcontext()
+    with marker:
+        grads = torch.autograd.grad(ce, wanted, create_graph=create_graph)
+    return _MemberPass(logits, ce, grads[0], tuple(grads[1:]) if params else None)
 
 
 def _weighted_terms(
@@ -72,37 +96,91 @@ def _weighted_terms(
     return dict(defense.loss_terms(inputs, **hyperparameters))
 
 
+def _regularizer_gradients(
+    defense: Defense,
+    hyperparameters: Mapping[str, float],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    passes: list[_MemberPass],
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """Evaluate the defense's terms on detached leaves and differentiate them (cheap: the terms
+    are small functions of the gradients and logits).
+
+    Returns the weighted terms, v = d R / d grads (k, B, C, H, W) and u = d R / d logits
+    (k, B, classes); either is None when R does not depend on it."""
+    logits = torch.stack([p.logits.detach() for p in passes]).requires_grad_(defense.needs_logits)
+    grads = None
+    if defense.needs_input_gradients:
+        grads = torch.stack([p.input_grad.detach() for p in passes]).requires_grad_(True)
+    with torch.enable_grad():
+        terms = _weighted_terms(defense, DefenseInputs(x, y, logits, grads), hyperparameters)
+        reg = sum(terms.values()) if terms else None
+    wrt = {"grads": grads} if grads is not None else {}
+    if defense.needs_logits:
+        wrt["logits"] = logits
+    if reg is None or not reg.requires_grad or not wrt:
+        return terms, None, None
+    values = torch.autograd.grad(reg, list(wrt.values()), allow_unused=True)
+    found = dict(zip(wrt, values, strict=True))
+    return terms, found.get("grads"), found.get("logits")
+
+
 def exact_step(
     ensemble: Ensemble,
     defense: Defense,
     hyperparameters: Mapping[str, float],
     x: torch.Tensor,
     y: torch.Tensor,
+    executor: MemberExecutor = SERIAL,
 ) -> StepOutput:
-    """Compute the loss and call ``backward()`` (gradients accumulate into ``.grad``)."""
+    """Compute the loss and back-propagate it (gradients accumulate into ``.grad``).
+
+    Three stages, the first and last run per member (concurrently with a threaded ``executor``):
+
+    1. member i: logits_i and CE_i on its own leaf copy of the batch; g_i = d CE_i / d x with
+       ``create_graph`` (when the defense uses input gradients);
+    2. the defense's terms R on detached leaves, v_i = d R / d g_i and u_i = d R / d logits_i;
+    3. member i: backward of CE_i / (k B) + <g_i, v_i> + <logits_i, u_i>, whose parameter
+       gradient is exactly that of mean CE + R (the chain rule through g_i and logits_i): the
+       double backpropagation runs here, member by member.
+    """
     k, batch = ensemble.k, x.shape[0]
-    if defense.needs_input_gradients:
-        _, logits, ce_sum, grads = member_input_gradients(ensemble, x, y, create_graph=True)
-    else:
-        logits = ensemble.member_logits(x)
-        ce_sum = _summed_ce(logits, y)
-        grads = None
-    ce = ce_sum / (k * batch)
-    terms = _weighted_terms(defense, DefenseInputs(x, y, logits, grads), hyperparameters)
-    loss = ce + sum(terms.values()) if terms else ce
-    loss.backward()
-    return StepOutput(loss.detach(), ce.detach(), {n: t.detach() for n, t in terms.items()})
+    members = list(ensemble.members)
+    params = [[p for p in m.parameters() if p.requires_grad] for m in members]
+    needs_grads = defense.needs_input_gradients
+
+    def forward(i: int) -> _MemberPass:
+        return _member_pass(members[i], x, y, needs_grads, create_graph=True)
+
+    passes = executor.map(forward, k)
+    terms, v, u = _regularizer_gradients(defense, hyperparameters, x, y, passes)
+    scale_ce = 1.0 / (k * batch)
+
+    def backward(i: int) -> None:
+        total = passes[i].ce * scale_ce
+        if v is not None and passes[i].input_grad is not None:
+            total = total + (passes[i].input_grad * v[i]).sum()
+        if u is not None:
+            total = total + (passes[i].logits * u[i]).sum()
+        # inputs=: only parameter gradients (nothing is spent on d/dx of the input copy)
+        total.backward(inputs=params[i] or None)
+
+    executor.map(backward, k)
+    ce = sum(p.ce.detach() for p in passes) * scale_ce
+    reg = sum(t.detach() for t in terms.values()) if terms else 0.0
+    return StepOutput(ce + reg, ce, {n: t.detach() for n, t in terms.items()})
 
 
 @contextmanager
-def frozen_batchnorm_stats(ensemble: Ensemble):
-    """Restore every BatchNorm buffer afterwards (the extra pass must not update running stats)."""
-    saved = [b.detach().clone() for b in ensemble.buffers()]
+def frozen_batchnorm_stats(module: torch.nn.Module):
+    """Restore every buffer of ``module`` (BatchNorm running statistics) afterwards: the extra
+    finite-difference pass must not update them."""
+    saved = [b.detach().clone() for b in module.buffers()]
     try:
         yield
     finally:
         with torch.no_grad():
-            for buf, old in zip(ensemble.buffers(), saved, strict=True):
+            for buf, old in zip(module.buffers(), saved, strict=True):
                 buf.copy_(old)
 
 
@@ -114,65 +192,58 @@ def finite_diff_step(
     y: torch.Tensor,
     fd_scale: float = DEFAULT_FD_SCALE,
     fd_scheme: str = "forward",
+    executor: MemberExecutor = SERIAL,
 ) -> StepOutput:
     """Like :func:`exact_step` but with a finite-difference Hessian-vector product (see module doc).
 
     ``fd_scheme``: ``"forward"`` (one extra forward-backward, error O(h)) or ``"central"`` (two
-    extra, error O(h^2)). Writes parameter gradients into ``.grad`` (accumulating)."""
+    extra, error O(h^2)). Writes parameter gradients into ``.grad`` (accumulating). Per member
+    (concurrently with a threaded ``executor``): one forward-backward for g_i and d CE_i / d theta;
+    then, after v = d R / d g, the extra pass(es) at x +- h_i v_i."""
     if fd_scheme not in FD_SCHEMES:
         raise UsageError(f"unknown finite-difference scheme '{fd_scheme}'; choose {FD_SCHEMES}")
     if not defense.needs_input_gradients:
-        return exact_step(ensemble, defense, hyperparameters, x, y)
+        return exact_step(ensemble, defense, hyperparameters, x, y, executor)
     if defense.needs_logits:
         raise UsageError(
             f"--double-backprop finite-diff supports defenses that depend only on input gradients; "
             f"'{defense.name}' also uses the members' outputs: use --double-backprop exact"
         )
     k, batch = ensemble.k, x.shape[0]
-    params_by_member = [[p for p in m.parameters() if p.requires_grad] for m in ensemble.members]
-    flat_params = [p for ps in params_by_member for p in ps]
+    members = list(ensemble.members)
+    params = [[p for p in m.parameters() if p.requires_grad] for m in members]
 
-    copies, logits, ce_sum, _ = _forward(ensemble, x, y)
-    grads_all = torch.autograd.grad(ce_sum, [copies, *flat_params])
-    input_grads, grad_at_x = grads_all[0], grads_all[1:]
+    def first(i: int) -> _MemberPass:
+        return _member_pass(members[i], x, y, True, params=params[i])
 
-    g = input_grads.detach().requires_grad_(True)
-    with torch.enable_grad():
-        terms = _weighted_terms(defense, DefenseInputs(x, y, logits.detach(), g), hyperparameters)
-        reg = sum(terms.values()) if terms else g.new_zeros(())
-    if terms and reg.requires_grad:
-        (v,) = torch.autograd.grad(reg, g)
-    else:
-        v = torch.zeros_like(g)
-
+    passes = executor.map(first, k)
+    terms, v, _ = _regularizer_gradients(defense, hyperparameters, x, y, passes)
+    if v is None:
+        v = torch.zeros(k, *x.shape, dtype=x.dtype, device=x.device)
     v_norm = v.flatten(1).norm(dim=1)  # (k,)
-    x_norm = x.detach().flatten().norm()
-    active = v_norm > 0
-    h = torch.where(active, fd_scale * x_norm / v_norm.clamp_min(1e-30), torch.ones_like(v_norm))
-    step = h.view(-1, *([1] * (copies.dim() - 1))) * v
-    base = copies.detach()
-    if bool(active.any()):
-        grad_plus = _param_grads_at(ensemble, base + step, y, flat_params)
-        if fd_scheme == "central":
-            grad_minus = _param_grads_at(ensemble, base - step, y, flat_params)
-            denominator = 2 * h
-        else:
-            grad_minus, denominator = grad_at_x, h
-    else:
-        grad_plus = grad_minus = grad_at_x
-        denominator = h
-
+    x_norm = float(x.detach().flatten().norm())
     scale_ce = 1.0 / (k * batch)
-    inv = torch.where(active, 1.0 / denominator, torch.zeros_like(denominator))  # (k,)
-    index = 0
-    for i, params in enumerate(params_by_member):
-        for p in params:
-            update = grad_at_x[index] * scale_ce + (grad_plus[index] - grad_minus[index]) * inv[i]
+
+    def second(i: int) -> None:
+        grad_at_x = passes[i].param_grads
+        h = fd_scale * x_norm / max(float(v_norm[i]), 1e-30)
+        if float(v_norm[i]) > 0:
+            grad_plus = _param_grads_at(members[i], x + h * v[i], y, params[i])
+            if fd_scheme == "central":
+                grad_minus = _param_grads_at(members[i], x - h * v[i], y, params[i])
+                inv = 1.0 / (2 * h)
+            else:
+                grad_minus, inv = grad_at_x, 1.0 / h
+        for j, p in enumerate(params[i]):
+            update = grad_at_x[j] * scale_ce
+            if float(v_norm[i]) > 0:
+                update = update + (grad_plus[j] - grad_minus[j]) * inv
             p.grad = update if p.grad is None else p.grad + update
-            index += 1
-    ce = ce_sum.detach() * scale_ce
-    loss = ce + reg.detach()
-    return StepOutput(loss, ce, {n: t.detach() for n, t in terms.items()})
+
+    executor.map(second, k)
+    ce = sum(p.ce.detach() for p in passes) * scale_ce
+    reg = sum(t.detach() for t in terms.values()) if terms else 0.0
+    return StepOutput(ce + reg, ce, {n: t.detach() for n, t in terms.items()})
 
 
 def _summed_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -185,27 +256,13 @@ def _summed_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _param_grads_at(
-    ensemble: Ensemble, inputs: torch.Tensor, y: torch.Tensor, flat_params: list[torch.Tensor]
+    member: torch.nn.Module, inputs: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor]
 ) -> tuple[torch.Tensor, ...]:
-    """Gradients of the summed member CE w.r.t. ``flat_params`` at per-member inputs (k, B, ...),
-    leaving BatchNorm running statistics as they were."""
-    with frozen_batchnorm_stats(ensemble):
-        _, _, ce_sum, _ = _forward(ensemble, None, y, inputs=inputs)
-        return torch.autograd.grad(ce_sum, flat_params)
-
-
-def _forward(
-    ensemble: Ensemble, x: torch.Tensor | None, y: torch.Tensor, inputs: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-    """Members on their own leaf copies (k, B, ...). Returns copies, logits, ce_sum, None."""
-    k = ensemble.k
-    if inputs is None:
-        copies = x.detach().unsqueeze(0).expand(k, *x.shape).clone().requires_grad_(True)
-    else:
-        copies = inputs.detach().requires_grad_(True)
-    logits = torch.stack([member(copies[i]) for i, member in enumerate(ensemble.members)])
-    ce_sum = _summed_ce(logits, y)
-    return copies, logits, ce_sum, None
+    """Gradients of member CE (summed over the batch) w.r.t. ``params`` at ``inputs``
+    (B, C, H, W), leaving the member's BatchNorm running statistics as they were."""
+    with frozen_batchnorm_stats(member):
+        ce = _summed_ce(member(inputs.detach()).unsqueeze(0), y)
+        return torch.autograd.grad(ce, params)
 
 
 def training_step(
@@ -217,13 +274,16 @@ def training_step(
     double_backprop: str = "exact",
     fd_scale: float = DEFAULT_FD_SCALE,
     fd_scheme: str = "forward",
+    executor: MemberExecutor = SERIAL,
 ) -> StepOutput:
     """Dispatch on ``double_backprop`` (``exact`` or ``finite-diff``, whose difference scheme is
     ``fd_scheme``); gradients land in ``.grad``."""
     if double_backprop == "exact":
-        return exact_step(ensemble, defense, hyperparameters, x, y)
+        return exact_step(ensemble, defense, hyperparameters, x, y, executor)
     if double_backprop == "finite-diff":
-        return finite_diff_step(ensemble, defense, hyperparameters, x, y, fd_scale, fd_scheme)
+        return finite_diff_step(
+            ensemble, defense, hyperparameters, x, y, fd_scale, fd_scheme, executor
+        )
     raise UsageError(
         f"unknown --double-backprop '{double_backprop}'; choose {', '.join(DOUBLE_BACKPROP_MODES)}"
     )

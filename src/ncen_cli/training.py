@@ -33,6 +33,7 @@ from ncen_cli.defenses.base import Defense
 from ncen_cli.device import Runtime
 from ncen_cli.ensemble import Ensemble, build_ensemble, parse_members
 from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
+from ncen_cli.member_parallel import MemberExecutor, plan_threads
 from ncen_cli.registry import DEFENSES
 from ncen_cli.train_step import DEFAULT_FD_SCALE, DOUBLE_BACKPROP_MODES, training_step
 
@@ -69,6 +70,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     threads: int | None = None
+    member_threads: int | None = None
     deterministic: bool = False
     double_backprop: str = "exact"
     fd_scale: float = DEFAULT_FD_SCALE
@@ -84,6 +86,8 @@ class TrainConfig:
         ):
             if value < 1:
                 raise UsageError(f"{name} must be >= 1, got {value}")
+        if self.member_threads is not None and self.member_threads < 1:
+            raise UsageError(f"--member-threads must be >= 1, got {self.member_threads}")
         if self.epochs is not None and self.epochs < 1:
             raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -260,6 +264,7 @@ def train(
     runtime = Runtime.create(
         config.device, config.precision, config.threads, config.deterministic, config.seed
     )
+    plan = plan_threads(runtime.device, len(config.members), config.threads, config.member_threads)
     if arrays is None:
         arrays = load_dataset(
             config.dataset,
@@ -297,6 +302,7 @@ def train(
     }
     recorded.pop("device")  # where it ran does not change what was trained
     recorded.pop("threads")
+    recorded.pop("member_threads")
     recorded.pop("download")
     config_json = json.dumps(recorded, sort_keys=True)
 
@@ -339,22 +345,23 @@ def train(
     batches_per_epoch = math.ceil(
         len(arrays.train_x) * (2 if augment.noise_sigma > 0 else 1) / config.batch_size
     )
+    run = _EpochContext(
+        ensemble,
+        optimizer,
+        defense,
+        hyperparameters,
+        arrays,
+        config,
+        augment,
+        runtime,
+        dist,
+        MemberExecutor(plan.member_threads, plan.intra_op_threads),
+        batches_per_epoch,
+        on_batch,
+    )
     try:
         for epoch in range(start_epoch, epochs):
-            record = _train_one_epoch(
-                ensemble,
-                optimizer,
-                defense,
-                hyperparameters,
-                arrays,
-                config,
-                augment,
-                runtime,
-                epoch,
-                batches_per_epoch,
-                on_batch,
-                dist,
-            )
+            record = _train_one_epoch(run, epoch)
             history.append(record)
             if dist.is_main:
                 _save_resume_state(state_file, ensemble, optimizer, epoch + 1, config_json, history)
@@ -370,6 +377,8 @@ def train(
             if done
             else "interrupted before the first epoch finished"
         ) from None
+    finally:
+        run.executor.close()
 
     if not history:
         raise UsageError("nothing to train: --epochs is 0")
@@ -395,21 +404,27 @@ def _reduce_epoch_sums(
     return total_seen, total, terms
 
 
-def _train_one_epoch(
-    ensemble,
-    optimizer,
-    defense,
-    hyperparameters,
-    arrays,
-    config,
-    augment,
-    runtime,
-    epoch,
-    batches_per_epoch,
-    on_batch,
-    dist,
-) -> EpochRecord:
+@dataclass
+class _EpochContext:
+    """What every epoch of one run needs (built once by :func:`train`)."""
+
+    ensemble: Ensemble
+    optimizer: torch.optim.Optimizer
+    defense: Defense
+    hyperparameters: dict[str, float]
+    arrays: ImageArrays
+    config: TrainConfig
+    augment: AugmentConfig
+    runtime: Runtime
+    dist: distributed.DistContext
+    executor: MemberExecutor
+    batches_per_epoch: int
+    on_batch: Callable[[int, int], None] | None
+
+
+def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
     """One pass over the (sharded) training data, then the clean test accuracy."""
+    ensemble, optimizer, config, dist = run.ensemble, run.optimizer, run.config, run.dist
     lr = learning_rate(config, epoch)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -419,13 +434,13 @@ def _train_one_epoch(
     term_sums: dict[str, float] = {}
     seen = 0
     batches = iterate_batches(
-        arrays.train_x,
-        arrays.train_y,
+        run.arrays.train_x,
+        run.arrays.train_y,
         config.batch_size,
         config.seed,
         epoch,
-        augment,
-        runtime.device,
+        run.augment,
+        run.runtime.device,
         dist.rank,
         dist.world_size,
     )
@@ -437,9 +452,16 @@ def _train_one_epoch(
             distributed.average_gradients(ensemble, weight=0)
             optimizer.step()
             continue
-        with runtime.autocast():
+        with run.runtime.autocast():
             result = training_step(
-                ensemble, defense, hyperparameters, xb, yb, config.double_backprop, config.fd_scale
+                ensemble,
+                run.defense,
+                run.hyperparameters,
+                xb,
+                yb,
+                config.double_backprop,
+                config.fd_scale,
+                executor=run.executor,
             )
         if not distributed.all_true(bool(torch.isfinite(result.loss))):  # all ranks stop together
             _check_finite(result, epoch)  # raises on the ranks whose loss is non-finite
@@ -455,14 +477,14 @@ def _train_one_epoch(
         sums["loss"] += float(result.loss) * n
         for name, value in result.terms.items():
             term_sums[name] = term_sums.get(name, 0.0) + float(value) * n
-        if on_batch is not None and dist.is_main:
-            on_batch(step + 1, batches_per_epoch)
+        if run.on_batch is not None and dist.is_main:
+            run.on_batch(step + 1, run.batches_per_epoch)
     seconds = time.perf_counter() - started
     if dist.enabled:  # epoch figures over all ranks; one model (BN statistics) on every rank
         seen, sums, term_sums = _reduce_epoch_sums(seen, sums, term_sums)
         distributed.sync_buffers(ensemble)
     accuracy = clean_accuracy(
-        ensemble, arrays.test_x, arrays.test_y, config.eval_batch_size, runtime.device
+        ensemble, run.arrays.test_x, run.arrays.test_y, config.eval_batch_size, run.runtime.device
     )
     return EpochRecord(
         epoch=epoch + 1,

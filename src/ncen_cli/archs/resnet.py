@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ncen_cli.archs.base import ACTIVATIONS, Architecture
+from ncen_cli.layers import BatchNorm2d, Conv2d
 
 
 class ShortcutA(nn.Module):
@@ -38,10 +39,10 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, activation: str) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = BatchNorm2d(out_channels)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = BatchNorm2d(out_channels)
         self.act1 = ACTIVATIONS[activation]()
         self.act2 = ACTIVATIONS[activation]()
         if stride != 1 or in_channels != out_channels:
@@ -62,8 +63,8 @@ class CifarResNet(nn.Module):
         self, blocks_per_stage: int, in_channels: int, num_classes: int, activation: str = "relu"
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
+        self.conv = Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn = BatchNorm2d(16)
         self.act = ACTIVATIONS[activation]()
         layers: list[nn.Module] = []
         channels = 16

@@ -34,6 +34,7 @@ from ncen_cli.cli.train import (
     Epochs,
     FdScale,
     Members,
+    MemberThreads,
     NcenForm,
     Noise,
     NoiseEps,
@@ -48,6 +49,7 @@ from ncen_cli.errors import UsageError
 from ncen_cli.paths import runs_dir
 from ncen_cli.registry import DATASETS
 from ncen_cli.sweep import Cell, CellResult, SweepResult, format_value, run_sweep, score_runs_for
+from ncen_cli.train_step import DEFAULT_FD_SCALE
 from ncen_cli.training import EpochRecord
 
 
@@ -77,9 +79,10 @@ def sweep_command(
     device: Device = "auto",
     precision: Precision = "fp32",
     threads: Threads = None,
+    member_threads: MemberThreads = None,
     deterministic: Deterministic = False,
     double_backprop: DoubleBackprop = "exact",
-    fd_scale: FdScale = 1e-2,
+    fd_scale: FdScale = DEFAULT_FD_SCALE,
     download: Download = True,
     attacks: Annotated[str | None, typer.Option(help="Scoring attacks, comma list (default: the "
                                                 "paper's fgsm,mifgsm,pgd,bim).")] = None,
@@ -97,8 +100,8 @@ def sweep_command(
     config = build_config(
         members, dataset, data_dir, "ncen", ncen_form, None, None, None, None, None, param,
         activation, combine, epochs, batch_size, lr, augment, noise, noise_eps, train_limit,
-        test_limit, seed, device, precision, threads, deterministic, double_backprop, fd_scale,
-        download,
+        test_limit, seed, device, precision, threads, member_threads, deterministic,
+        double_backprop, fd_scale, download,
     )
     cos_values = parse_float_list(lambda_cos, "--lambda-cos")
     norm_values = parse_float_list(lambda_norm, "--lambda-norm")

@@ -58,6 +58,13 @@ TestLimit = Annotated[int | None, typer.Option(help="Seeded subset of N test ima
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Precision = Annotated[str, typer.Option(help="fp32, tf32 or bf16 (CUDA).")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
+MemberThreads = Annotated[
+    int | None,
+    typer.Option(
+        help="Members trained concurrently on CPU threads (default: one per member on a "
+        "multi-core CPU, 1 on CUDA)."
+    ),
+]
 Deterministic = Annotated[bool, typer.Option(help="Deterministic algorithms.")]
 DoubleBackprop = Annotated[str, typer.Option(help="exact or finite-diff.")]
 FdScale = Annotated[float, typer.Option(help="finite-diff step as a fraction of ||x||.")]
@@ -90,6 +97,7 @@ def build_config(
     device: str,
     precision: str,
     threads: int | None,
+    member_threads: int | None,
     deterministic: bool,
     double_backprop: str,
     fd_scale: float,
@@ -130,6 +138,7 @@ def build_config(
         device=device,
         precision=precision,
         threads=threads,
+        member_threads=member_threads,
         deterministic=deterministic,
         double_backprop=double_backprop,
         fd_scale=fd_scale,
@@ -176,6 +185,7 @@ def train_command(
     device: Device = "auto",
     precision: Precision = "fp32",
     threads: Threads = None,
+    member_threads: MemberThreads = None,
     deterministic: Deterministic = False,
     double_backprop: DoubleBackprop = "exact",
     fd_scale: FdScale = DEFAULT_FD_SCALE,
@@ -216,6 +226,7 @@ def train_command(
         device,
         precision,
         threads,
+        member_threads,
         deterministic,
         double_backprop,
         fd_scale,

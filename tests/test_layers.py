@@ -1,0 +1,139 @@
+"""ncen's fast-double-backward layers compute exactly what torch's layers compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ncen_cli.layers import BatchNorm2d, Conv2d, input_gradient_pass
+from ncen_cli.layers.batchnorm import _BatchNormTrain
+
+
+def _pair(affine: bool, momentum: float | None = 0.1):
+    torch.manual_seed(0)
+    reference = nn.BatchNorm2d(5, affine=affine, momentum=momentum).double()
+    if affine:
+        with torch.no_grad():
+            reference.weight.uniform_(0.5, 1.5)
+            reference.bias.uniform_(-0.5, 0.5)
+    fast = BatchNorm2d(5, affine=affine, momentum=momentum).double()
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+def _second_order(bn: nn.Module, x: torch.Tensor, upstream: torch.Tensor, head: torch.Tensor):
+    """Gradients of <upstream, d loss / d x> + a weight-gradient term, w.r.t. x and the params,
+    where loss = sum(head * tanh(bn(x))) (tanh: a non-linear head so that every term is active)."""
+    x = x.clone().requires_grad_(True)
+    params = list(bn.parameters())
+    loss = (head * torch.tanh(bn(x))).sum()
+    wanted = [x, *params]
+    first = torch.autograd.grad(loss, wanted, create_graph=True)
+    objective = (first[0] * upstream).sum() + sum((g * g).sum() for g in first[1:])
+    return [first[0].detach(), *torch.autograd.grad(objective, wanted)]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_double_backward_matches_torch(affine):
+    reference, fast = _pair(affine)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 4, 3, generator=gen, dtype=torch.float64) * 2 + 0.5
+    upstream = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    head = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    expected = _second_order(reference.train(), x, upstream, head)
+    got = _second_order(fast.train(), x, upstream, head)
+    assert len(got) == len(expected) == (4 if affine else 2)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    for a, b in zip(fast.buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gradgradcheck_against_finite_differences():
+    x = torch.randn(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(5, dtype=torch.float64).add_(0.5).requires_grad_(True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def f(inp, weight, bias):
+        stats = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+        return torch.tanh(_BatchNormTrain.apply(inp, weight, bias, *stats, 0.1, 1e-5))
+
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_eval_mode_and_cumulative_momentum_behave_like_torch():
+    reference, fast = _pair(True, momentum=None)
+    x = torch.randn(8, 5, 2, 2, dtype=torch.float64)
+    for _ in range(3):
+        torch.testing.assert_close(fast.train()(x), reference.train()(x))
+    torch.testing.assert_close(fast.running_var, reference.running_var)
+    assert int(fast.num_batches_tracked) == 3
+    torch.testing.assert_close(fast.eval()(x), reference.eval()(x))
+    assert fast.state_dict().keys() == reference.state_dict().keys()
+
+
+CONV_CASES = [
+    dict(in_channels=3, out_channels=4, kernel_size=3, stride=1, padding=1, bias=False),
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, bias=True),
+    dict(in_channels=4, out_channels=4, kernel_size=3, stride=1, padding=2, dilation=2, groups=2),
+    dict(in_channels=2, out_channels=3, kernel_size=1, stride=2, padding=0, bias=True),
+]
+
+
+def _conv_pair(case):
+    torch.manual_seed(2)
+    reference = nn.Conv2d(**case).double()
+    fast = Conv2d(**case).double()
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_double_backward_matches_torch(case):
+    reference, fast = _conv_pair(case)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, case["in_channels"], 9, 9, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        out_shape = reference(x).shape
+    upstream = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    head = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+    expected = _second_order(reference, x, upstream, head)
+    got = _second_order(fast, x, upstream, head)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:2])
+def test_conv_gradgradcheck_against_finite_differences(case):
+    _, fast = _conv_pair(case)
+    x = torch.randn(2, case["in_channels"], 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda inp: torch.tanh(fast(inp)), (x,))
+    assert torch.autograd.gradgradcheck(
+        lambda w: torch.tanh(torch.nn.functional.conv2d(x.detach(), w)), (fast.weight,)
+    )
+
+
+def test_input_gradient_pass_gives_the_same_double_backward():
+    """Inside the marker the layers skip parameter-gradient graphs; what is asked for (the input
+    gradient and its derivative w.r.t. the parameters) is unchanged."""
+    torch.manual_seed(4)
+    reference = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(),
+                              nn.Conv2d(4, 3, 3, stride=2, padding=1)).double()
+    fast = nn.Sequential(Conv2d(2, 4, 3, padding=1), BatchNorm2d(4), nn.Tanh(),
+                         Conv2d(4, 3, 3, stride=2, padding=1)).double()
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    results = []
+    for net, marker in ((reference, None), (fast, input_gradient_pass())):
+        xi = x.clone().requires_grad_(True)
+        loss = net(xi).pow(2).sum()
+        if marker is None:
+            (g,) = torch.autograd.grad(loss, xi, create_graph=True)
+        else:
+            with marker:
+                (g,) = torch.autograd.grad(loss, xi, create_graph=True)
+        g.pow(2).sum().backward()
+        results.append([g.detach(), *[p.grad for p in net.parameters()]])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
