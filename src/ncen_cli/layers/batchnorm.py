@@ -67,48 +67,62 @@ class _BatchNormTrain(torch.autograd.Function):
 
 class _BatchNormBackward(torch.autograd.Function):
     """The first backward (G, x, gamma) -> (gx, g_gamma, g_beta), with the closed-form double
-    backward of the module docstring."""
+    backward of the module docstring. Its A-part, gamma r (A - m_A - x_hat m_{A x_hat}) with the
+    sums of A and A x_hat, is exactly torch's fused first-order kernel applied to A."""
 
     @staticmethod
     def forward(ctx, grad_y, x, weight, mean, invstd, eps):
         ctx.set_materialize_grads(False)
-        affine = weight is not None and parameter_gradients_wanted()
+        affine = weight is not None
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             grad_y, x, weight, None, None, mean, invstd, True, eps, [True, affine, affine]
         )
-        ctx.save_for_backward(grad_y, x, weight, mean, invstd)
+        if affine:  # sum(G x_hat) and sum(G), reused by the double backward
+            ctx.save_for_backward(grad_y, x, weight, mean, invstd, gw.detach(), gb.detach())
+        else:
+            ctx.save_for_backward(grad_y, x, weight, mean, invstd)
+        ctx.eps = eps
+        if not parameter_gradients_wanted():
+            gw = gb = None
         return gx, gw, gb
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_gx, grad_gw, grad_gb):
-        g, x, weight, mean, invstd = ctx.saved_tensors
+        g, x, weight, mean, invstd, *sums = ctx.saved_tensors
         ndim = x.dim()
         dims = [0, *range(2, ndim)]
         count = x.numel() // x.shape[1]
         r = _channel_view(invstd, ndim)
-        x_hat = torch.addcmul(_channel_view(-mean * invstd, ndim), x, r)
+        x_hat = None
+        if sums:
+            m_gx, m_g = sums[0] / count, sums[1] / count
+        else:
+            x_hat = torch.addcmul(_channel_view(-mean * invstd, ndim), x, r)
+            m_g, m_gx = g.mean(dims), (g * x_hat).mean(dims)
         gamma = weight if weight is not None else torch.ones_like(invstd)
-        m_g = g.mean(dims)
-        m_gx = (g * x_hat).mean(dims)
         d_g = d_x = d_gamma = None
 
         if grad_gx is not None:
             a = grad_gx
-            m_a = a.mean(dims)
-            m_ax = (a * x_hat).mean(dims)
-            m_ag = (a * g).mean(dims)
-            gr = gamma * invstd
-            d_g = torch.addcmul(_channel_view(-gr * m_a, ndim), a, _channel_view(gr, ndim))
-            d_g.addcmul_(x_hat, _channel_view(-gr * m_ax, ndim))
-            gr2 = gr * invstd
-            d_x = a * _channel_view(-gr2 * m_gx, ndim)
+            # d/dG = gamma r (A - m_A - x_hat m_{A x_hat}): torch's fused kernel, with the sums
+            d_g, sum_ax, sum_a = torch.ops.aten.native_batch_norm_backward(
+                a, x, gamma, None, None, mean, invstd, True, ctx.eps, [True, True, True]
+            )
+            m_a, m_ax = sum_a / count, sum_ax / count
+            m_ag = (a * g).sum(dims) / count
+            gr2 = gamma * invstd * invstd
+            c3 = 3 * m_ax * m_gx - m_ag + m_a * m_g
+            # d/dx = gamma r^2 [-m_Gx A - m_Ax G + x_hat c3 + m_Gx m_A + m_Ax m_G] written in x
+            constant = gr2 * (m_gx * m_a + m_ax * m_g - mean * invstd * c3)
+            d_x = torch.addcmul(_channel_view(constant, ndim), a, _channel_view(-gr2 * m_gx, ndim))
             d_x.addcmul_(g, _channel_view(-gr2 * m_ax, ndim))
-            d_x.addcmul_(x_hat, _channel_view(gr2 * (3 * m_ax * m_gx - m_ag + m_a * m_g), ndim))
-            d_x.add_(_channel_view(gr2 * (m_gx * m_a + m_ax * m_g), ndim))
+            d_x.addcmul_(x, _channel_view(gr2 * invstd * c3, ndim))
             if weight is not None:
                 d_gamma = invstd * count * (m_ag - m_a * m_g - m_ax * m_gx)
         if grad_gw is not None:
+            if x_hat is None:
+                x_hat = torch.addcmul(_channel_view(-mean * invstd, ndim), x, r)
             w = _channel_view(grad_gw, ndim)
             term = x_hat * w
             d_g = term if d_g is None else d_g.add_(term)
