@@ -202,8 +202,8 @@ def result(attack: str, eps: float, accuracy: float, n: int = 1000) -> AttackRes
 
 def test_result_checks_flag_masking_signs():
     runs = [AttackRun("fgsm", AttackSettings(eps=0.1)),
-            AttackRun("pgd", AttackSettings(eps=0.1, steps=10)),
-            AttackRun("pgd", AttackSettings(eps=0.3, steps=10)),
+            AttackRun("pgd", AttackSettings(eps=0.1, steps=10, step_size=0.025)),
+            AttackRun("pgd", AttackSettings(eps=0.3, steps=10, step_size=0.03)),
             AttackRun("square", AttackSettings(eps=0.1, steps=10))]
     good = [result("fgsm", 0.1, 0.5), result("pgd", 0.1, 0.3), result("pgd", 0.3, 0.0),
             result("square", 0.1, 0.4)]
@@ -214,6 +214,21 @@ def test_result_checks_flag_masking_signs():
     assert checks["iterative-vs-fgsm"].passed is False
     assert checks["monotone-in-eps"].passed is False and "pgd" in checks["monotone-in-eps"].detail
     assert checks["black-box-weaker"].passed is False
+
+
+def test_step_budget_check_flags_attacks_that_cannot_reach_eps():
+    reach = [AttackRun("pgd", AttackSettings(eps=0.05, steps=10, step_size=0.0125)),
+             AttackRun("bim", AttackSettings(eps=0.1, steps=10, step_size=0.01))]  # exactly eps
+    short = reach + [AttackRun("pgd", AttackSettings(eps=0.3, steps=10, step_size=0.0125))]
+    results = [result(r.attack, r.settings.eps, 0.1) for r in short]
+    ok = {c.name: c for c in _result_checks(results[:2], reach)}["step-budget"]
+    assert ok.passed is True
+    check = {c.name: c for c in _result_checks(results, short)}["step-budget"]
+    assert check.passed is False
+    assert "pgd@0.3: 10 x 0.0125 = 0.125 < eps" in check.detail
+    apgd = [AttackRun("apgd-ce", AttackSettings(eps=0.3, steps=100))]  # adaptive step: n/a
+    assert {c.name: c for c in _result_checks([result("apgd-ce", 0.3, 0.0)], apgd)}[
+        "step-budget"].passed is None
 
 
 def test_evaluate_rejects_bad_runs():

@@ -423,8 +423,31 @@ def _model_checks(ensemble, x: torch.Tensor, y: torch.Tensor, batch_size: int,
     return out
 
 
+def _step_budget_check(runs: list[AttackRun]) -> Check:
+    """Iterative attacks with a fixed step must be able to reach the eps-ball's boundary:
+    steps x step size >= eps. Otherwise the attack is weaker than its eps says (e.g. 10 steps of
+    0.0125 at eps 0.3 move at most 0.125) and its accuracy overstates robustness."""
+    fixed = [run for run in runs if run.settings.steps > 1 and run.settings.step_size]
+    if not fixed:
+        return Check("step-budget", None, "needs an iterative attack with a fixed step size")
+    bad = [
+        f"{run.attack}@{run.settings.eps:g}: {run.settings.steps} x {run.settings.step_size:g} = "
+        f"{run.settings.steps * run.settings.step_size:.4g} < eps"
+        for run in fixed
+        if run.settings.steps * run.settings.step_size < run.settings.eps * (1 - 1e-9)
+    ]
+    detail = (
+        "; ".join(bad) + ": cannot reach the eps-ball's boundary, so the accuracy overstates "
+        "robustness (raise --steps or --step-size)"
+        if bad
+        else f"{len(fixed)} iterative runs can reach eps (steps x step size >= eps)"
+    )
+    return Check("step-budget", not bad, detail)
+
+
 def _result_checks(results: list[AttackResult], runs: list[AttackRun]) -> list[Check]:
-    """Iterative >= FGSM strength, accuracy non-increasing in eps, Square weaker than white-box."""
+    """Iterative >= FGSM strength, accuracy non-increasing in eps, steps x step size >= eps,
+    Square weaker than white-box."""
     from ncen_cli.registry import ATTACKS
 
     out = []
@@ -461,6 +484,8 @@ def _result_checks(results: list[AttackResult], runs: list[AttackRun]) -> list[C
     out.append(Check("monotone-in-eps", (not bad) if pairs else None,
                      "; ".join(bad) or (f"accuracy falls with eps ({pairs} pairs)" if pairs
                                         else "needs one attack at two eps values")))
+
+    out.append(_step_budget_check(runs))
 
     white = [r for r, run in zip(results, runs, strict=True) if ATTACKS.get(run.attack).white_box]
     black = [r for r, run in zip(results, runs, strict=True)

@@ -1,11 +1,11 @@
 """Run each ensemble member's share of a training step concurrently on CPU threads.
 
-On a CPU, torch splits every operation of a small network (ResNet-20, batch 64) over its intra-op
-threads, and that scales poorly: on the 2-core dev box a 3 x resnet20 NCEn step ran only 1.6 x
-faster with 2 threads than with 1. The members of an ensemble are independent until the
-regularizer couples their input gradients, so ncen can instead give each member its own thread
-(running single-threaded operations) and synchronise only around the regularizer: measured 1.45 x
-faster than intra-op threading for the same step (docs/performance.md).
+On a CPU, torch splits every operation over its intra-op threads; for small networks (ResNet-20,
+batch 64) that parallelises each operation only moderately well. The members of an ensemble are
+independent until the regularizer couples their input gradients, so ncen can instead give each
+member its own thread (running single-threaded operations) and synchronise only around the
+regularizer. On the 2-core dev box this made the exact NCEn step about 10 % faster than torch's
+intra-op threading (docs/performance.md), with the same arithmetic.
 
 Autograd is thread-safe for this use: each worker runs forward, ``autograd.grad`` and
 ``backward`` on its own member's graph, and every parameter belongs to exactly one member, so

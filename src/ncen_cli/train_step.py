@@ -108,17 +108,18 @@ def _regularizer_gradients(
 
     Returns the weighted terms, v = d R / d grads (k, B, C, H, W) and u = d R / d logits
     (k, B, classes); either is None when R does not depend on it."""
-    logits = torch.stack([p.logits.detach() for p in passes]).requires_grad_(defense.needs_logits)
+    # logits always get a gradient slot (tiny): a defense that reads them without declaring
+    # needs_logits still trains correctly
+    logits = torch.stack([p.logits.detach() for p in passes]).requires_grad_(True)
+    wrt = {"logits": logits}
     grads = None
     if defense.needs_input_gradients:
         grads = torch.stack([p.input_grad.detach() for p in passes]).requires_grad_(True)
+        wrt["grads"] = grads
     with torch.enable_grad():
         terms = _weighted_terms(defense, DefenseInputs(x, y, logits, grads), hyperparameters)
         reg = sum(terms.values()) if terms else None
-    wrt = {"grads": grads} if grads is not None else {}
-    if defense.needs_logits:
-        wrt["logits"] = logits
-    if reg is None or not reg.requires_grad or not wrt:
+    if reg is None or not reg.requires_grad:
         return terms, None, None
     values = torch.autograd.grad(reg, list(wrt.values()), allow_unused=True)
     found = dict(zip(wrt, values, strict=True))
