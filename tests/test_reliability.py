@@ -49,6 +49,13 @@ TRAIN_ARGS = [
 ]
 
 
+def _default_sigint() -> None:
+    """Runs in the child before exec: a test runner started in the background (no job control,
+    nohup, some CI launchers) passes SIGINT on as *ignored*, and Python then never raises
+    KeyboardInterrupt. Ctrl-C in a terminal always delivers it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
     env = {**os.environ, "NCEN_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.Popen(
@@ -57,6 +64,7 @@ def _cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Pop
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
         **kw,
     )
 
