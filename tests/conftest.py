@@ -20,6 +20,14 @@ requires_shared_data = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def shared_data() -> Path:
+    """The real-data folder (../shared/data or $NCEN_SHARED_DATA); skips the test without it."""
+    if not (SHARED_DATA / "FashionMNIST" / "raw").is_dir():
+        pytest.skip("real data (../shared/data) is not present")
+    return SHARED_DATA
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
     """Never download; keep runs and caches out of the user's folders."""
