@@ -137,3 +137,14 @@ def test_input_gradient_pass_gives_the_same_double_backward():
         results.append([g.detach(), *[p.grad for p in net.parameters()]])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_autocast_uses_torchs_own_path():
+    """Mixed precision keeps torch's layers (their backward handles the dtype casts)."""
+    conv, bn = Conv2d(1, 2, 3, padding=1), BatchNorm2d(2)
+    x = torch.rand(2, 1, 5, 5, requires_grad=True)
+    assert type(bn(conv(x)).grad_fn).__name__.startswith("_BatchNormTrain")
+    assert type(conv(x).grad_fn).__name__.startswith("_Conv2dFunction")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not type(conv(x).grad_fn).__name__.startswith("_Conv2dFunction")
+        assert not type(bn(conv(x)).grad_fn).__name__.startswith("_BatchNormTrain")

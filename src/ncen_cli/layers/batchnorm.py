@@ -138,11 +138,16 @@ class _BatchNormBackward(torch.autograd.Function):
 class BatchNorm2d(nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` with a cheap double backward in training mode (see module doc).
 
-    Shapes: (N, C, H, W) -> (N, C, H, W). Eval mode and ``track_running_stats=False`` without
-    batch statistics fall back to ``torch.nn.functional.batch_norm``."""
+    Shapes: (N, C, H, W) -> (N, C, H, W). Eval mode, ``track_running_stats=False`` and autocast
+    (mixed precision) use torch's own path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.track_running_stats and torch.is_grad_enabled()):
+        if not (
+            self.training
+            and self.track_running_stats
+            and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
             return super().forward(x)
         self._check_input_dim(x)
         self.num_batches_tracked.add_(1)

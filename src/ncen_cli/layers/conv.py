@@ -89,13 +89,15 @@ class _ConvInputGradient(torch.autograd.Function):
 
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` with the fast double backward above for zero padding given as
-    integers (other configurations use torch's path). (N, C_in, H, W) -> (N, C_out, H', W')."""
+    integers, outside autocast (other configurations, and mixed precision, use torch's path).
+    (N, C_in, H, W) -> (N, C_out, H', W')."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.padding_mode != "zeros"
             or isinstance(self.padding, str)
             or not torch.is_grad_enabled()
+            or torch.is_autocast_enabled(x.device.type)
         ):
             return super().forward(x)
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
