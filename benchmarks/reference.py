@@ -27,21 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ncen_cli.layers import use_torch_layers
+
 EPS = 1e-12
-
-
-def with_torch_layers(net: nn.Module) -> nn.Module:
-    """Give ``net`` torch's own ``nn.Conv2d`` and ``nn.BatchNorm2d`` (the authors' code uses
-    them), replacing ncen's fast-double-backward subclasses: same parameters and buffers, only
-    the classes change."""
-    from ncen_cli import layers
-
-    for module in net.modules():
-        if isinstance(module, layers.BatchNorm2d):
-            module.__class__ = nn.BatchNorm2d
-        elif isinstance(module, layers.Conv2d):
-            module.__class__ = nn.Conv2d
-    return net
 
 
 class SoftmaxMember(nn.Module):
@@ -50,7 +38,7 @@ class SoftmaxMember(nn.Module):
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = with_torch_layers(net)
+        self.net = use_torch_layers(net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.softmax(self.net(x), dim=1)

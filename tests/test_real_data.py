@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from ncen_cli.data import load_dataset
 from ncen_cli.ensemble import build_ensemble
-from ncen_cli.layers import BatchNorm2d, Conv2d
+from ncen_cli.layers import BatchNorm2d, Conv2d, use_torch_layers
 from ncen_cli.registry import DEFENSES
 from ncen_cli.train_step import exact_step
 
@@ -27,16 +26,6 @@ def test_fashionmnist_loads_as_uint8_images_with_all_classes(shared_data):
     assert torch.equal(again.train_y, arrays.train_y)  # the seeded subset is reproducible
 
 
-def _with_torch_layers(module: nn.Module) -> nn.Module:
-    twin = copy.deepcopy(module)
-    for m in twin.modules():
-        if isinstance(m, BatchNorm2d):
-            m.__class__ = nn.BatchNorm2d
-        elif isinstance(m, Conv2d):
-            m.__class__ = nn.Conv2d
-    return twin
-
-
 def test_exact_step_on_real_images_equals_the_step_with_torch_layers(shared_data):
     """ncen's fast-double-backward layers give the NCEn parameter gradient that torch's layers
     give, on a real FashionMNIST batch (float64 so that the comparison is tight)."""
@@ -45,7 +34,7 @@ def test_exact_step_on_real_images_equals_the_step_with_torch_layers(shared_data
     y = arrays.train_y
     torch.manual_seed(0)
     ours = build_ensemble(["resnet20", "resnet20"], arrays.input_shape, 10).double().train()
-    theirs = _with_torch_layers(ours)
+    theirs = use_torch_layers(copy.deepcopy(ours))
     assert not any(isinstance(m, (Conv2d, BatchNorm2d)) for m in theirs.modules())
     ncen = DEFENSES.get("ncen")
     hp = {"lambda_cos": 0.5, "lambda_norm": 0.5}

@@ -21,9 +21,9 @@ Two ways to get the regularizer's gradient with respect to the parameters:
   norm). The extra passes leave BatchNorm running statistics untouched. The measured agreement
   with ``exact`` and the choice of ``fd_scale`` are in docs/performance.md.
 
-Measured on CPU (docs/performance.md): member threads (one per member, single-threaded operations)
-beat intra-op threading; channels_last and a BatchNorm with a hand-written differentiable backward
-were both slower than the defaults here, so neither is used.
+Measured on CPU (docs/performance.md): most of the speed comes from the members' layers
+(``ncen_cli.layers``: Conv2d and BatchNorm2d with hand-written double backwards); member threads
+(one per member, single-threaded operations) beat intra-op threading; channels_last was slower.
 """
 
 from __future__ import annotations
@@ -90,6 +90,20 @@ def _member_pass(
     return _MemberPass(logits, ce, grads[0], tuple(grads[1:]) if params else None)
 
 
+def _trainable(members: list[torch.nn.Module]) -> list[list[torch.Tensor]]:
+    """Each member's parameters that require gradients, member by member."""
+    return [[p for p in m.parameters() if p.requires_grad] for m in members]
+
+
+def _step_output(
+    passes: list[_MemberPass], terms: dict[str, torch.Tensor], scale_ce: float
+) -> StepOutput:
+    """Detached loss = mean CE + terms, the mean CE and the terms."""
+    ce = sum(p.ce.detach() for p in passes) * scale_ce
+    reg = sum(t.detach() for t in terms.values()) if terms else 0.0
+    return StepOutput(ce + reg, ce, {n: t.detach() for n, t in terms.items()})
+
+
 def _weighted_terms(
     defense: Defense, inputs: DefenseInputs, hyperparameters: Mapping[str, float]
 ) -> dict[str, torch.Tensor]:
@@ -147,7 +161,7 @@ def exact_step(
     """
     k, batch = ensemble.k, x.shape[0]
     members = list(ensemble.members)
-    params = [[p for p in m.parameters() if p.requires_grad] for m in members]
+    params = _trainable(members)
     needs_grads = defense.needs_input_gradients
 
     def forward(i: int) -> _MemberPass:
@@ -167,9 +181,7 @@ def exact_step(
         total.backward(inputs=params[i] or None)
 
     executor.map(backward, k)
-    ce = sum(p.ce.detach() for p in passes) * scale_ce
-    reg = sum(t.detach() for t in terms.values()) if terms else 0.0
-    return StepOutput(ce + reg, ce, {n: t.detach() for n, t in terms.items()})
+    return _step_output(passes, terms, scale_ce)
 
 
 @contextmanager
@@ -212,7 +224,7 @@ def finite_diff_step(
         )
     k, batch = ensemble.k, x.shape[0]
     members = list(ensemble.members)
-    params = [[p for p in m.parameters() if p.requires_grad] for m in members]
+    params = _trainable(members)
 
     def first(i: int) -> _MemberPass:
         return _member_pass(members[i], x, y, True, params=params[i])
@@ -221,30 +233,30 @@ def finite_diff_step(
     terms, v, _ = _regularizer_gradients(defense, hyperparameters, x, y, passes)
     if v is None:
         v = torch.zeros(k, *x.shape, dtype=x.dtype, device=x.device)
-    v_norm = v.flatten(1).norm(dim=1)  # (k,)
+    v_norms = v.flatten(1).norm(dim=1).tolist()  # k floats
     x_norm = float(x.detach().flatten().norm())
     scale_ce = 1.0 / (k * batch)
 
     def second(i: int) -> None:
         grad_at_x = passes[i].param_grads
-        h = fd_scale * x_norm / max(float(v_norm[i]), 1e-30)
-        if float(v_norm[i]) > 0:
+        differences = None  # (grad_plus - grad_minus) / denominator, per parameter
+        if v_norms[i] > 0:  # a member with v = 0 gets only its CE gradient
+            h = fd_scale * x_norm / v_norms[i]
             grad_plus = _param_grads_at(members[i], x + h * v[i], y, params[i])
             if fd_scheme == "central":
                 grad_minus = _param_grads_at(members[i], x - h * v[i], y, params[i])
                 inv = 1.0 / (2 * h)
             else:
                 grad_minus, inv = grad_at_x, 1.0 / h
+            differences = [(gp - gm) * inv for gp, gm in zip(grad_plus, grad_minus, strict=True)]
         for j, p in enumerate(params[i]):
             update = grad_at_x[j] * scale_ce
-            if float(v_norm[i]) > 0:
-                update = update + (grad_plus[j] - grad_minus[j]) * inv
+            if differences is not None:
+                update = update + differences[j]
             p.grad = update if p.grad is None else p.grad + update
 
     executor.map(second, k)
-    ce = sum(p.ce.detach() for p in passes) * scale_ce
-    reg = sum(t.detach() for t in terms.values()) if terms else 0.0
-    return StepOutput(ce + reg, ce, {n: t.detach() for n, t in terms.items()})
+    return _step_output(passes, terms, scale_ce)
 
 
 def _summed_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

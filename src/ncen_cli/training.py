@@ -86,8 +86,6 @@ class TrainConfig:
         ):
             if value < 1:
                 raise UsageError(f"{name} must be >= 1, got {value}")
-        if self.member_threads is not None and self.member_threads < 1:
-            raise UsageError(f"--member-threads must be >= 1, got {self.member_threads}")
         if self.epochs is not None and self.epochs < 1:
             raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -15,8 +15,24 @@ that nobody asked for (torch's own layers know this from the engine; a custom au
 does not).
 """
 
+from torch import nn
+
 from ncen_cli.layers.batchnorm import BatchNorm2d
 from ncen_cli.layers.context import input_gradient_pass
 from ncen_cli.layers.conv import Conv2d
 
-__all__ = ["BatchNorm2d", "Conv2d", "input_gradient_pass"]
+
+def use_torch_layers(module: nn.Module) -> nn.Module:
+    """Turn every ncen :class:`Conv2d` / :class:`BatchNorm2d` inside ``module`` back into torch's
+    ``nn.Conv2d`` / ``nn.BatchNorm2d``, in place (same parameters and buffers; only the classes
+    change), and return ``module``. For comparisons with torch's own double backward (the
+    benchmark's reference, tests)."""
+    for sub in module.modules():
+        if isinstance(sub, BatchNorm2d):
+            sub.__class__ = nn.BatchNorm2d
+        elif isinstance(sub, Conv2d):
+            sub.__class__ = nn.Conv2d
+    return module
+
+
+__all__ = ["BatchNorm2d", "Conv2d", "input_gradient_pass", "use_torch_layers"]
