@@ -157,17 +157,20 @@ def reference_train(
     padding: int = 2,
     noise_eps: float = 0.3,
     seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Train like the authors' script: DataLoader over D + D_noise, k optimizers, eval each epoch.
 
-    ``arrays``: an ``ncen_cli.data.ImageArrays``. Returns seconds and the final test accuracy.
+    ``arrays``: an ``ncen_cli.data.ImageArrays``; ``device``: where the members run (the data
+    pipeline stays on the CPU, as in the authors' script). Returns seconds and the final test
+    accuracy.
     """
     from ncen_cli.archs import build_member
 
     torch.manual_seed(seed)
     started = time.perf_counter()
     members = [
-        SoftmaxMember(build_member(name, arrays.input_shape, arrays.num_classes))
+        SoftmaxMember(build_member(name, arrays.input_shape, arrays.num_classes)).to(device)
         for name in members_arch
     ]
     optimizers = make_optimizers(members)
@@ -186,12 +189,14 @@ def reference_train(
         for m in members:
             m.train()
         for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
             reference_step(members, optimizers, xb, yb, lambda_cos, lambda_norm)
         for m in members:
             m.eval()
         correct = 0
         with torch.no_grad():
             for xb, yb in test_loader:
+                xb, yb = xb.to(device), yb.to(device)
                 correct += int((wrapper(xb).argmax(1) == yb).sum())
         accuracy = correct / len(test)
     return {"seconds": time.perf_counter() - started, "test_accuracy": accuracy}

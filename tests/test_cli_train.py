@@ -95,6 +95,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_bf16_on_a_cpu_without_native_bfloat16_is_one_line(monkeypatch):
+    from ncen_cli import device as device_module
+
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)
+    result = runner.invoke(app, ["train", *TINY, "--precision", "bf16"])
+    assert result.exit_code == 2, result.output
+    assert "--precision bf16 on the CPU needs native bfloat16" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_missing_offline_data_fails_at_once(tmp_path):
     result = runner.invoke(app, ["train", "--dataset", "fashionmnist", "--epochs", "1"])
     assert result.exit_code == 1
@@ -124,4 +134,5 @@ def test_env_json():
     assert result.exit_code == 0
     info = json.loads(result.stdout)
     assert info["devices"][0]["device"] == "cpu"
+    assert isinstance(info["devices"][0]["native_bf16"], bool)  # is --precision bf16 worth it
     assert info["runs_dir"] and info["cache_dir"] and info["torch"]

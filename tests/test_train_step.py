@@ -257,6 +257,27 @@ def test_member_threads_give_the_same_step_as_serial(mode):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["exact", "finite-diff"])
+def test_member_threads_run_under_the_callers_bf16_autocast(mode):
+    """Autocast is thread-local: under ``--precision bf16`` (CPU autocast around the step) the
+    member workers must compute their forward passes in bf16 too, giving what the serial step
+    gives under the same autocast, with float32 parameter gradients."""
+    ensemble, x, y = make_case(seed=5, dtype=torch.float32)
+    twin = copy.deepcopy(ensemble)
+    seen: list[torch.dtype] = []  # the first conv's output dtype, from whichever thread ran it
+    for member in twin.members:
+        member[0].register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+    defense = DEFENSES.get("ncen")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        serial = training_step(ensemble, defense, HP, x, y, mode)
+        with MemberExecutor(K) as executor:
+            threaded = training_step(twin, defense, HP, x, y, mode, executor=executor)
+    assert len(seen) >= K and set(seen) == {torch.bfloat16}
+    assert torch.isfinite(threaded.loss) and torch.equal(serial.loss, threaded.loss)
+    assert all(p.grad.dtype == torch.float32 for p in twin.parameters())
+    assert torch.equal(param_grad(ensemble), param_grad(twin))
+
+
 def test_member_executor_keeps_member_order_and_raises_worker_errors():
     with MemberExecutor(3) as executor:
         assert executor.map(lambda i: i * i, 5) == [0, 1, 4, 9, 16]

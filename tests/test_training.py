@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from ncen_cli import device as device_module
 from ncen_cli.checkpoint import load_ensemble, read_metadata
 from ncen_cli.data.pipeline import AugmentConfig, iterate_batches
 from ncen_cli.training import TrainConfig, learning_rate, train
@@ -30,6 +33,19 @@ def test_training_lowers_the_loss(tmp_path):
     ces = [r.ce for r in result.history]
     assert ces[-1] < ces[0]
     assert set(result.history[0].terms) == {"cos", "norm"}
+
+
+@pytest.mark.parametrize("mode", ["exact", "finite-diff"])
+def test_bf16_training_on_cpu_keeps_float32_checkpoints(tmp_path, monkeypatch, mode):
+    """``--precision bf16`` on the CPU (emulated where the CPU lacks native bf16): finite
+    losses, float32 parameters in the checkpoint, the precision recorded."""
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
+    out = tmp_path / "b.safetensors"
+    result = train(config(epochs=1, precision="bf16", double_backprop=mode), out)
+    assert all(math.isfinite(r.loss) and math.isfinite(r.ce) for r in result.history)
+    loaded = load_ensemble(out)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert read_metadata(out)["config"]["precision"] == "bf16"
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(tmp_path, synthetic_arrays):

@@ -55,6 +55,16 @@ def resolve_device(spec: str = "auto") -> torch.device:
     raise UsageError(f"unknown --device '{spec}'; use auto, cpu, cuda, cuda:N or mps")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 convolutions natively (oneDNN with AVX512-BF16 or AMX);
+    without it, CPU autocast to bf16 is emulated and slower than float32."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:  # pragma: no cover - builds without oneDNN
+        return False
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy (if installed) and torch (all devices)."""
     random.seed(seed)
@@ -74,7 +84,9 @@ class Runtime:
     Attributes:
         device: the torch device.
         precision: ``fp32`` (default), ``tf32`` (TF32 matmuls/convs on CUDA) or ``bf16`` (autocast
-            for forward passes on CUDA; input gradients and the regularizer stay in float32).
+            for the training step's forward passes, on CUDA or on a CPU with native bfloat16
+            (AVX512-BF16 / AMX); CE, input gradients, the regularizer, parameters and evaluation
+            stay in float32).
         threads: CPU threads torch may use (None: torch's default).
         deterministic: ask torch for deterministic algorithms (slower on CUDA).
         seed: the run's seed.
@@ -101,6 +113,11 @@ class Runtime:
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be >= 1, got {threads}")
         runtime = cls(resolve_device(device), precision, threads, deterministic, seed)
+        if precision == "bf16" and runtime.device.type == "cpu" and not cpu_has_native_bf16():
+            raise UsageError(
+                "--precision bf16 on the CPU needs native bfloat16 (AVX512-BF16 or AMX), which "
+                "this CPU lacks (bf16 would be slower than fp32 here); use --precision fp32"
+            )
         runtime.apply()
         return runtime
 
@@ -118,9 +135,9 @@ class Runtime:
         seed_everything(self.seed)
 
     def autocast(self) -> AbstractContextManager:
-        """Autocast context for forward passes (bf16 on CUDA only; otherwise a no-op)."""
-        if self.precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """Autocast context for the training step (bf16 on CUDA and CPU; otherwise a no-op)."""
+        if self.precision == "bf16" and self.device.type in ("cuda", "cpu"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def describe(self) -> dict[str, object]:
@@ -135,7 +152,9 @@ class Runtime:
 
 def available_devices() -> list[dict[str, object]]:
     """Devices torch can see, for ``ncen env``."""
-    devices: list[dict[str, object]] = [{"device": "cpu", "threads": torch.get_num_threads()}]
+    devices: list[dict[str, object]] = [
+        {"device": "cpu", "threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16()}
+    ]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -53,7 +54,7 @@ class MemberExecutor:
     def map(self, fn: Callable[[int], T], k: int) -> list[T]:
         if self._pool is None or k == 1:
             return [fn(i) for i in range(k)]
-        return list(self._pool.map(fn, range(k)))
+        return list(self._pool.map(_under_callers_autocast(fn), range(k)))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -70,6 +71,28 @@ class MemberExecutor:
 
 
 SERIAL = MemberExecutor(1)
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _under_callers_autocast(fn: Callable[[int], T]) -> Callable[[int], T]:
+    """``fn`` wrapped to run under the caller's autocast state: autocast is thread-local, so a
+    worker thread would otherwise compute a bf16 run's forward passes in float32."""
+    active = [
+        (device, torch.get_autocast_dtype(device))
+        for device in _AUTOCAST_DEVICES
+        if torch.is_autocast_enabled(device)
+    ]
+    if not active:
+        return fn
+
+    def wrapped(i: int) -> T:
+        with ExitStack() as stack:
+            for device, dtype in active:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
+            return fn(i)
+
+    return wrapped
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,13 @@ NoiseEps = Annotated[
 TrainLimit = Annotated[int | None, typer.Option(help="Seeded subset of N training images.")]
 TestLimit = Annotated[int | None, typer.Option(help="Seeded subset of N test images.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-Precision = Annotated[str, typer.Option(help="fp32, tf32 or bf16 (CUDA).")]
+Precision = Annotated[
+    str,
+    typer.Option(
+        help="fp32; tf32 (CUDA); bf16: forward passes of the training step in bfloat16 (CUDA, "
+        "or a CPU with native bf16: `ncen env` tells). Evaluation stays fp32."
+    ),
+]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
 MemberThreads = Annotated[
     int | None,
