@@ -99,7 +99,7 @@ class _BatchNormBackward(torch.autograd.Function):
             m_gx, m_g = sums[0] / count, sums[1] / count
         else:
             x_hat = torch.addcmul(_channel_view(-mean * invstd, ndim), x, r)
-            m_g, m_gx = g.mean(dims), (g * x_hat).mean(dims)
+            m_g, m_gx = g.mean(dims, dtype=mean.dtype), (g * x_hat).mean(dims, dtype=mean.dtype)
         gamma = weight if weight is not None else torch.ones_like(invstd)
         d_g = d_x = d_gamma = None
 
@@ -110,7 +110,7 @@ class _BatchNormBackward(torch.autograd.Function):
                 a, x, gamma, None, None, mean, invstd, True, ctx.eps, [True, True, True]
             )
             m_a, m_ax = sum_a / count, sum_ax / count
-            m_ag = (a * g).sum(dims) / count
+            m_ag = (a * g).sum(dims, dtype=mean.dtype) / count  # float32 sums for bf16 inputs
             gr2 = gamma * invstd * invstd
             c3 = 3 * m_ax * m_gx - m_ag + m_a * m_g
             # d/dx = gamma r^2 [-m_Gx A - m_Ax G + x_hat c3 + m_Gx m_A + m_Ax m_G] written in x
@@ -138,15 +138,19 @@ class _BatchNormBackward(torch.autograd.Function):
 class BatchNorm2d(nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` with a cheap double backward in training mode (see module doc).
 
-    Shapes: (N, C, H, W) -> (N, C, H, W). Eval mode, ``track_running_stats=False`` and autocast
-    (mixed precision) use torch's own path."""
+    Shapes: (N, C, H, W) -> (N, C, H, W). Eval mode, ``track_running_stats=False`` and CUDA
+    autocast use torch's own path. Under CPU autocast a bf16 input is normalised with the
+    float32 parameters and statistics, as torch's batch norm does (batch norm is not an
+    autocast-cast op); the double backward's per-channel sums are taken in float32 and its
+    input-sized results are cast back to the input's dtype by autograd."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
         if not (
             self.training
             and self.track_running_stats
             and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(x.device.type)
+            and (device == "cpu" or not torch.is_autocast_enabled(device))
         ):
             return super().forward(x)
         self._check_input_dim(x)

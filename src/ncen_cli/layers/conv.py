@@ -89,16 +89,24 @@ class _ConvInputGradient(torch.autograd.Function):
 
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` with the fast double backward above for zero padding given as
-    integers, outside autocast (other configurations, and mixed precision, use torch's path).
-    (N, C_in, H, W) -> (N, C_out, H', W')."""
+    integers (other configurations use torch's path). (N, C_in, H, W) -> (N, C_out, H', W').
+
+    Under CPU autocast (``--precision bf16``) the input, weight and bias are cast to the autocast
+    dtype, as autocast casts them for torch's convolution, and the same functions run on the cast
+    tensors; the parameters' gradients flow back through the casts in float32. Under CUDA
+    autocast torch's own path runs (the mixed-dtype path is untested on a GPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self.padding_mode != "zeros"
-            or isinstance(self.padding, str)
-            or not torch.is_grad_enabled()
-            or torch.is_autocast_enabled(x.device.type)
-        ):
+        plain_zero_padding = self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if not plain_zero_padding or not torch.is_grad_enabled():
             return super().forward(x)
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
-        return _Conv2dFunction.apply(x, self.weight, self.bias, geometry)
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return _Conv2dFunction.apply(x, self.weight, self.bias, geometry)
+        if device != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            bias = None if self.bias is None else self.bias.to(dtype)
+            return _Conv2dFunction.apply(x.to(dtype), self.weight.to(dtype), bias, geometry)
