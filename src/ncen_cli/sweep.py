@@ -48,7 +48,7 @@ from ncen_cli.evaluation import (
     validate_runs,
 )
 from ncen_cli.registry import ATTACKS, DEFENSES
-from ncen_cli.training import EpochRecord, TrainConfig, resume_path, train
+from ncen_cli.training import RUNTIME_ONLY_FIELDS, EpochRecord, TrainConfig, resume_path, train
 
 log = logging.getLogger("ncen.sweep")
 
@@ -56,8 +56,6 @@ MANIFEST = "sweep.json"
 FORMAT = "ncen-sweep"
 SCHEMA_VERSION = 1
 SWEPT = ("lambda_cos", "lambda_norm")
-# TrainConfig fields that do not change what is trained (as in training.train's recorded config).
-_NOT_SHARED = ("device", "threads", "member_threads", "download")
 
 Evaluator = Callable[..., Any]
 
@@ -224,7 +222,7 @@ def shared_settings(base_config: TrainConfig, score_runs: Sequence[AttackRun],
     the scoring battery (its attacks' seed is the training seed). JSON-normalised so it compares
     equal to what a manifest file holds."""
     training = dataclasses.asdict(base_config)
-    for key in _NOT_SHARED:
+    for key in RUNTIME_ONLY_FIELDS:
         training.pop(key)
     training["hyperparameters"] = {k: v for k, v in sorted(training["hyperparameters"].items())
                                    if k not in SWEPT}

@@ -39,6 +39,10 @@ from ncen_cli.train_step import DEFAULT_FD_SCALE, DOUBLE_BACKPROP_MODES, trainin
 
 log = logging.getLogger("ncen.train")
 RESUME_SUFFIX = ".resume.safetensors"
+# TrainConfig fields that say where and how a run computes (and whether it may download), not what
+# it trains: left out of the recorded config (so a run resumes on another device or thread count)
+# and of sweep manifests
+RUNTIME_ONLY_FIELDS = ("device", "threads", "member_threads", "download")
 
 
 @dataclass
@@ -298,10 +302,8 @@ def train(
         "hyperparameters": hyperparameters,
         "world_size": dist.world_size,
     }
-    recorded.pop("device")  # where it ran does not change what was trained
-    recorded.pop("threads")
-    recorded.pop("member_threads")
-    recorded.pop("download")
+    for key in RUNTIME_ONLY_FIELDS:  # where and how fast it ran does not change what was trained
+        recorded.pop(key)
     config_json = json.dumps(recorded, sort_keys=True)
 
     torch.manual_seed(config.seed)
