@@ -72,10 +72,14 @@ def test_gal_values():
 
 
 def test_gpmr_values():
-    # k = 2: div = (cos + 1)^2; eq = mean_i (n_i - mean n)^2.
-    t = gpmr.terms(PARALLEL, lambda_div=1.0, lambda_eq=1.0)
+    # k = 2: div = (cos + 1)^2; eq = mean_i (n_i - mean n)^2, per sample on g (norms 1, 2), or the
+    # authors' way on G = g / (k B) (norms 0.5, 1 with k = 2, B = 1).
+    t = gpmr.terms(PARALLEL, lambda_div=1.0, lambda_eq=1.0, reduction="per-sample")
     assert t["div"].item() == pytest.approx(4.0, abs=1e-9)
     assert t["eq"].item() == pytest.approx(0.25, abs=1e-9)
+    t = gpmr.terms(PARALLEL, lambda_div=1.0, lambda_eq=1.0)
+    assert t["div"].item() == pytest.approx(4.0, abs=1e-9)
+    assert t["eq"].item() == pytest.approx(0.0625, abs=1e-9)
     t = gpmr.terms(OPPOSITE, 1.0, 1.0)
     assert t["div"].item() == pytest.approx(0.0, abs=1e-9)
     assert t["eq"].item() == pytest.approx(0.0, abs=1e-9)
@@ -94,8 +98,9 @@ def test_baseline_is_zero():
         lambda g: ncen.regularizer(g, 0.5, 0.5, form="official"),
         gal.regularizer,
         lambda g: gpmr.regularizer(g, 0.1, 10.0),
+        lambda g: gpmr.regularizer(g, 0.1, 10.0, reduction="per-sample"),
     ],
-    ids=["ncen", "ncen-official", "gal", "gpmr"],
+    ids=["ncen", "ncen-official", "gal", "gpmr", "gpmr-per-sample"],
 )
 def test_regularizer_gradient_reaches_parameters(fn):
     """Through double backprop, each member's parameters receive a non-zero regularizer gradient."""

@@ -56,6 +56,7 @@ REGULARIZERS = {
     "ncen-official": lambda g: ncen.regularizer(g, 0.06, 0.04, form="official"),
     "gal": gal.regularizer,
     "gpmr": lambda g: gpmr.regularizer(g, 0.04, 10.0),
+    "gpmr-per-sample": lambda g: gpmr.regularizer(g, 0.04, 10.0, reduction="per-sample"),
 }
 SCALE_INVARIANT = ("ncen", "ncen-official", "gal")
 

@@ -3,8 +3,9 @@
 Two ways to get the regularizer's gradient with respect to the parameters:
 
 * ``exact`` (default): every member runs ONCE forward on its own leaf copy of the batch and takes
-  its per-sample input gradients with ``autograd.grad(create_graph=True)``; the defense's terms are
-  evaluated vectorised over members and batch on detached leaves and differentiated (cheap), and
+  the input gradients of its batch-summed CE with ``autograd.grad(create_graph=True)``; the
+  defense's terms are evaluated vectorised over members and batch on detached leaves and
+  differentiated (cheap), and
   each member then back-propagates CE_i / (k B) + <g_i, d R / d g_i> (+ <logits_i, d R / d
   logits_i>), which carries the double backpropagation. No Python loop over samples; the
   per-member stages run concurrently on CPU threads when given a threaded

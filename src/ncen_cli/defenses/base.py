@@ -1,7 +1,7 @@
 """The defense contract (plugin API version 1).
 
 A defense is a :class:`Defense`: a name, its hyperparameters with per-dataset defaults, what it
-needs (the members' per-sample input gradients, their logits, or both), and a function
+needs (the members' input gradients, their logits, or both), and a function
 ``loss_terms`` that returns named, already weighted, scalar loss terms. The training loss is
 ``mean_i CE_i + sum(loss_terms(...).values())``.
 """
@@ -25,9 +25,13 @@ class DefenseInputs:
         inputs: (B, C, H, W) images in [0, 1].
         labels: (B,) class ids.
         logits: (k, B, num_classes) member logits (in the autograd graph).
-        input_grads: (k, B, C, H, W) per-sample input gradients g_i = d CE(f_i(x_b), y_b) / d x_b,
-            created with ``create_graph=True`` (exact mode) so that a loss on them reaches the
-            parameters; ``None`` when the defense does not ask for them.
+        input_grads: (k, B, C, H, W) input gradients of each member's batch-summed CE,
+            g_i[b] = d (sum_b' CE(f_i(x_b'), y_b')) / d x_b. With BatchNorm in train mode (batch
+            statistics) sample b's gradient also carries the other samples' CE, so it is not
+            sample b's own CE gradient; in eval mode it is. The authors' code uses the gradients of
+            (1/k) sum_i mean_b CE_i, i.e. g_i / (k B). Created with ``create_graph=True`` (exact
+            mode) so that a loss on them reaches the parameters; ``None`` when the defense does
+            not ask for them.
     """
 
     inputs: torch.Tensor

@@ -13,7 +13,7 @@ from ncen_cli.defenses.base import Defense, DefenseInputs, Hyperparameter, pairw
 
 
 def regularizer(grads: torch.Tensor, lambda_gal: float = 0.5) -> torch.Tensor:
-    """grads: (k, B, *shape) per-sample input gradients -> scalar (batch mean)."""
+    """grads: (k, B, *shape) input gradients (DefenseInputs.input_grads) -> scalar (batch mean)."""
     k = grads.shape[0]
     cos = pairwise_cosines(grads)  # (k, k, B)
     i, j = torch.triu_indices(k, k, offset=1, device=grads.device)

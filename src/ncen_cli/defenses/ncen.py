@@ -40,7 +40,7 @@ def terms(
 ) -> dict[str, torch.Tensor]:
     """Weighted direction (``cos``) and magnitude (``norm``) terms, each a batch-mean scalar.
 
-    grads: (k, B, *shape) per-sample input gradients of the k members.
+    grads: (k, B, *shape) input gradients of the k members (DefenseInputs.input_grads).
     """
     k = grads.shape[0]
     c, norms, m = _direction_and_magnitude(grads)
