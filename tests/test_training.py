@@ -9,7 +9,9 @@ import torch
 
 from ncen_cli import device as device_module
 from ncen_cli.checkpoint import load_ensemble, read_metadata
-from ncen_cli.data.pipeline import AugmentConfig, iterate_batches
+from ncen_cli.data.base import FAMILY_DEFAULTS
+from ncen_cli.data.pipeline import AugmentConfig, epoch_generator, iterate_batches
+from ncen_cli.errors import UsageError
 from ncen_cli.training import TrainConfig, learning_rate, train
 
 
@@ -87,6 +89,54 @@ def test_learning_rate_schedule():
     assert [learning_rate(cfg, e) for e in (0, 14, 15, 30, 45, 59)] == pytest.approx(
         [1e-3, 1e-3, 1e-4, 1e-5, 1e-5, 1e-5]
     )
+
+
+def test_learning_rate_floor_scales_with_a_small_lr(tmp_path):
+    """An --lr below 1e-5 is not raised by the floor (issue 18); the floor used is recorded."""
+    cfg = TrainConfig(lr=1e-6)
+    assert [learning_rate(cfg, e) for e in (0, 15, 30, 45)] == pytest.approx(
+        [1e-6, 1e-7, 1e-8, 1e-8]
+    )
+    with pytest.raises(UsageError, match="floor"):
+        TrainConfig(lr=1e-4, lr_min=1e-3).validate()
+    result = train(config(epochs=1, lr=1e-6), tmp_path / "small.safetensors")
+    assert result.history[0].lr == pytest.approx(1e-6)
+    recorded = read_metadata(tmp_path / "small.safetensors")["config"]
+    assert recorded["lr"] == 1e-6 and recorded["lr_min"] == pytest.approx(1e-8)
+
+
+def test_paper_defaults_follow_the_authors():
+    """RandomCrop(28, padding=4) on FashionMNIST, (32, 4) + flip on CIFAR-10; mean of the
+    members' probabilities (their ensemble wrapper's prediction)."""
+    assert FAMILY_DEFAULTS["fashionmnist"]["crop_padding"] == 4
+    assert FAMILY_DEFAULTS["cifar10"]["crop_padding"] == 4 and FAMILY_DEFAULTS["cifar10"]["flip"]
+    assert TrainConfig().combine == "mean-prob"
+
+
+def test_noise_copies_are_unaugmented_and_redrawn_each_epoch():
+    """D_noise as in the authors' code: the image plus fresh noise, never cropped or flipped.
+
+    Mid-grey random textures (no clipping at sigma = 0.05): a noisy copy minus its source image
+    is pure N(0, sigma^2) noise only if the copy was not shifted or flipped (a shifted texture
+    would add a residual of std ~0.15)."""
+    sigma, n = 0.05, 40
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(80, 177, (n, 1, 12, 12), generator=gen, dtype=torch.uint8)
+    y = torch.zeros(n, dtype=torch.long)
+    clean = x.float() / 255
+    aug = AugmentConfig(crop_padding=4, flip=True, noise_sigma=sigma)
+    noise = {}
+    for epoch in (0, 1):
+        (xb, _), = iterate_batches(x, y, 2 * n, seed=3, epoch=epoch, augment=aug)
+        # the pipeline's order, re-derived from its (seed, epoch) generator
+        order = torch.randperm(2 * n, generator=epoch_generator(3, epoch))
+        is_noisy = order >= n
+        residual = xb[is_noisy] - clean[order[is_noisy] - n]
+        assert abs(float(residual.std()) - sigma) < 0.005
+        assert abs(float(residual.mean())) < 0.005
+        assert not torch.equal(xb[~is_noisy], clean[order[~is_noisy]])  # clean copies augmented
+        noise[epoch] = residual[order[is_noisy].argsort()]  # by source image
+    assert (noise[0] - noise[1]).abs().mean() > sigma / 2  # redrawn, not reused
 
 
 def test_pipeline_doubles_with_noise_and_is_seeded(synthetic_arrays):

@@ -66,7 +66,7 @@ def sweep_command(
     ncen_form: NcenForm = "paper",
     param: Param = None,
     activation: Activation = "relu",
-    combine: Combine = "mean-logits",
+    combine: Combine = "mean-prob",
     epochs: Epochs = None,
     batch_size: int = 64,
     lr: float = 1e-3,

@@ -46,7 +46,7 @@ Param = Annotated[
     typer.Option("--param", "-p", help="Any defense hyperparameter as NAME=VALUE (repeatable)."),
 ]
 Activation = Annotated[str, typer.Option(help="relu or leakyrelu (0.1, as the authors' code).")]
-Combine = Annotated[str, typer.Option(help="mean-logits or mean-prob.")]
+Combine = Annotated[str, typer.Option(help="mean-prob (the paper's) or mean-logits.")]
 Epochs = Annotated[int | None, typer.Option(help="Default: 40 FashionMNIST-like, 60 CIFAR-10.")]
 Augment = Annotated[bool, typer.Option(help="Random crop (+ flip for CIFAR-10).")]
 Noise = Annotated[bool, typer.Option(help="Train on D + D_noise (paper).")]
@@ -178,7 +178,7 @@ def train_command(
     lambda_eq: Annotated[float | None, typer.Option(help="GPMR magnitude weight (10).")] = None,
     param: Param = None,
     activation: Activation = "relu",
-    combine: Combine = "mean-logits",
+    combine: Combine = "mean-prob",
     epochs: Epochs = None,
     batch_size: int = 64,
     lr: float = 1e-3,

@@ -12,7 +12,7 @@ from ncen_cli.errors import UsageError
 
 # Paper settings per dataset family: augmentation, D_noise epsilon, epochs.
 FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
-    "fashionmnist": {"crop_padding": 2, "flip": False, "noise_eps": 0.3, "epochs": 40},
+    "fashionmnist": {"crop_padding": 4, "flip": False, "noise_eps": 0.3, "epochs": 40},
     "cifar10": {"crop_padding": 4, "flip": True, "noise_eps": 0.09, "epochs": 60},
 }
 

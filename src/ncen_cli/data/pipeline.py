@@ -21,6 +21,8 @@ class AugmentConfig:
         flip: random horizontal flip.
         noise_sigma: if > 0, the epoch holds D + D_noise: every image once clean and once with
             Gaussian noise N(0, sigma^2) added then clipped to [0, 1] (paper: sigma = eps / 2).
+            As in the authors' code, the noisy copies are neither cropped nor flipped, and their
+            noise is drawn afresh every epoch (from the epoch's (seed, epoch) generator).
     """
 
     crop_padding: int = 0
@@ -77,17 +79,18 @@ def iterate_batches(
     order = torch.randperm(n * copies, generator=gen)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        noisy = idx >= n
-        xb = to_float(x[idx % n])
+        noisy = (idx >= n)[:, None, None, None]
+        plain = to_float(x[idx % n])
         yb = y[idx % n]
+        xb = plain
         if augment.crop_padding > 0:
             xb = random_crop(xb, augment.crop_padding, gen)
         if augment.flip:
             flip = torch.rand(len(idx), generator=gen) < 0.5
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-        if copies == 2:
+        if copies == 2:  # D_noise: the unaugmented image plus fresh noise, clipped
             noise = torch.randn(xb.shape, generator=gen) * augment.noise_sigma
-            xb = torch.where(noisy[:, None, None, None], (xb + noise).clamp_(0, 1), xb)
+            xb = torch.where(noisy, (plain + noise).clamp_(0, 1), xb)
         if world_size > 1:
             share = torch.tensor_split(torch.arange(len(idx)), world_size)[rank]
             xb, yb = xb[share], yb[share]
