@@ -120,3 +120,46 @@ def check_eps(values: list[float], option: str = "--eps") -> None:
     for eps in values:
         if not 0 < eps <= 1:
             raise UsageError(f"{option} values must be in (0, 1] for images in [0, 1], got {eps}")
+
+
+def checkpoint_test_data(
+    checkpoint: Path,
+    dataset: str | None,
+    data_dir: Path | None,
+    download: bool,
+    limit: int | None,
+    seed: int,
+) -> tuple[dict[str, Any], Any]:
+    """The checkpoint's validated metadata and the test data to evaluate it on.
+
+    The dataset defaults to the one recorded in the checkpoint and the data folder to the recorded
+    one (when given neither by option nor by NCEN_DATA_DIR); ``limit`` takes a seeded subset of
+    the test images. The errors are those of ``ncen attack``: UsageError for a missing file, no
+    recorded dataset or a dataset whose images or classes do not fit the checkpoint;
+    CheckpointError for a damaged or foreign file. Returns (metadata, ImageArrays).
+    """
+    from ncen_cli.checkpoint import read_metadata
+    from ncen_cli.data import load_dataset
+
+    require_positive(limit, "--limit")
+    meta = read_metadata(checkpoint)
+    name = (dataset or meta.get("dataset") or "").lower()
+    if not name:
+        raise UsageError(f"{checkpoint} records no dataset; pass --dataset")
+    config = meta.get("config")
+    recorded = config.get("data_dir") if isinstance(config, dict) else None
+    if data_dir is None and dataset is None and recorded:
+        data_dir = Path(recorded)
+        if not data_dir.is_dir():
+            raise UsageError(
+                f"the data folder recorded in {checkpoint} ({recorded}) is not a folder here; "
+                "pass --data-dir"
+            )
+    arrays = load_dataset(name, data_dir, download=download, test_limit=limit, seed=seed)
+    if (tuple(arrays.input_shape) != tuple(meta["input_shape"])
+            or arrays.num_classes != int(meta["num_classes"])):
+        raise UsageError(
+            f"dataset '{name}' has {arrays.num_classes} classes of shape "
+            f"{tuple(arrays.input_shape)}, the checkpoint expects {meta['num_classes']} of "
+            f"{tuple(meta['input_shape'])}")
+    return meta, arrays
