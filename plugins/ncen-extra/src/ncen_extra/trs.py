@@ -1,6 +1,8 @@
 """TRS (Yang et al., NeurIPS 2021): orthogonal and small member input gradients.
 
-With g_i = d CE(f_i(x), y) / d x the input gradient of member i (per sample), this module
+With g_i the input gradient of member i (ncen's DefenseInputs.input_grads:
+d (sum_b CE_i[b]) / d x_b, which with BatchNorm in train mode is not sample b's own CE gradient),
+this module
 implements, per sample and then averaged over the batch,
 
     sim    = 2 / (k (k - 1)) * sum_{i<j} |CS(g_i, g_j)|          (mean over member pairs)
