@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ncen_cli.cli.common import (
     app,
     checkpoint_test_data,
+    err_console,
     handle_errors,
     out_console,
     print_json,
@@ -78,8 +80,15 @@ def inspect_command(
     runtime = Runtime.create(device=device, seed=seed)
     ensemble = load_ensemble(checkpoint, device=runtime.device)
     started = time.perf_counter()
-    result = gradient_diversity(ensemble, arrays.test_x, arrays.test_y, batch_size=batch_size,
-                                device=runtime.device)
+    console = err_console()
+    with Progress(TextColumn("inspect"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as bars:
+        task = bars.add_task("inspect", total=len(arrays.test_x))
+        result = gradient_diversity(
+            ensemble, arrays.test_x, arrays.test_y, batch_size=batch_size, device=runtime.device,
+            progress=lambda done, total: bars.update(task, completed=done),
+        )
     seconds = time.perf_counter() - started
     payload = {**result.to_json(), "checkpoint": str(checkpoint), "dataset": arrays.name,
                "combine": ensemble.combine, "device": str(runtime.device), "seed": seed,
