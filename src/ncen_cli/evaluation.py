@@ -432,7 +432,7 @@ def evaluate(
     ensemble = ensemble.to(device).eval()
     part = distributed.shard_slice(len(x))
     batches = _Batches(x[part], y[part].long(), part.start, batch_size, device)
-    target = AuthorsEnsemble(ensemble, quirks) if quirks is not None else ensemble
+    target = AuthorsEnsemble(ensemble, quirks).eval() if quirks is not None else ensemble
     mode = (batch_statistics(ensemble) if quirks is not None and quirks.batchnorm_train
             else nullcontext())
     with mode:
