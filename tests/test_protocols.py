@@ -260,3 +260,19 @@ def test_cli_authors_and_strong_json(tmp_path):
     assert rows[0]["accuracy"] <= min(r["accuracy"] for r in rows[1:])
     res = runner.invoke(app, ["attack", *base, "--protocol", "authors", "--objective", "prob"])
     assert res.exit_code == 2
+
+
+def test_sweep_strong_scoring_runs_every_objective_and_scores_the_worst():
+    from ncen_cli.evaluation import worst_over_objectives
+    from ncen_cli.sweep import score_runs_for
+
+    runs = score_runs_for("fashionmnist", ["apgd-ce", "apgd-dlr", "pgd"], [0.1])
+    assert [(r.attack, r.settings.objective) for r in runs] == [
+        ("apgd-ce", "mean-ce"), ("apgd-ce", "logits"), ("apgd-dlr", "dlr"), ("pgd", "mean-ce")]
+    prob = score_runs_for("fashionmnist", ["apgd-ce"], [0.1], combine="mean-prob")
+    assert [r.settings.objective for r in prob] == ["mean-ce", "prob"]
+    rs = [result("apgd-ce", 0.1, [1, 1, 0, 1]), result("apgd-ce", 0.1, [1, 0, 1, 1], "logits"),
+          result("apgd-dlr", 0.1, [0, 1, 1, 1], "dlr")]
+    scored = worst_over_objectives(rs)
+    assert [(r.attack, r.correct, r.params["objective"]) for r in scored] == [
+        ("apgd-ce", 2, "worst-of:mean-ce,logits"), ("apgd-dlr", 3, "dlr")]

@@ -458,6 +458,34 @@ def evaluate(
     return EvaluationReport(clean_correct / max(n, 1), clean_correct, n, results, report_checks)
 
 
+def worst_over_objectives(results: list[AttackResult], device: str | torch.device = "cpu"
+                          ) -> list[AttackResult]:
+    """One result per (attack, eps): where an attack ran on several objectives at one eps, the
+    per-example worst case over them (the AND of their ``robust`` masks; without masks, the
+    least accurate of them), with ``params["objective"]`` ``"worst-of:a,b"``; other results as
+    they are. Order: first appearance."""
+    groups: dict[tuple[str, float], list[AttackResult]] = {}
+    for r in results:
+        groups.setdefault((r.attack, r.eps), []).append(r)
+    out = []
+    for (attack, eps), rs in groups.items():
+        if len(rs) == 1:
+            out.append(rs[0])
+            continue
+        objective = "worst-of:" + ",".join(str(_objective(r)) for r in rs)
+        if any(r.robust is None for r in rs):
+            least = min(rs, key=lambda r: r.accuracy)
+            out.append(replace(least, params={**least.params, "objective": objective}))
+            continue
+        mask = torch.stack([r.robust for r in rs]).all(0)
+        correct, n = _count(int(mask.sum()), len(mask), torch.device(device))
+        low, high = wilson_interval(correct, n)
+        out.append(AttackResult(attack, eps, correct / max(n, 1), correct, n, low, high,
+                                {**rs[0].params, "objective": objective},
+                                sum(r.seconds for r in rs), mask))
+    return out
+
+
 def _large_eps_check(target, index: int, seed: int, batches: _Batches,
                      progress: Progress | None) -> Check:
     big = AttackRun("pgd", AttackSettings(eps=LARGE_EPS, steps=20, step_size=LARGE_EPS / 10,
