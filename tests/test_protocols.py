@@ -276,3 +276,30 @@ def test_sweep_strong_scoring_runs_every_objective_and_scores_the_worst():
     scored = worst_over_objectives(rs)
     assert [(r.attack, r.correct, r.params["objective"]) for r in scored] == [
         ("apgd-ce", 2, "worst-of:mean-ce,logits"), ("apgd-dlr", 3, "dlr")]
+
+
+def test_transfer_authors_crafts_on_softmax_members(tmp_path):
+    from ncen_cli.transfer import transfer_matrix
+
+    torch.manual_seed(0)
+    ens = build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4)
+    x = torch.randint(0, 256, (8, 1, 12, 12), dtype=torch.uint8)
+    y = torch.randint(0, 4, (8,))
+    settings = AttackSettings(eps=0.05, steps=2, step_size=0.02)
+    plain = transfer_matrix(ens, x, y, "bim", settings)
+    soft = transfer_matrix(ens, x, y, "bim", settings, member_softmax=True)
+    assert soft.params["authors.member_softmax"] is True and "authors.member_softmax" not in (
+        plain.params)
+    assert soft.clean == plain.clean  # the softmax changes the crafting loss, not predictions
+    ens.members[1].load_state_dict(ens.members[0].state_dict())  # agreeing members: some kept
+    path = tmp_path / "t.safetensors"
+    meta = {"dataset": "synthetic", "family": "fashionmnist", "input_shape": [1, 12, 12],
+            "num_classes": 4, "defense": "baseline"}
+    save_ensemble(ens, path, meta)
+    res = runner.invoke(app, ["transfer", str(path), "--data-dir", str(tmp_path), "--device",
+                              "cpu", "--limit", "100", "--attack", "mifgsm", "--steps", "2",
+                              "--protocol", "authors", "--json"])
+    assert res.exit_code == 0, res.stderr
+    params = json.loads(res.stdout)["params"]
+    assert params["only_correct"] is True and params["authors.member_softmax"] is True
+    assert params["extra"]["momentum_l1_floor"] == 1e-6
