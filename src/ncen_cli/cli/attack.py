@@ -99,6 +99,18 @@ def build_runs(
     return runs
 
 
+def protocol_options(protocol: str | None, quirks: str | None,
+                     batch_size: int | None) -> tuple[AuthorsQuirks | None, int]:
+    """``--quirks`` (authors only) and the batch size (default 500; authors: 64)."""
+    require_positive(batch_size, "--batch-size")
+    if quirks is not None and protocol != "authors":
+        raise UsageError("--quirks applies only to --protocol authors")
+    authors_quirks = AuthorsQuirks.parse(quirks) if protocol == "authors" else None
+    if batch_size is None:
+        batch_size = AUTHORS_BATCH_SIZE if protocol == "authors" else 500
+    return authors_quirks, batch_size
+
+
 def settings_text(params: dict[str, Any], attack: str = "") -> str:
     if attack == WORST_CASE:
         return "per example, worst of: " + ", ".join(params.get("over", []))
@@ -211,12 +223,7 @@ def attack_command(
     from ncen_cli.device import Runtime
 
     require_positive(limit, "--limit")
-    require_positive(batch_size, "--batch-size")
-    if quirks is not None and protocol != "authors":
-        raise UsageError("--quirks applies only to --protocol authors")
-    authors_quirks = AuthorsQuirks.parse(quirks) if protocol == "authors" else None
-    if batch_size is None:
-        batch_size = AUTHORS_BATCH_SIZE if protocol == "authors" else 500
+    authors_quirks, batch_size = protocol_options(protocol, quirks, batch_size)
     if out is not None and out.suffix.lower() not in (".json", ".csv"):
         raise UsageError(f"--out {out}: the file name must end in .json or .csv")
     meta = read_metadata(checkpoint)
