@@ -103,7 +103,16 @@ def test_strong_protocol():
                        and s.random_start for s in pgd)
     for name in ("apgd-ce", "apgd-dlr"):
         assert all(r.settings.steps == 100 for r in runs if r.attack == name)
-        assert len([r for r in runs if r.attack == name]) == 3
+    # every gradient attack on every objective that can be stronger; APGD-DLR once per eps
+    for name in ("fgsm", "pgd", "apgd-ce"):
+        got = {(r.settings.eps, r.settings.objective) for r in runs if r.attack == name}
+        assert got == {(e, o) for e in (0.1, 0.15, 0.3) for o in ("mean-ce", "logits")}
+    assert [r.settings.objective for r in runs if r.attack == "apgd-dlr"] == ["dlr"] * 3
+    prob = strong_protocol("fashionmnist", combine="mean-prob", eps=[0.1])
+    assert {r.settings.objective for r in prob if r.attack == "pgd"} == {"mean-ce", "prob"}
+    one = strong_protocol("fashionmnist", objective="logits", eps=[0.1])
+    assert [(r.attack, r.settings.objective) for r in one] == [
+        ("fgsm", "logits"), ("pgd", "logits"), ("apgd-ce", "logits"), ("apgd-dlr", "dlr")]
     assert {r.settings.eps for r in strong_protocol("cifar10")} == {0.01, 0.02, 0.03, 0.09}
 
 

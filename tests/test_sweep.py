@@ -101,7 +101,8 @@ def test_default_battery_is_the_paper_attacks_at_the_smaller_eps():
     pgd = next(r for r in runs if r.attack == "pgd")
     assert pgd.settings.steps == 40 and pgd.settings.random_start
     mixed = score_runs_for("fashionmnist", ["pgd", "apgd-ce"], [0.05])
-    assert [(r.attack, r.settings.eps) for r in mixed] == [("pgd", 0.05), ("apgd-ce", 0.05)]
+    assert [(r.attack, r.settings.eps, r.settings.objective) for r in mixed] == [
+        ("pgd", 0.05, "mean-ce"), ("apgd-ce", 0.05, "mean-ce"), ("apgd-ce", 0.05, "logits")]
     assert mixed[0].settings.step_size == 0.05  # paper settings kept for a paper attack
     with pytest.raises(UsageError, match="unknown attack"):
         score_runs_for("fashionmnist", ["nope"], None)

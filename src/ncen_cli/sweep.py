@@ -45,7 +45,9 @@ from ncen_cli.evaluation import (
     evaluate,
     paper_protocol,
     protocol_eps,
+    strong_objectives,
     validate_runs,
+    worst_over_objectives,
 )
 from ncen_cli.registry import ATTACKS, DEFENSES
 from ncen_cli.training import RUNTIME_ONLY_FIELDS, EpochRecord, TrainConfig, resume_path, train
@@ -189,11 +191,14 @@ def default_score_runs(family: str, objective: str = "mean-ce") -> list[AttackRu
 
 
 def score_runs_for(family: str, attacks: Sequence[str] | None, eps: Sequence[float] | None,
-                   objective: str = "mean-ce") -> list[AttackRun]:
+                   objective: str = "mean-ce", combine: str = "mean-logits") -> list[AttackRun]:
     """The scoring battery for ``--attacks`` / ``--eps`` (None: the default for that option).
 
     Attacks of the paper's protocol (fgsm, mifgsm, pgd, bim; the default) keep the paper's
-    settings; other attacks use their registered defaults. Each runs at every ``eps``, or without
+    settings and objective; other attacks (the strong ones: apgd-ce, ...) use their registered
+    defaults and, when they ascend a CE objective, run on every objective of
+    :func:`~ncen_cli.evaluation.strong_objectives` for ``combine``; a cell scores each attack by
+    its per-example worst case over those objectives. Each runs at every ``eps``, or without
     ``eps`` at its smaller paper epsilon (other attacks: the family's smallest paper epsilon).
     """
     smaller = {run.attack: run.settings.eps for run in default_score_runs(family, objective)}
@@ -204,7 +209,10 @@ def score_runs_for(family: str, attacks: Sequence[str] | None, eps: Sequence[flo
         if name in PAPER_SETTINGS:
             runs += [r for r in paper_protocol(family, objective, values) if r.attack == name]
         else:
-            runs += custom_runs([name], values, family, objective)
+            for o in strong_objectives(combine):
+                extra = custom_runs([name], values, family, o)
+                runs += [r for r in extra if r.settings.objective == o
+                         or o == strong_objectives(combine)[0]]  # a fixed loss (dlr) runs once
     return runs
 
 
@@ -446,14 +454,16 @@ def _run_cell(base_config: TrainConfig, cell: Cell, out_dir: Path, shared: dict[
         if check.passed is False:
             log.warning("cell %s: evaluation check %s failed: %s", cell.id, check.name,
                         check.detail)
-    attacks = {attack_key(r.attack, r.eps): float(r.accuracy) for r in report.results}
+    scored = worst_over_objectives(list(report.results))  # strong attacks: worst objective
+    attacks = {attack_key(r.attack, r.eps): float(r.accuracy) for r in scored}
     mean_aae = sum(attacks.values()) / len(attacks)
     payload.update(
         clean_accuracy=float(report.clean_accuracy), mean_adversarial_accuracy=mean_aae,
         score=float(report.clean_accuracy) * mean_aae, attacks=attacks,
         seconds=train_seconds + eval_seconds, train_seconds=train_seconds,
         eval_seconds=eval_seconds, epochs=int(trained.metadata["epochs_done"]), error=None,
-        attack_results=[_plain(r) for r in report.results],
+        attack_results=[_plain(r.to_json() if hasattr(r, "to_json") else r)
+                        for r in report.results],
         checks=[_plain(c) for c in getattr(report, "checks", [])],
     )
     atomic_write_json(_result_path(out_dir, cell), payload)

@@ -115,6 +115,17 @@ class TransferResult:
             raise UsageError(f"not a transfer result ({type(exc).__name__}: {exc})") from None
 
 
+class SoftmaxOutput(torch.nn.Module):
+    """A member whose output is ``softmax(f(x))`` (B, C), as the authors' members return."""
+
+    def __init__(self, member: torch.nn.Module) -> None:
+        super().__init__()
+        self.member = member
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.member(x).softmax(-1)
+
+
 def member_labels(ensemble: Ensemble) -> list[str]:
     """``"<index>:<architecture>"`` for each member (architecture from the metadata if recorded)."""
     names = ensemble.metadata.get("members")
@@ -173,6 +184,7 @@ def transfer_matrix(
     seed: int = 0,
     only_correct: bool = False,
     progress: Progress | None = None,
+    member_softmax: bool = False,
 ) -> TransferResult:
     """Measure how adversarial examples crafted on each member transfer to the others.
 
@@ -187,6 +199,9 @@ def transfer_matrix(
         seed: seeds the attack's randomness (random starts), per source member and batch.
         only_correct: keep only examples that every member classifies correctly (as DVERGE does).
         progress: called as ``progress(done, total)`` after each (batch, source member) pass.
+        member_softmax: craft on ``softmax(f_i(x))`` with CE on top, as the authors' code does
+            (their members end in a softmax; ``ncen transfer --protocol authors``). Evaluation
+            still uses the members' predictions (a softmax does not change the argmax).
     Returns:
         a :class:`TransferResult` with the k x (k + 1) matrix. Under ``torchrun`` each rank
         evaluates its share of the examples and the counts are summed exactly over ranks.
@@ -207,7 +222,8 @@ def transfer_matrix(
     device = torch.device(device)
     ensemble = ensemble.to(device).eval()
     k = ensemble.k
-    targets = [MemberTarget(member).eval() for member in ensemble.members]
+    sources = [SoftmaxOutput(m) if member_softmax else m for m in ensemble.members]
+    targets = [MemberTarget(member).eval() for member in sources]
 
     share = shard_slice(len(x))
     xs, ys = x[share], y[share]
@@ -243,6 +259,8 @@ def transfer_matrix(
         why = " that every member classifies correctly" if only_correct else ""
         raise NcenError(f"no test example{why} to evaluate; use more examples (--limit)")
     params = {**asdict(settings), "seed": seed, "only_correct": only_correct}
+    if member_softmax:
+        params["authors.member_softmax"] = True
     return TransferResult(
         matrix=(adv_correct.double() / count).tolist(),
         members=member_labels(ensemble),

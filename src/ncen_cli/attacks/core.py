@@ -150,6 +150,7 @@ def sign_ascent(
     decay: float | None = None,
     generator: torch.Generator | None = None,
     early_stop: bool = True,
+    l1_floor: float | None = None,
 ) -> torch.Tensor:
     """Projected sign-gradient ascent (BIM/PGD; MI-FGSM when ``decay`` is given).
 
@@ -159,7 +160,9 @@ def sign_ascent(
     nothing instead of a NaN). An example whose current iterate is already misclassified keeps that
     iterate and leaves the batch (it is adversarial; further steps cannot help it). With
     ``early_stop=False`` every example runs all ``steps`` (for transfer attacks, where an example
-    that barely fools its source transfers poorly; ``settings.extra["early_stop"]``).
+    that barely fools its source transfers poorly; ``settings.extra["early_stop"]``). With
+    ``l1_floor`` MI-FGSM divides by ``max(sum|grad|, l1_floor)`` instead, as advertorch does
+    (``settings.extra["momentum_l1_floor"]``; differs only for gradients below the floor).
 
     Args:
         x: (B, C, H, W) float32 clean images in [0, 1]; y: (B,) labels.
@@ -182,7 +185,10 @@ def sign_ascent(
                 return result
         direction = grad
         if momentum is not None:
-            scale = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            if l1_floor is None:
+                scale = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            else:
+                scale = grad.abs().flatten(1).sum(1).clamp_min(l1_floor).view(-1, 1, 1, 1)
             direction = decay * momentum[active] + grad / scale
             momentum[active] = direction
         x_adv[active] = project(xa + step_size * direction.sign(), x[active], eps)
@@ -226,7 +232,8 @@ def sign_ascent_attack(
         return sign_ascent(target, xs, ys, eps=settings.eps, steps=settings.steps, step_size=step,
                            loss_fn=loss_fn, random_start=settings.random_start, decay=decay,
                            generator=generator,
-                           early_stop=bool(settings.extra.get("early_stop", True)))
+                           early_stop=bool(settings.extra.get("early_stop", True)),
+                           l1_floor=settings.extra.get("momentum_l1_floor"))
 
     with frozen_parameters(target):
         return worst_case_restarts(target, x, y, settings.restarts, run_once)

@@ -1,4 +1,5 @@
-"""``ncen attack``: the paper's white-box evaluation, or a stronger protocol, of a checkpoint."""
+"""``ncen attack``: the paper's white-box evaluation, a stronger protocol, or the authors' released
+evaluation (to measure its artefacts), of a checkpoint."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from rich.text import Text
 
 from ncen_cli import distributed
 from ncen_cli.atomic import atomic_write_json, atomic_write_text
+from ncen_cli.authors_protocol import AUTHORS_BATCH_SIZE, AuthorsQuirks
 from ncen_cli.cli.common import (
     app,
     check_eps,
@@ -29,8 +31,10 @@ from ncen_cli.cli.common import (
 )
 from ncen_cli.errors import UsageError
 from ncen_cli.evaluation import (
+    WORST_CASE,
     AttackRun,
     EvaluationReport,
+    authors_protocol,
     custom_runs,
     evaluate,
     override_runs,
@@ -39,7 +43,7 @@ from ncen_cli.evaluation import (
     validate_runs,
 )
 
-PROTOCOLS = ("paper", "strong")
+PROTOCOLS = ("paper", "strong", "authors")
 
 
 class ImagesPerSecond(ProgressColumn):
@@ -50,14 +54,19 @@ class ImagesPerSecond(ProgressColumn):
 
 def build_runs(
     family: str, protocol: str | None, attacks: str | None, eps: str | None, steps: int | None,
-    step_size: float | None, restarts: int | None, objective: str,
+    step_size: float | None, restarts: int | None, objective: str | None,
+    combine: str = "mean-logits", quirks: AuthorsQuirks | None = None,
 ) -> list[AttackRun]:
     """The runs asked for: a protocol (paper by default when no attack settings are given),
     optionally restricted by ``--attacks``, re-centred on ``--eps`` and overridden by
     ``--steps/--step-size/--restarts``; or, with ``--attacks``/``--eps`` and no protocol, those
-    attacks with their defaults."""
+    attacks with their defaults. ``objective`` None: the protocol's (mean-ce; strong: every
+    objective of :func:`~ncen_cli.evaluation.strong_objectives` for ``combine``)."""
     if protocol is not None and protocol not in PROTOCOLS:
-        raise UsageError(f"--protocol must be paper or strong, got '{protocol}'")
+        raise UsageError(f"--protocol must be {', '.join(PROTOCOLS)}, got '{protocol}'")
+    if protocol == "authors" and objective is not None:
+        raise UsageError("--objective does not apply to --protocol authors (its objective is "
+                         "advertorch's CE on the authors' ensemble output)")
     eps_values = parse_float_list(eps, "--eps") if eps is not None else None
     if eps_values is not None:
         check_eps(eps_values)
@@ -66,11 +75,14 @@ def build_runs(
     require_positive(step_size, "--step-size")
     require_positive(restarts, "--restarts")
     if protocol is None and (names is not None or eps_values is not None):
-        runs = custom_runs(names or ["fgsm", "mifgsm", "pgd", "bim"], eps_values, family, objective)
+        runs = custom_runs(names or ["fgsm", "mifgsm", "pgd", "bim"], eps_values, family,
+                           objective or "mean-ce")
     elif protocol == "strong":
-        runs = strong_protocol(family, restarts or 2, objective, eps_values)
+        runs = strong_protocol(family, restarts or 2, objective, eps_values, combine)
+    elif protocol == "authors":
+        runs = authors_protocol(family, eps_values, quirks)
     else:
-        runs = paper_protocol(family, objective, eps_values)
+        runs = paper_protocol(family, objective or "mean-ce", eps_values)
     if protocol is not None and names is not None:
         from ncen_cli.registry import ATTACKS
 
@@ -87,7 +99,21 @@ def build_runs(
     return runs
 
 
+def protocol_options(protocol: str | None, quirks: str | None,
+                     batch_size: int | None) -> tuple[AuthorsQuirks | None, int]:
+    """``--quirks`` (authors only) and the batch size (default 500; authors: 64)."""
+    require_positive(batch_size, "--batch-size")
+    if quirks is not None and protocol != "authors":
+        raise UsageError("--quirks applies only to --protocol authors")
+    authors_quirks = AuthorsQuirks.parse(quirks) if protocol == "authors" else None
+    if batch_size is None:
+        batch_size = AUTHORS_BATCH_SIZE if protocol == "authors" else 500
+    return authors_quirks, batch_size
+
+
 def settings_text(params: dict[str, Any], attack: str = "") -> str:
+    if attack == WORST_CASE:
+        return "per example, worst of: " + ", ".join(params.get("over", []))
     step = params.get("step_size")
     parts = [f"steps={params['steps']}", f"step={'auto' if step is None else f'{step:g}'}",
              f"restarts={params['restarts']}", f"rand={'y' if params['random_start'] else 'n'}",
@@ -96,7 +122,7 @@ def settings_text(params: dict[str, Any], attack: str = "") -> str:
         parts.append(f"decay={params['decay']:g}")
     parts += [f"{k}={v}" for k, v in params.items()
               if k not in ("steps", "step_size", "restarts", "random_start", "objective", "decay",
-                           "seed")]
+                           "seed") and not k.startswith("authors.")]
     return " ".join(parts)
 
 
@@ -110,10 +136,13 @@ def report_table(report: EvaluationReport, title: str) -> Table:
     table.add_row("clean (ACE)", "", f"{report.clean_accuracy:.4f}",
                   f"[{clean['clean_ci_low']:.3f}, {clean['clean_ci_high']:.3f}]",
                   f"{report.clean_correct}/{report.n}", "", "", end_section=True)
+    worst = [r for r in report.results if r.attack == WORST_CASE]
     for r in report.results:
         table.add_row(r.attack, f"{r.eps:g}", f"{r.accuracy:.4f}",
                       f"[{r.ci_low:.3f}, {r.ci_high:.3f}]", f"{r.correct}/{r.n}",
-                      settings_text(r.params, r.attack), f"{r.seconds:.1f}")
+                      settings_text(r.params, r.attack), f"{r.seconds:.1f}",
+                      style="bold" if r.attack == WORST_CASE else None,
+                      end_section=bool(worst) and r is worst[-1])
     return table
 
 
@@ -148,8 +177,16 @@ def csv_text(report: EvaluationReport) -> str:
 def attack_command(
     checkpoint: Annotated[Path, typer.Argument(help="An ensemble checkpoint (.safetensors).")],
     protocol: Annotated[str | None, typer.Option(help="paper (Table II; the default when no attack "
-                                                  "settings are given) or strong (PGD with "
-                                                  "restarts + APGD-CE + APGD-DLR).")] = None,
+                                                  "settings are given), strong (FGSM, PGD with "
+                                                  "restarts, APGD-CE on every objective + "
+                                                  "APGD-DLR, and their per-example worst case) "
+                                                  "or authors (the authors' released "
+                                                  "evaluation: not honest; see --quirks).")
+                        ] = None,
+    quirks: Annotated[str | None, typer.Option(help="--protocol authors: the quirks kept on: all "
+                                               "(default), none, or a comma list of "
+                                               "member-softmax, output-softmax, batchnorm-train, "
+                                               "conditional, advertorch-iterations.")] = None,
     attacks: Annotated[str | None, typer.Option(
         help="Comma list: fgsm, mifgsm, pgd, bim, apgd-ce, apgd-dlr, square (or plugins).")] = None,
     eps: Annotated[str | None, typer.Option(help="Comma list of L-inf radii in (0, 1], "
@@ -158,11 +195,14 @@ def attack_command(
     step_size: Annotated[float | None, typer.Option(help="Step size (alpha).")] = None,
     restarts: Annotated[int | None, typer.Option(help="Random restarts, counted worst-case "
                                                  "per example (strong default 2).")] = None,
-    objective: Annotated[str, typer.Option(help="mean-ce (the paper: mean of the members' CE), "
-                                           "logits (CE of combined logits) or prob (NLL of the "
-                                           "mean probability).")] = "mean-ce",
+    objective: Annotated[str | None, typer.Option(
+        help="mean-ce (the paper: mean of the members' CE; the default), logits (CE of combined "
+             "logits) or prob (NLL of the mean probability). The strong protocol runs every "
+             "objective unless one is given.")] = None,
     limit: Annotated[int | None, typer.Option(help="Seeded subset of N test images.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per attack batch.")] = 500,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Images per attack batch (default 500; authors: 64, which matters with BatchNorm "
+             "in train mode).")] = None,
     dataset: Annotated[str | None, typer.Option(help="Default: the checkpoint's dataset.")] = None,
     data_dir: Annotated[Path | None, typer.Option(envvar="NCEN_DATA_DIR", help="Read the dataset "
                                                   "from this folder.")] = None,
@@ -183,7 +223,7 @@ def attack_command(
     from ncen_cli.device import Runtime
 
     require_positive(limit, "--limit")
-    require_positive(batch_size, "--batch-size")
+    authors_quirks, batch_size = protocol_options(protocol, quirks, batch_size)
     if out is not None and out.suffix.lower() not in (".json", ".csv"):
         raise UsageError(f"--out {out}: the file name must end in .json or .csv")
     meta = read_metadata(checkpoint)
@@ -202,7 +242,7 @@ def attack_command(
             f"{tuple(arrays.input_shape)}, the checkpoint expects {meta['num_classes']} of "
             f"{tuple(meta['input_shape'])}")
     runs = build_runs(runs_family or arrays.family, protocol, attacks, eps, steps, step_size,
-                      restarts, objective)
+                      restarts, objective, meta.get("combine", "mean-logits"), authors_quirks)
     ensemble = load_ensemble(checkpoint, device=runtime.device)
 
     console = err_console()
@@ -222,7 +262,8 @@ def attack_command(
 
         report = evaluate(ensemble, arrays.test_x, arrays.test_y, runs, batch_size=batch_size,
                           device=runtime.device, seed=seed, check_large_eps=check_large_eps,
-                          progress=progress)
+                          progress=progress, worst_case=protocol == "strong",
+                          quirks=authors_quirks)
     seconds = time.perf_counter() - started
     if not dist.is_main:  # the counts are already summed over ranks; rank 0 reports
         return
@@ -230,7 +271,9 @@ def attack_command(
     payload = {**report.to_json(), "checkpoint": str(checkpoint), "dataset": arrays.name,
                "family": runs_family or arrays.family, "protocol": protocol or (
                    "custom" if attacks is not None or eps is not None else "paper"),
-               "device": str(runtime.device), "seconds": seconds}
+               "device": str(runtime.device), "batch_size": batch_size, "seconds": seconds}
+    if authors_quirks is not None:
+        payload["quirks"] = authors_quirks.params()
     if out is not None:
         if out.suffix.lower() == ".json":
             atomic_write_json(out, payload)

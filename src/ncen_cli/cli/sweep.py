@@ -111,7 +111,8 @@ def sweep_command(
         check_eps(eps_values)
     runs = None
     if attack_names is not None or eps_values is not None:
-        runs = score_runs_for(DATASETS.get(config.dataset).family, attack_names, eps_values)
+        runs = score_runs_for(DATASETS.get(config.dataset).family, attack_names, eps_values,
+                              combine=config.combine)
     if png is not None and png.suffix.lower() != ".png":
         raise UsageError(f"--png must end in .png, got {png}")
     if png is not None:

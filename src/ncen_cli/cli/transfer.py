@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
+from ncen_cli.authors_protocol import ADVERTORCH_L1_FLOOR
 from ncen_cli.checkpoint import load_ensemble, read_metadata
 from ncen_cli.cli.common import (
     app,
@@ -95,6 +97,10 @@ def transfer_command(
                                               "when several attacks are given).")] = False,
     png: Annotated[Path | None, typer.Option(help="Also save a heat map PNG (needs matplotlib).")]
     = None,
+    protocol: Annotated[str | None, typer.Option(
+        help="authors: craft as the authors' code does (CE on each member's softmax output, "
+             "only examples every member classifies correctly, advertorch's MI-FGSM "
+             "normalisation); not an honest evaluation.")] = None,
 ) -> None:
     """Craft adversarial examples on each member; evaluate them on every member and the ensemble."""
     check_eps([eps])
@@ -109,10 +115,17 @@ def transfer_command(
         require_matplotlib()  # fail before the slow part
         if png.is_dir():
             raise UsageError(f"--png {png} is a folder; give a file name")
+    if protocol not in (None, "authors"):
+        raise UsageError(f"--protocol must be authors (or omitted), got '{protocol}'")
+    authors = protocol == "authors"
+    only_correct = only_correct or authors
     names = parse_name_list(attack, "--attack")
     attacks = {name: ATTACKS.get(name) for name in names}
     settings = {name: resolve_settings(obj, eps, steps, step_size, restarts)
                 for name, obj in attacks.items()}
+    if authors and "mifgsm" in settings:
+        settings["mifgsm"] = replace(settings["mifgsm"], extra={
+            **settings["mifgsm"].extra, "momentum_l1_floor": ADVERTORCH_L1_FLOOR})
 
     meta = read_metadata(checkpoint)
     dist = context(device)
@@ -139,7 +152,7 @@ def transfer_command(
             results.append(transfer_matrix(
                 ensemble, arrays.test_x, arrays.test_y, attack=name, settings=settings[name],
                 batch_size=batch_size, device=torch_device, seed=seed, only_correct=only_correct,
-                progress=on_step,
+                progress=on_step, member_softmax=authors,
             ))
     if not dist.is_main:
         return
