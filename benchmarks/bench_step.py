@@ -16,7 +16,8 @@ Sections (each measured in fresh subprocesses so that peak-memory figures are pe
    (a, b, c, d, a, ...) after a warm-up round and the median is reported;
    wall time and process CPU time are both given (CPU time is less sensitive to other jobs).
    Peak memory: growth of ``ru_maxrss`` over one step in a fresh process per method (CPU), or
-   ``torch.cuda.max_memory_allocated`` (CUDA).
+   ``torch.cuda.max_memory_allocated`` (CUDA); for the first shape and k only unless
+   ``--memory-all``.
 2. ``agree``: jvp against exact parameter gradients (whole, and the regularizer-only part) on one
    fixed batch of 3 x resnet20, at initialisation and after a short NCEn training; with bf16,
    bf16 jvp and exact against float32 exact.
@@ -401,6 +402,8 @@ def drive(args) -> None:
         for family, k in configs:
             _log(f"step timing {family} k={k}")
             results["step"][f"{family}/k{k}"] = _spawn(args, "step", family=family, k=k)
+            if (family, k) != configs[0] and not args.memory_all:
+                continue
             for method in _methods(args):
                 results["memory"][f"{family}/k{k}/{method}"] = _spawn(
                     args, "memory", family=family, k=k, method=method)
@@ -546,6 +549,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=os.environ.get("NCEN_SHARED_DATA"))
+    parser.add_argument("--memory-all", action="store_true",
+                        help="peak memory for every shape and k (default: the first only)")
     parser.add_argument("--train-steps", type=int, default=15,
                         help="NCEn steps before the 'trained' agreement check")
     parser.add_argument("--run-images", type=int, default=640)
