@@ -394,6 +394,12 @@ def _median(values) -> float:
     return statistics.median(values)
 
 
+def _save_partial(args, results: dict) -> None:
+    """What is measured so far, beside --out, in case a long run is cut short."""
+    if args.out:
+        Path(args.out).with_suffix(".partial.json").write_text(json.dumps(results, indent=1))
+
+
 def drive(args) -> None:
     started = time.perf_counter()
     results: dict = {"step": {}, "memory": {}, "agree": None, "run": {}, "attack": None}
@@ -402,6 +408,7 @@ def drive(args) -> None:
         for family, k in configs:
             _log(f"step timing {family} k={k}")
             results["step"][f"{family}/k{k}"] = _spawn(args, "step", family=family, k=k)
+            _save_partial(args, results)
             if (family, k) != configs[0] and not args.memory_all:
                 continue
             for method in _methods(args):
@@ -410,6 +417,7 @@ def drive(args) -> None:
     if "agree" in args.sections:
         _log("jvp vs exact agreement")
         results["agree"] = _spawn(args, "agree", train_steps=args.train_steps)
+        _save_partial(args, results)
     if "run" in args.sections:
         for rep in range(args.run_reps):
             bf16 = ("jvp-bf16", "exact-bf16") if _bf16_native(args.device) else ()
@@ -418,6 +426,7 @@ def drive(args) -> None:
                 results["run"].setdefault(method, []).append(_spawn(
                     args, "run", method=method, run_images=args.run_images,
                     run_test=args.run_test))
+                _save_partial(args, results)
     if "attack" in args.sections:
         _log("attack throughput")
         results["attack"] = _spawn(args, "attack", attack_steps=args.attack_steps,
