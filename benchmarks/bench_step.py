@@ -403,7 +403,13 @@ def _save_partial(args, results: dict) -> None:
 def drive(args) -> None:
     started = time.perf_counter()
     results: dict = {"step": {}, "memory": {}, "agree": None, "run": {}, "attack": None}
+    results["machine"] = args.machine
+    results["command"] = "python benchmarks/bench_step.py " + " ".join(sys.argv[1:])
     configs = [(f, k) for f in args.families for k in args.ks]
+    if "agree" in args.sections:
+        _log("jvp vs exact agreement")
+        results["agree"] = _spawn(args, "agree", train_steps=args.train_steps)
+        _save_partial(args, results)
     if "step" in args.sections:
         for family, k in configs:
             _log(f"step timing {family} k={k}")
@@ -414,10 +420,6 @@ def drive(args) -> None:
             for method in _methods(args):
                 results["memory"][f"{family}/k{k}/{method}"] = _spawn(
                     args, "memory", family=family, k=k, method=method)
-    if "agree" in args.sections:
-        _log("jvp vs exact agreement")
-        results["agree"] = _spawn(args, "agree", train_steps=args.train_steps)
-        _save_partial(args, results)
     if "run" in args.sections:
         for rep in range(args.run_reps):
             bf16 = ("jvp-bf16", "exact-bf16") if _bf16_native(args.device) else ()
@@ -432,8 +434,6 @@ def drive(args) -> None:
         results["attack"] = _spawn(args, "attack", attack_steps=args.attack_steps,
                                    attack_reps=args.attack_reps)
     results["seconds"] = time.perf_counter() - started
-    results["machine"] = args.machine
-    results["command"] = "python benchmarks/bench_step.py " + " ".join(sys.argv[1:])
     text = report(results, args)
     if args.out:
         Path(args.out).write_text(text)
@@ -451,7 +451,7 @@ def report(results: dict, args) -> str:
         f"- machine: {results['machine']}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} logical CPUs, torch {torch.__version__}, "
         f"threads {args.threads or torch.get_num_threads()}",
-        f"- wall time of the whole benchmark: {results['seconds'] / 60:.1f} min",
+        f"- wall time of the whole benchmark: {results.get('seconds', float('nan')) / 60:.1f} min",
         "",
     ]
     if results["step"]:
