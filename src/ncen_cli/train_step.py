@@ -4,12 +4,12 @@ The regularizer R is a function of the members' input gradients g_i = d CE_i / d
 its parameter gradient needs the derivative of g_i with respect to the parameters. With
 v_i = d R / d g_i held fixed, that is grad_theta <g_i, v_i>. Two exact ways to get it:
 
-* ``jvp`` (default): reverse-over-forward. <g_i, v_i> is the directional derivative of CE_i
+* ``jvp``: reverse-over-forward. <g_i, v_i> is the directional derivative of CE_i
   along v_i in input space, d/dt CE_i(theta, x + t v_i) at t = 0, which forward-mode AD computes
   exactly in one dual forward pass (no step size); one reverse pass then gives its parameter
   gradient. The input gradients themselves come from an earlier forward-backward without any
   parameter graph. See :func:`jvp_step`.
-* ``exact``: double backpropagation. The input gradients are taken with
+* ``exact`` (default): double backpropagation. The input gradients are taken with
   ``autograd.grad(create_graph=True)`` and the backward of <g_i, v_i> differentiates the
   backward pass itself. See :func:`exact_step`.
 
@@ -41,8 +41,8 @@ from ncen_cli.errors import UsageError
 from ncen_cli.layers import forward_mode_layers, input_gradient_pass
 from ncen_cli.member_parallel import SERIAL, MemberExecutor
 
-DOUBLE_BACKPROP_MODES = ("jvp", "exact", "finite-diff")  # finite-diff: deprecated alias
-DEFAULT_DOUBLE_BACKPROP = "jvp"
+DOUBLE_BACKPROP_MODES = ("exact", "jvp", "finite-diff")  # finite-diff: deprecated alias
+DEFAULT_DOUBLE_BACKPROP = "exact"  # jvp measured slower on the 2-core CPU (docs/performance.md)
 DEFAULT_FD_SCALE = 3e-2  # only for the deprecated --fd-scale option, which is ignored
 
 logger = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ def training_step(
     double_backprop: str = DEFAULT_DOUBLE_BACKPROP,
     executor: MemberExecutor = SERIAL,
 ) -> StepOutput:
-    """Dispatch on ``double_backprop`` (``jvp`` or ``exact``; the retired ``finite-diff`` runs
+    """Dispatch on ``double_backprop`` (``exact`` or ``jvp``; the retired ``finite-diff`` runs
     the default mode after a one-time deprecation warning); gradients land in ``.grad``."""
     step = {"jvp": jvp_step, "exact": exact_step}.get(resolve_double_backprop(double_backprop))
     return step(ensemble, defense, hyperparameters, x, y, executor)
@@ -314,7 +314,8 @@ def training_step(
 
 def resolve_double_backprop(mode: str) -> str:
     """The mode that runs for ``--double-backprop mode``: ``finite-diff`` (retired: its
-    regularizer gradient was mostly noise, docs/performance.md) is an alias of the default, with
+    regularizer gradient was mostly noise, docs/performance.md) is an alias of the default,
+    ``exact``, with
     a deprecation warning logged once per process. Raises UsageError for unknown modes."""
     global _finite_diff_warned
     if mode == "finite-diff":

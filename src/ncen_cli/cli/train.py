@@ -75,8 +75,8 @@ Deterministic = Annotated[bool, typer.Option(help="Deterministic algorithms.")]
 DoubleBackprop = Annotated[
     str,
     typer.Option(
-        help="How the regularizer's gradient is differentiated, both exact: jvp (forward-mode, "
-        "default) or exact (double backprop). finite-diff is deprecated (runs the default)."
+        help="How the regularizer's gradient is differentiated, both exact: exact (double "
+        "backprop, default) or jvp (forward mode). finite-diff is deprecated (runs exact)."
     ),
 ]
 FdScale = Annotated[float, typer.Option(help="Deprecated and ignored (finite-diff is retired).")]
