@@ -6,22 +6,22 @@ One command, one run, every figure side by side::
 
 Sections (each measured in fresh subprocesses so that peak-memory figures are per method):
 
-1. ``step``: ms/step and images/s for (a) a plain ensemble step (mean CE), (b) ncen exact,
-   (c) ncen finite-diff, (d) ncen exact with the members run one after another (no member
-   threads), (e) the naive reference (benchmarks/reference.py), for FashionMNIST (1x28x28) and
-   CIFAR-10 (3x32x32) shapes and k = 3, 5 resnet20 members, batch 64. (a)-(c) run as ``ncen train``
-   does on this machine (member threads on a multi-core CPU); the reference uses torch's intra-op
-   threads. Where the device computes bfloat16 natively (CUDA, or a CPU with AVX512-BF16/AMX),
-   (a), (b), (c) and (e) also run under bf16 autocast (``-bf16``: what ``--precision bf16``
-   does). The methods are interleaved (a, b, c, d, e, a, ...) after a warm-up round and the
-   median is reported;
+1. ``step``: ms/step and images/s for (a) a plain ensemble step (mean CE), (b) ncen jvp (the
+   default, forward-mode), (c) ncen exact (double backprop), (d) the naive reference
+   (benchmarks/reference.py), for FashionMNIST (1x28x28) and CIFAR-10 (3x32x32) shapes and
+   k = 3, 5 resnet20 members, batch 64. (a)-(c) run as ``ncen train`` does on this machine
+   (member threads on a multi-core CPU); the reference uses torch's intra-op threads. Where the
+   device computes bfloat16 natively (CUDA, or a CPU with AVX512-BF16/AMX), all four also run
+   under bf16 autocast (``-bf16``: what ``--precision bf16`` does). The methods are interleaved
+   (a, b, c, d, a, ...) after a warm-up round and the median is reported;
    wall time and process CPU time are both given (CPU time is less sensitive to other jobs).
    Peak memory: growth of ``ru_maxrss`` over one step in a fresh process per method (CPU), or
-   ``torch.cuda.max_memory_allocated`` (CUDA).
-2. ``fd``: cosine between finite-diff and exact parameter gradients on one fixed batch of a
-   briefly trained 3 x resnet20, for several ``fd_scale`` values and both difference schemes;
-   and, with bf16, of the bf16 gradients against float32 exact.
-3. ``run``: whole training runs on the same data: ``ncen_cli.training.train`` (exact, finite-diff,
+   ``torch.cuda.max_memory_allocated`` (CUDA); for the first shape and k only unless
+   ``--memory-all``.
+2. ``agree``: jvp against exact parameter gradients (whole, and the regularizer-only part) on one
+   fixed batch of 3 x resnet20, at initialisation and after a short NCEn training; with bf16,
+   bf16 jvp and exact against float32 exact.
+3. ``run``: whole training runs on the same data: ``ncen_cli.training.train`` (jvp, exact,
    and their ``--precision bf16`` runs where bf16 is native) vs the reference training loop
    (``reference.reference_train``, float32 as the authors'), 1 epoch of D + D_noise. With
    ``--device cuda --run-images 60000 --run-test 10000`` this is one full FashionMNIST epoch.
@@ -45,8 +45,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SHAPES = {"fashionmnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-FP32_METHODS = ("plain", "exact", "finite-diff", "exact-serial", "reference")
-BF16_METHODS = ("plain-bf16", "exact-bf16", "finite-diff-bf16", "reference-bf16")
+FP32_METHODS = ("plain", "jvp", "exact", "reference")
+BF16_METHODS = ("plain-bf16", "jvp-bf16", "exact-bf16", "reference-bf16")
 BF16 = "-bf16"
 FAMILY_LAMBDAS = {"fashionmnist": (0.02, 0.02), "cifar10": (0.06, 0.04)}
 
@@ -79,7 +79,7 @@ def _methods(args) -> tuple[str, ...]:
 
 
 def _base_method(method: str) -> tuple[str, bool]:
-    """'finite-diff-bf16' -> ('finite-diff', True)."""
+    """'jvp-bf16' -> ('jvp', True)."""
     if method.endswith(BF16):
         return method[: -len(BF16)], True
     return method, False
@@ -110,7 +110,7 @@ def _step_fns(family: str, k: int, batch: int, methods, device: str, seed: int =
 
     from ncen_cli.archs import build_member
     from ncen_cli.ensemble import build_ensemble
-    from ncen_cli.member_parallel import SERIAL, MemberExecutor, plan_threads
+    from ncen_cli.member_parallel import MemberExecutor, plan_threads
     from ncen_cli.registry import DEFENSES
     from ncen_cli.train_step import training_step
 
@@ -140,12 +140,11 @@ def _step_fns(family: str, k: int, batch: int, methods, device: str, seed: int =
             opt = torch.optim.Adam(ensemble.parameters(), lr=1e-3)
             defense = DEFENSES.get("baseline" if base == "plain" else "ncen")
             hp = defense.resolve(family)
-            mode = "finite-diff" if base == "finite-diff" else "exact"
-            executor = SERIAL if base == "exact-serial" else threaded
+            mode = "jvp" if base == "jvp" else "exact"
 
-            def step(ensemble=ensemble, opt=opt, defense=defense, hp=hp, mode=mode, ex=executor):
+            def step(ensemble=ensemble, opt=opt, defense=defense, hp=hp, mode=mode):
                 opt.zero_grad(set_to_none=True)
-                training_step(ensemble, defense, hp, x, y, mode, executor=ex)
+                training_step(ensemble, defense, hp, x, y, mode, executor=threaded)
                 opt.step()
 
         def run(step=step, bf16=bf16):
@@ -196,76 +195,66 @@ def _flat_grad(module):
     return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
 
 
-def worker_fd(args) -> dict:
-    """Cosine(finite-diff, exact) of the parameter gradient on one fixed batch; with bf16, the
-    bf16 gradients against float32 exact."""
+def worker_agree(args) -> dict:
+    """jvp (and, with bf16, both modes in bf16) against float32 exact on one fixed batch, at
+    initialisation and after ``--train-steps`` NCEn steps on real images: cosines and relative
+    errors of the whole parameter gradient and of its regularizer-only part."""
     torch = _setup(args.threads)
-    from ncen_cli.registry import DEFENSES
-    from ncen_cli.train_step import DEFAULT_FD_SCALE, exact_step, finite_diff_step
-
-    arrays = _arrays(args, "fashionmnist", train=max(args.fd_train_steps * 64, 64), test=64)
     from ncen_cli.data import AugmentConfig, iterate_batches
     from ncen_cli.ensemble import build_ensemble
+    from ncen_cli.registry import DEFENSES
+    from ncen_cli.train_step import exact_step, jvp_step, training_step
 
+    arrays = _arrays(args, "fashionmnist", train=max(args.train_steps * 64, 64), test=64)
     dev = torch.device(args.device)
     torch.manual_seed(0)
     ensemble = build_ensemble(["resnet20"] * 3, arrays.input_shape, arrays.num_classes)
     ensemble = ensemble.to(dev).train()
-    opt = torch.optim.Adam(ensemble.parameters(), lr=1e-3)
-    ncen = DEFENSES.get("ncen")
+    ncen, baseline = DEFENSES.get("ncen"), DEFENSES.get("baseline")
     hp = ncen.resolve("fashionmnist")
-    from ncen_cli.train_step import training_step
-
-    aug = AugmentConfig(crop_padding=2, noise_sigma=0.15)
-    batches = iterate_batches(arrays.train_x, arrays.train_y, 64, 0, 0, aug, dev)
-    for xb, yb in batches:  # "trained-ish"
-        opt.zero_grad(set_to_none=True)
-        training_step(ensemble, ncen, hp, xb, yb, "exact")
-        opt.step()
     x = (arrays.test_x[:64].float() / 255).to(dev)
     y = arrays.test_y[:64].to(dev)
-    state = {k: v.clone() for k, v in ensemble.state_dict().items()}
+    cos = torch.nn.functional.cosine_similarity
 
-    def grad_of(fn, defense=ncen, hyperparameters=hp, bf16=False, **kw):
+    def grad_of(step, state, defense=ncen, hyperparameters=hp, bf16=False):
         ensemble.load_state_dict(state)
         ensemble.zero_grad(set_to_none=True)
         with _autocast(dev, bf16):
-            fn(ensemble, defense, hyperparameters, x, y, **kw)
+            step(ensemble, defense, hyperparameters, x, y)
         return _flat_grad(ensemble)
 
-    exact = grad_of(exact_step)
-    # the regularizer's own part of the gradient (exact minus the CE part), for a harder check
-    baseline = DEFENSES.get("baseline")
-    ce_grad = grad_of(exact_step, baseline, {})  # the mean-CE part alone
-    cos = torch.nn.functional.cosine_similarity
+    def rows_at(label):
+        state = {k: v.clone() for k, v in ensemble.state_dict().items()}
+        exact = grad_of(exact_step, state)
+        ce = grad_of(exact_step, state, baseline, {})
+        share = float((exact - ce).norm() / exact.norm())
+        methods = [("fp32", "jvp", jvp_step, False)]
+        if _bf16_native(args.device):
+            methods += [("bf16", "jvp", jvp_step, True), ("bf16", "exact", exact_step, True)]
+        rows = []
+        for precision, name, step, bf16 in methods:
+            grad = grad_of(step, state, bf16=bf16)
+            ce_own = grad_of(exact_step, state, baseline, {}, bf16=bf16)
+            reg, reg_exact = grad - ce_own, exact - ce
+            rows.append({
+                "state": label, "share": share, "precision": precision, "method": name,
+                "cosine_total": float(cos(grad, exact, dim=0)),
+                "cosine_regularizer": float(cos(reg, reg_exact, dim=0)),
+                "rel_error_total": float((grad - exact).norm() / exact.norm()),
+                "rel_error_regularizer": float((reg - reg_exact).norm() / reg_exact.norm()),
+            })
+        ensemble.load_state_dict(state)
+        return rows
 
-    def row(scheme, scale, grad, ce_part, precision="fp32"):
-        return {
-            "precision": precision,
-            "scheme": scheme,
-            "fd_scale": scale,
-            "cosine_total": float(cos(grad, exact, dim=0)),
-            "cosine_regularizer": float(cos(grad - ce_part, exact - ce_grad, dim=0)),
-            "rel_error_total": float((grad - exact).norm() / exact.norm()),
-        }
-
-    rows = []
-    for scheme in ("forward", "central"):
-        for scale in args.fd_scales:
-            fd = grad_of(finite_diff_step, fd_scale=scale, fd_scheme=scheme)
-            rows.append(row(scheme, scale, fd, ce_grad))
-    if _bf16_native(args.device):  # against float32 exact; the R part against bf16's own CE part
-        ce_bf16 = grad_of(exact_step, baseline, {}, bf16=True)
-        rows.append(row("exact", None, grad_of(exact_step, bf16=True), ce_bf16, "bf16"))
-        for scheme in ("forward", "central"):
-            fd = grad_of(finite_diff_step, bf16=True, fd_scale=DEFAULT_FD_SCALE, fd_scheme=scheme)
-            rows.append(row(scheme, DEFAULT_FD_SCALE, fd, ce_bf16, "bf16"))
-        rows.append({"precision": "bf16", "scheme": "mean CE alone", "fd_scale": None,
-                     "cosine_total": float(cos(ce_bf16, ce_grad, dim=0)),
-                     "cosine_regularizer": None,
-                     "rel_error_total": float((ce_bf16 - ce_grad).norm() / ce_grad.norm())})
-    reg_share = float((exact - ce_grad).norm() / exact.norm())
-    return {"rows": rows, "regularizer_grad_share": reg_share}
+    rows = rows_at("initialisation")
+    opt = torch.optim.Adam(ensemble.parameters(), lr=1e-3)
+    aug = AugmentConfig(crop_padding=2, noise_sigma=0.15)
+    for xb, yb in iterate_batches(arrays.train_x, arrays.train_y, 64, 0, 0, aug, dev):
+        opt.zero_grad(set_to_none=True)
+        training_step(ensemble, ncen, hp, xb, yb, "exact")
+        opt.step()
+    rows += rows_at(f"after {args.train_steps} NCEn steps")
+    return {"rows": rows}
 
 
 def _arrays(args, family: str, train: int, test: int):
@@ -367,7 +356,7 @@ def worker_attack(args) -> dict:
     return {"wall": times}
 
 
-WORKERS = {"step": worker_step, "memory": worker_memory, "fd": worker_fd, "run": worker_run,
+WORKERS = {"step": worker_step, "memory": worker_memory, "agree": worker_agree, "run": worker_run,
            "attack": worker_attack}
 
 
@@ -405,36 +394,46 @@ def _median(values) -> float:
     return statistics.median(values)
 
 
+def _save_partial(args, results: dict) -> None:
+    """What is measured so far, beside --out, in case a long run is cut short."""
+    if args.out:
+        Path(args.out).with_suffix(".partial.json").write_text(json.dumps(results, indent=1))
+
+
 def drive(args) -> None:
     started = time.perf_counter()
-    results: dict = {"step": {}, "memory": {}, "fd": None, "run": {}, "attack": None}
+    results: dict = {"step": {}, "memory": {}, "agree": None, "run": {}, "attack": None}
+    results["machine"] = args.machine
+    results["command"] = "python benchmarks/bench_step.py " + " ".join(sys.argv[1:])
     configs = [(f, k) for f in args.families for k in args.ks]
+    if "agree" in args.sections:
+        _log("jvp vs exact agreement")
+        results["agree"] = _spawn(args, "agree", train_steps=args.train_steps)
+        _save_partial(args, results)
     if "step" in args.sections:
         for family, k in configs:
             _log(f"step timing {family} k={k}")
             results["step"][f"{family}/k{k}"] = _spawn(args, "step", family=family, k=k)
+            _save_partial(args, results)
+            if (family, k) != configs[0] and not args.memory_all:
+                continue
             for method in _methods(args):
                 results["memory"][f"{family}/k{k}/{method}"] = _spawn(
                     args, "memory", family=family, k=k, method=method)
-    if "fd" in args.sections:
-        _log("finite-diff agreement")
-        results["fd"] = _spawn(args, "fd", fd_scales=args.fd_scales,
-                               fd_train_steps=args.fd_train_steps)
     if "run" in args.sections:
         for rep in range(args.run_reps):
-            bf16 = ("exact-bf16", "finite-diff-bf16") if _bf16_native(args.device) else ()
-            for method in ("reference", "exact", "finite-diff", *bf16):
+            bf16 = ("jvp-bf16", "exact-bf16") if _bf16_native(args.device) else ()
+            for method in ("reference", "jvp", "exact", *bf16):
                 _log(f"whole run {method} (rep {rep + 1})")
                 results["run"].setdefault(method, []).append(_spawn(
                     args, "run", method=method, run_images=args.run_images,
                     run_test=args.run_test))
+                _save_partial(args, results)
     if "attack" in args.sections:
         _log("attack throughput")
         results["attack"] = _spawn(args, "attack", attack_steps=args.attack_steps,
                                    attack_reps=args.attack_reps)
     results["seconds"] = time.perf_counter() - started
-    results["machine"] = args.machine
-    results["command"] = "python benchmarks/bench_step.py " + " ".join(sys.argv[1:])
     text = report(results, args)
     if args.out:
         Path(args.out).write_text(text)
@@ -452,7 +451,7 @@ def report(results: dict, args) -> str:
         f"- machine: {results['machine']}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} logical CPUs, torch {torch.__version__}, "
         f"threads {args.threads or torch.get_num_threads()}",
-        f"- wall time of the whole benchmark: {results['seconds'] / 60:.1f} min",
+        f"- wall time of the whole benchmark: {results.get('seconds', float('nan')) / 60:.1f} min",
         "",
     ]
     if results["step"]:
@@ -460,9 +459,9 @@ def report(results: dict, args) -> str:
             f"### Training step (batch {args.batch}, resnet20 members; median of {args.reps} "
             f"interleaved repetitions after {args.warmup} warm-up)",
             "",
-            "| shape | k | method | ms/step (wall) | images/s | ms/step (CPU) | vs reference "
-            "(wall) | vs reference (CPU) | peak RSS growth (MiB) |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| shape | k | method | ms/step (wall) | images/s | ms/step (CPU) | plain steps "
+            "(wall) | vs reference (wall) | vs reference (CPU) | peak RSS growth (MiB) |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for key, res in results["step"].items():
             family, k = key.split("/")
@@ -471,38 +470,32 @@ def report(results: dict, args) -> str:
             for method in res["wall"]:
                 w = _median(res["wall"][method])
                 c = _median(res["cpu"][method])
+                plain = _median(res["wall"]["plain-bf16" if method.endswith(BF16) else "plain"])
                 mem = results["memory"].get(f"{key}/{method}", {})
                 lines.append(
                     f"| {family} | {k[1:]} | {method} | {w * 1e3:.0f} | {args.batch / w:.0f} | "
-                    f"{c * 1e3:.0f} | {w / ref_w:.2f} | {c / ref_c:.2f} | "
+                    f"{c * 1e3:.0f} | {w / plain:.2f} | {w / ref_w:.2f} | {c / ref_c:.2f} | "
                     f"{mem.get('maxrss_delta_mib', float('nan')):.0f} |"
                 )
         lines.append("")
-    if results["fd"]:
-        fd = results["fd"]
+    if results["agree"]:
+        agree = results["agree"]
         lines += [
-            "### Finite-diff vs exact parameter gradient (one fixed batch of 64 test images, "
-            "3 x resnet20 after a short NCEn training)",
+            "### jvp vs exact parameter gradient (one fixed batch of 64 test images, 3 x resnet20, "
+            "train-mode BatchNorm)",
             "",
-            f"Share of the regularizer in the exact gradient: "
-            f"||grad R|| / ||grad (CE + R)|| = {fd['regularizer_grad_share']:.3f}.",
+            "R part: the gradient minus the mean-CE-only gradient of the same precision. Every "
+            "row is compared with float32 exact at the same state.",
             "",
-            "Every row is compared with float32 exact; a bf16 row's R part is its gradient minus "
-            "bf16's own mean-CE gradient.",
-            "",
-            "| precision | scheme | fd_scale | cosine (CE + R) | cosine (R part only) | "
-            "relative error |",
-            "| --- | --- | ---: | ---: | ---: | ---: |",
+            "| state | ||grad R|| / ||grad|| | precision | method | cosine (CE + R) | "
+            "cosine (R part only) | relative error (CE + R) | relative error (R part) |",
+            "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |",
         ]
-
-        def fmt(value, spec):
-            return "-" if value is None else format(value, spec)
-
-        for row in fd["rows"]:
+        for row in agree["rows"]:
             lines.append(
-                f"| {row.get('precision', 'fp32')} | {row['scheme']} | "
-                f"{fmt(row['fd_scale'], 'g')} | {row['cosine_total']:.5f} | "
-                f"{fmt(row['cosine_regularizer'], '.4f')} | {row['rel_error_total']:.2e} |"
+                f"| {row['state']} | {row['share']:.4f} | {row['precision']} | {row['method']} "
+                f"| {row['cosine_total']:.7f} | {row['cosine_regularizer']:.7f} | "
+                f"{row['rel_error_total']:.1e} | {row['rel_error_regularizer']:.1e} |"
             )
         lines.append("")
     if results["run"]:
@@ -518,7 +511,7 @@ def report(results: dict, args) -> str:
             "test accuracy | target |",
             "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
-        targets = {"exact": 0.85, "finite-diff": 0.5}
+        targets = {"exact": 0.85, "jvp": 0.5}
         for method, runs in results["run"].items():
             s = _median([r["seconds"] for r in runs])
             c = _median([r["cpu_seconds"] for r in runs])
@@ -554,8 +547,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", default="fashionmnist", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--method", default="exact", help=argparse.SUPPRESS)
-    parser.add_argument("--sections", nargs="+", default=["step", "fd", "run", "attack"],
-                        choices=["step", "fd", "run", "attack"])
+    parser.add_argument("--sections", nargs="+", default=["step", "agree", "run", "attack"],
+                        choices=["step", "agree", "run", "attack"])
     parser.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--ks", nargs="+", type=int, default=[3, 5])
     parser.add_argument("--batch", type=int, default=64)
@@ -565,9 +558,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=os.environ.get("NCEN_SHARED_DATA"))
-    parser.add_argument("--fd-scales", nargs="+", type=float,
-                        default=[1e-1, 3e-2, 1e-2, 3e-3, 1e-3])
-    parser.add_argument("--fd-train-steps", type=int, default=15)
+    parser.add_argument("--memory-all", action="store_true",
+                        help="peak memory for every shape and k (default: the first only)")
+    parser.add_argument("--train-steps", type=int, default=15,
+                        help="NCEn steps before the 'trained' agreement check")
     parser.add_argument("--run-images", type=int, default=640)
     parser.add_argument("--run-test", type=int, default=500)
     parser.add_argument("--run-reps", type=int, default=1)

@@ -1,4 +1,5 @@
-"""ncen's fast-double-backward layers compute exactly what torch's layers compute."""
+"""ncen's layers compute exactly what torch's layers compute: double backward, and forward mode
+differentiated in reverse (reverse-over-forward)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,16 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
-from ncen_cli.layers import BatchNorm2d, Conv2d, input_gradient_pass, use_torch_layers
+from ncen_cli.errors import UsageError
+from ncen_cli.layers import (
+    BatchNorm2d,
+    Conv2d,
+    forward_mode_layers,
+    input_gradient_pass,
+    use_torch_layers,
+)
 from ncen_cli.layers.batchnorm import _BatchNormTrain
 
 
@@ -59,7 +68,7 @@ def test_gradgradcheck_against_finite_differences():
 
     def f(inp, weight, bias):
         stats = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
-        return torch.tanh(_BatchNormTrain.apply(inp, weight, bias, *stats, 0.1, 1e-5))
+        return torch.tanh(_BatchNormTrain.apply(inp, weight, bias, *stats, 0.1, 1e-5)[0])
 
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
@@ -185,3 +194,96 @@ def test_cpu_bf16_autocast_runs_ncens_double_backward_close_to_torchs():
     # measured: 0.99997 and 0.8 % apart, while either is 4.8 % from float32 (bf16 rounding)
     assert cos(grad_fast, grad_torch, dim=0) > 0.9995
     assert (grad_fast - grad_torch).norm() < 0.02 * grad_torch.norm()
+
+
+def _hvp_by_double_backprop(net: nn.Module, x: torch.Tensor, head: torch.Tensor, v: torch.Tensor):
+    """Parameter gradient of loss + <d loss / d x, v>, loss = sum(head * tanh(net(x))), by double
+    backpropagation. -> (flat parameter gradient, flat buffers after the pass)."""
+    xi = x.clone().requires_grad_(True)
+    loss = (head * torch.tanh(net(xi))).sum()
+    (g,) = torch.autograd.grad(loss, xi, create_graph=True)
+    grads = torch.autograd.grad(loss + (g * v).sum(), list(net.parameters()))
+    return torch.cat([t.flatten() for t in grads]), torch.cat([b.flatten().double()
+                                                               for b in net.buffers()])
+
+
+def _hvp_by_forward_mode(net: nn.Module, x: torch.Tensor, head: torch.Tensor, v: torch.Tensor):
+    """The same by reverse-over-forward: one dual forward along v gives loss and
+    <d loss / d x, v> (its tangent), then one reverse pass over the parameters."""
+    with forward_mode_layers([net]), forward_ad.dual_level():
+        out, tangent = forward_ad.unpack_dual(net(forward_ad.make_dual(x, v)))
+        # d/dt sum(head * tanh(out + t tangent)) = sum(head * (1 - tanh^2) * tangent)
+        directional = (head * (1 - torch.tanh(out) ** 2) * tangent).sum()
+        loss = (head * torch.tanh(out)).sum()
+    grads = torch.autograd.grad(loss + directional, list(net.parameters()))
+    return torch.cat([t.flatten() for t in grads]), torch.cat([b.flatten().double()
+                                                               for b in net.buffers()])
+
+
+def _forward_mode_case(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 1, 8, 8, generator=gen, dtype=torch.float64)
+    head = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    return x, head, torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_reverse_over_forward_equals_double_backprop(momentum):
+    """Through ncen's Conv2d and train-mode BatchNorm2d (ReLU, strided conv, pooling between):
+    the forward-mode rule differentiated in reverse gives torch's double-backprop parameter
+    gradient to 1e-10, and updates the running statistics as one ordinary forward does."""
+    torch.manual_seed(5)
+    net = _small_net().double()
+    for sub in net.modules():
+        if isinstance(sub, BatchNorm2d):
+            sub.momentum = momentum
+            with torch.no_grad():
+                sub.weight.uniform_(0.5, 1.5)
+    reference = use_torch_layers(copy.deepcopy(net))
+    x, head, v = _forward_mode_case(6)
+    expected, expected_buffers = _hvp_by_double_backprop(reference, x, head, v)
+    got, got_buffers = _hvp_by_forward_mode(net, x, head, v)
+    assert expected.norm() > 1e-2
+    assert float((got - expected).norm() / expected.norm()) <= 1e-10
+    torch.testing.assert_close(got_buffers, expected_buffers, rtol=0, atol=0)
+
+
+def test_torch_batchnorm_runs_as_ncens_under_forward_mode_layers():
+    """torch's own nn.BatchNorm2d (wrong second-order JVP in torch 2.14.1) is handled by ncen's
+    rule inside the block, and gets its class back afterwards; batch statistics without running
+    statistics (track_running_stats=False) also take ncen's rule."""
+    torch.manual_seed(7)
+    net = use_torch_layers(_small_net().double())
+    net[4] = nn.BatchNorm2d(6, track_running_stats=False).double()
+    reference = copy.deepcopy(net)
+    x, head, v = _forward_mode_case(8)
+    expected, _ = _hvp_by_double_backprop(reference, x, head, v)
+    got, _ = _hvp_by_forward_mode(net, x, head, v)
+    assert float((got - expected).norm() / expected.norm()) <= 1e-10
+    assert type(net[1]) is nn.BatchNorm2d and type(net[4]) is nn.BatchNorm2d
+
+
+def test_forward_mode_layers_refuses_other_torch_batch_norms_by_name():
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    with pytest.raises(UsageError, match=r"layer '1' \(torch.nn.modules.batchnorm.BatchNorm1d\)"):
+        with forward_mode_layers([net]):
+            pass
+    net.eval()  # running statistics: an affine map, torch's rule is right
+    with forward_mode_layers([net]):
+        pass
+
+
+def test_forward_mode_under_cpu_bf16_autocast_is_close_to_double_backprop():
+    """``--precision bf16``: the dual forward runs in bf16 like the exact path; the two agree to
+    bf16 rounding."""
+    torch.manual_seed(3)
+    net = _small_net()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(16, 1, 8, 8, generator=gen)
+    head = torch.randn(16, 3, generator=gen)
+    v = torch.randn(x.shape, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, _ = _hvp_by_double_backprop(copy.deepcopy(net), x, head, v)
+        got, _ = _hvp_by_forward_mode(net, x, head, v)
+    assert nn.functional.cosine_similarity(got, expected, dim=0) > 0.999
+    assert (got - expected).norm() < 0.03 * expected.norm()

@@ -1,4 +1,5 @@
-"""The training step: exact double backprop against slow references, and the finite-diff mode."""
+"""The training step: exact double backprop against slow references, and the forward-mode (jvp)
+step against exact."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ncen_cli.archs import build_member
 from ncen_cli.defenses import ncen as ncen_defense
 from ncen_cli.defenses.base import Defense, DefenseInputs
 from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import UsageError
 from ncen_cli.member_parallel import MemberExecutor, ThreadPlan, plan_threads
 from ncen_cli.registry import DEFENSES
-from ncen_cli.train_step import exact_step, finite_diff_step, training_step
+from ncen_cli.train_step import exact_step, jvp_step, training_step
 
 K, B, SHAPE, CLASSES = 3, 8, (1, 8, 8), 3
 HP = {"lambda_cos": 0.5, "lambda_norm": 0.5}  # large weights: the regularizer matters
@@ -148,71 +150,127 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a, b, dim=0))
 
 
-@pytest.mark.parametrize("scheme", ["forward", "central"])
-def test_finite_diff_gradient_agrees_with_exact(scheme):
-    ensemble, x, y = make_case(seed=5)
-    defense = DEFENSES.get("ncen")
-    state = copy.deepcopy(ensemble.state_dict())
-    exact_step(ensemble, defense, HP, x, y)
-    exact_total = param_grad(ensemble)
-    ensemble.load_state_dict(state)
-    ensemble.zero_grad(set_to_none=True)
-    exact_step(ensemble, DEFENSES.get("baseline"), {}, x, y)
-    ce_part = param_grad(ensemble)
-
-    ensemble.load_state_dict(state)
-    ensemble.zero_grad(set_to_none=True)
-    out = finite_diff_step(ensemble, defense, HP, x, y, fd_scale=1e-4, fd_scheme=scheme)
-    fd_total = param_grad(ensemble)
-
-    assert (exact_total - ce_part).norm() > 0.05 * exact_total.norm()  # the regularizer matters
-    assert _cosine(fd_total, exact_total) >= 0.99
-    assert _cosine(fd_total - ce_part, exact_total - ce_part) >= 0.95  # the regularizer's part
-    assert torch.isfinite(out.loss)
+RESNET_HP = {
+    "ncen": HP,
+    "ncen-official": HP,
+    "gal": {"lambda_gal": 0.5},
+    "gpmr": {"lambda_div": 0.1, "lambda_eq": 10.0},
+}
 
 
-def test_central_difference_is_more_accurate_than_forward():
-    ensemble, x, y = make_case(seed=7)
-    defense = DEFENSES.get("ncen")
-    state = copy.deepcopy(ensemble.state_dict())
-    exact_step(ensemble, defense, HP, x, y)
-    exact_total = param_grad(ensemble)
-    errors = {}
-    for scheme in ("forward", "central"):
-        ensemble.load_state_dict(state)
-        ensemble.zero_grad(set_to_none=True)
-        finite_diff_step(ensemble, defense, HP, x, y, fd_scale=1e-2, fd_scheme=scheme)
-        errors[scheme] = float((param_grad(ensemble) - exact_total).norm())
-    assert errors["central"] < errors["forward"]
+@pytest.fixture(scope="module")
+def resnet_case():
+    """3 x resnet20 (ncen's layers) in float64, train mode, a 4-image 28 x 28 batch; and the
+    parameter gradient of the mean CE alone (the step without a regularizer)."""
+    torch.manual_seed(21)
+    ensemble = Ensemble([build_member("resnet20", (1, 28, 28), 10) for _ in range(3)]).double()
+    ensemble.train()
+    gen = torch.Generator().manual_seed(22)
+    x = torch.rand(4, 1, 28, 28, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (4,), generator=gen)
+    plain = copy.deepcopy(ensemble)
+    exact_step(plain, DEFENSES.get("baseline"), {}, x, y)
+    return ensemble, x, y, param_grad(plain)
 
 
-def test_finite_diff_leaves_batchnorm_stats_as_a_single_pass_would():
-    ensemble, x, y = make_case(seed=9, dtype=torch.float32)
-    single = copy.deepcopy(ensemble)
-    single(x)  # one forward pass in train mode: what the running statistics should see
-    for scheme in ("forward", "central"):
-        fd = copy.deepcopy(ensemble)
-        finite_diff_step(fd, DEFENSES.get("ncen"), HP, x, y, fd_scheme=scheme)
-        for (name, a), b in zip(fd.named_buffers(), single.buffers(), strict=True):
-            assert torch.equal(a, b), f"{scheme}: {name} differs from a single pass"
-    assert not torch.equal(single.members[0][1].running_mean, torch.zeros(4))  # stats did move
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
 
 
-def test_finite_diff_without_input_gradients_is_the_plain_step():
+@pytest.mark.parametrize("name", list(RESNET_HP))
+def test_jvp_step_equals_exact_on_resnet20_in_float64(resnet_case, name):
+    """Whole parameter gradient and its regularizer-only part (whole minus the CE-only gradient)
+    to 1e-10 relative; the same loss; BatchNorm buffers equal to exact's after one step."""
+    ensemble, x, y, ce_part = resnet_case
+    results = {}
+    for step in (exact_step, jvp_step):
+        twin = copy.deepcopy(ensemble)
+        out = step(twin, DEFENSES.get(name), RESNET_HP[name], x, y)
+        results[step] = (out, param_grad(twin), list(twin.buffers()))
+    (exact_out, exact_grad, exact_buffers), (jvp_out, jvp_grad, jvp_buffers) = results.values()
+    exact_reg, jvp_reg = exact_grad - ce_part, jvp_grad - ce_part
+    assert exact_reg.norm() > 1e-4 * exact_grad.norm()  # the regularizer part is not empty
+    assert _relative(jvp_grad, exact_grad) <= 1e-10
+    assert _relative(jvp_reg, exact_reg) <= 1e-10
+    torch.testing.assert_close(jvp_out.loss, exact_out.loss, rtol=1e-12, atol=0)
+    for a, b in zip(jvp_buffers, exact_buffers, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+    moved = [b for b in exact_buffers if b.dtype == torch.float64]
+    assert not all(torch.equal(a, b) for a, b in zip(moved, ensemble.buffers(), strict=False))
+
+
+def test_jvp_step_equals_exact_in_float32():
+    """Tiny members built from torch's own layers (nn.BatchNorm2d runs as ncen's under jvp)."""
+    ensemble, x, y = make_case(seed=5, dtype=torch.float32)
+    twin = copy.deepcopy(ensemble)
+    plain = copy.deepcopy(ensemble)
+    exact_step(ensemble, DEFENSES.get("ncen"), HP, x, y)
+    jvp_step(twin, DEFENSES.get("ncen"), HP, x, y)
+    exact_step(plain, DEFENSES.get("baseline"), {}, x, y)
+    ce_part = param_grad(plain)
+    reg = param_grad(ensemble) - ce_part
+    assert reg.norm() > 0.05 * param_grad(ensemble).norm()
+    assert _relative(param_grad(twin), param_grad(ensemble)) <= 1e-5
+    assert _relative(param_grad(twin) - ce_part, reg) <= 1e-5
+    for a, b in zip(twin.buffers(), ensemble.buffers(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert all(type(m[1]) is nn.BatchNorm2d for m in twin.members)  # classes given back
+
+
+def test_no_approximate_mode_remains():
+    """Every approximate regularizer gradient must be reported with its R-part cosine; the only
+    one (finite-diff, R-part cosine 0.08 at initialisation) is retired: the name is now an alias
+    of the exact default, whose R part equals exact's (cosine 1)."""
+    from ncen_cli.train_step import DEFAULT_DOUBLE_BACKPROP, DOUBLE_BACKPROP_MODES
+
+    assert set(DOUBLE_BACKPROP_MODES) == {"jvp", "exact", "finite-diff"}
+    assert DEFAULT_DOUBLE_BACKPROP in ("jvp", "exact")
+    ensemble, x, y = make_case(seed=9)
+    plain, exact, alias = (copy.deepcopy(ensemble) for _ in range(3))
+    exact_step(plain, DEFENSES.get("baseline"), {}, x, y)
+    exact_step(exact, DEFENSES.get("ncen"), HP, x, y)
+    training_step(alias, DEFENSES.get("ncen"), HP, x, y, "finite-diff")
+    ce_part = param_grad(plain)
+    r_cosine = _cosine(param_grad(alias) - ce_part, param_grad(exact) - ce_part)
+    assert r_cosine >= 1 - 1e-12
+
+
+def test_finite_diff_is_a_deprecated_alias_of_the_default(caplog):
+    import ncen_cli.train_step as train_step
+
+    train_step._finite_diff_warned = False
+    ensemble, x, y = make_case(seed=19, dtype=torch.float32)
+    twin = copy.deepcopy(ensemble)
+    with caplog.at_level("WARNING", logger="ncen_cli.train_step"):
+        training_step(ensemble, DEFENSES.get("ncen"), HP, x, y, "finite-diff")
+        training_step(ensemble, DEFENSES.get("ncen"), HP, x, y, "finite-diff")
+    warnings = [r for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()  # once, one line
+    training_step(twin, DEFENSES.get("ncen"), HP, x, y, train_step.DEFAULT_DOUBLE_BACKPROP)
+    training_step(twin, DEFENSES.get("ncen"), HP, x, y, train_step.DEFAULT_DOUBLE_BACKPROP)
+    assert torch.equal(param_grad(ensemble), param_grad(twin))
+
+
+def test_jvp_refuses_a_layer_without_a_correct_forward_mode_rule():
+    ensemble, x, y = make_case(seed=23, dtype=torch.float32)
+    ensemble.members[1][1] = nn.SyncBatchNorm(4)
+    with pytest.raises(UsageError, match=r"jvp does not support layer '1' \(.*SyncBatchNorm\)"):
+        jvp_step(ensemble, DEFENSES.get("ncen"), HP, x, y)
+
+
+def test_jvp_without_input_gradients_is_the_plain_step():
     ensemble, x, y = make_case(seed=11)
     twin = copy.deepcopy(ensemble)
     baseline = DEFENSES.get("baseline")
-    finite_diff_step(ensemble, baseline, {}, x, y)
+    jvp_step(ensemble, baseline, {}, x, y)
     exact_step(twin, baseline, {}, x, y)
     torch.testing.assert_close(param_grad(ensemble), param_grad(twin))
 
 
-def test_unknown_mode_and_scheme_are_usage_errors():
+def test_unknown_mode_is_a_usage_error():
     ensemble, x, y = make_case(seed=13, dtype=torch.float32)
     with pytest.raises(UsageError, match="double-backprop"):
         training_step(ensemble, DEFENSES.get("ncen"), HP, x, y, double_backprop="fast")
-    with pytest.raises(UsageError, match="scheme"):
-        training_step(ensemble, DEFENSES.get("ncen"), HP, x, y, "finite-diff", fd_scheme="backward")
 
 
 def _logit_and_gradient_defense():
@@ -227,11 +285,12 @@ def _logit_and_gradient_defense():
     return Defense("logit-test", "test", {}, terms, needs_input_gradients=True, needs_logits=True)
 
 
-def test_exact_step_routes_the_logits_gradient_of_the_terms():
+@pytest.mark.parametrize("step", [exact_step, jvp_step])
+def test_step_routes_the_logits_gradient_of_the_terms(step):
     ensemble, x, y = make_case(seed=15)
     reference = copy.deepcopy(ensemble)
     defense = _logit_and_gradient_defense()
-    exact_step(ensemble, defense, {"weight": 0.7}, x, y)
+    step(ensemble, defense, {"weight": 0.7}, x, y)
 
     copies = [x.clone().requires_grad_(True) for _ in range(K)]
     logits = torch.stack([m(c) for m, c in zip(reference.members, copies, strict=True)])
@@ -242,7 +301,7 @@ def test_exact_step_routes_the_logits_gradient_of_the_terms():
     torch.testing.assert_close(param_grad(ensemble), param_grad(reference), rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode", ["exact", "finite-diff"])
+@pytest.mark.parametrize("mode", ["exact", "jvp"])
 def test_member_threads_give_the_same_step_as_serial(mode):
     """One worker per member (the CPU default) computes exactly what the serial loop computes."""
     ensemble, x, y = make_case(seed=17, dtype=torch.float32)
@@ -257,7 +316,7 @@ def test_member_threads_give_the_same_step_as_serial(mode):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("mode", ["exact", "finite-diff"])
+@pytest.mark.parametrize("mode", ["exact", "jvp"])
 def test_member_threads_run_under_the_callers_bf16_autocast(mode):
     """Autocast is thread-local: under ``--precision bf16`` (CPU autocast around the step) the
     member workers must compute their forward passes in bf16 too, giving what the serial step

@@ -37,7 +37,7 @@ def test_training_lowers_the_loss(tmp_path):
     assert set(result.history[0].terms) == {"cos", "norm"}
 
 
-@pytest.mark.parametrize("mode", ["exact", "finite-diff"])
+@pytest.mark.parametrize("mode", ["exact", "jvp"])
 def test_bf16_training_on_cpu_keeps_float32_checkpoints(tmp_path, monkeypatch, mode):
     """``--precision bf16`` on the CPU (emulated where the CPU lacks native bf16): finite
     losses, float32 parameters in the checkpoint, the precision recorded."""

@@ -1,50 +1,53 @@
 """One training step: mean member cross-entropy plus a defense's regularizer, back-propagated.
 
-Two ways to get the regularizer's gradient with respect to the parameters:
+The regularizer R is a function of the members' input gradients g_i = d (sum_b CE_i,b) / d x
+(the batch-summed CE; with train-mode BatchNorm each sample's gradient depends on the whole
+batch) and of their logits;
+its parameter gradient needs the derivative of g_i with respect to the parameters. With
+v_i = d R / d g_i held fixed, that is grad_theta <g_i, v_i>. Two exact ways to get it:
 
-* ``exact`` (default): every member runs ONCE forward on its own leaf copy of the batch and takes
-  the input gradients of its batch-summed CE with ``autograd.grad(create_graph=True)``; the
-  defense's terms are evaluated vectorised over members and batch on detached leaves and
-  differentiated (cheap), and
-  each member then back-propagates CE_i / (k B) + <g_i, d R / d g_i> (+ <logits_i, d R / d
-  logits_i>), which carries the double backpropagation. No Python loop over samples; the
-  per-member stages run concurrently on CPU threads when given a threaded
-  :class:`~ncen_cli.member_parallel.MemberExecutor`.
-* ``finite-diff``: the input gradients and the CE parameter gradients come from one ordinary
-  forward-backward without a graph; v = dR/dg is cheap (R is a function of the gradients alone);
-  then d R / d theta = (d g / d theta)^T v is the directional derivative of the parameter gradient
-  along v, estimated by one extra forward-backward (``fd_scheme="forward"``)::
+* ``jvp``: reverse-over-forward. <g_i, v_i> is the directional derivative of CE_i
+  along v_i in input space, d/dt CE_i(theta, x + t v_i) at t = 0, which forward-mode AD computes
+  exactly in one dual forward pass (no step size); one reverse pass then gives its parameter
+  gradient. The input gradients themselves come from an earlier forward-backward without any
+  parameter graph. See :func:`jvp_step`.
+* ``exact`` (default): double backpropagation. The input gradients are taken with
+  ``autograd.grad(create_graph=True)`` and the backward of <g_i, v_i> differentiates the
+  backward pass itself. See :func:`exact_step`.
 
-      d R / d theta_i  ~  [ grad_theta L_i(x + h_i v_i) - grad_theta L_i(x) ] / h_i
-
-  or by two (``fd_scheme="central"``: [grad L(x + h v) - grad L(x - h v)] / 2h, error O(h^2)),
-  with h_i = fd_scale * ||x|| / ||v_i|| per member i (the input moves by ``fd_scale`` of its
-  norm). The extra passes leave BatchNorm running statistics untouched. The measured agreement
-  with ``exact`` and the choice of ``fd_scale`` are in docs/performance.md.
-
-Measured on CPU (docs/performance.md): most of the speed comes from the members' layers
-(``ncen_cli.layers``: Conv2d and BatchNorm2d with hand-written double backwards); member threads
-(one per member, single-threaded operations) beat intra-op threading; channels_last was slower.
+Both give the same parameter gradients (to rounding; tests/test_train_step.py) and update
+BatchNorm running statistics once per step. In both, the defense's terms are evaluated vectorised
+over members and batch on detached leaves and differentiated (cheap); the per-member stages run
+concurrently on CPU threads when given a threaded :class:`~ncen_cli.member_parallel.
+MemberExecutor`. ``finite-diff`` (a difference of two backward passes) is retired: its
+regularizer gradient crossed ReLU kinks and was mostly noise; the name is a deprecated alias of
+the default for one release. Measurements: docs/performance.md. Most of the speed on a CPU comes
+from the members' layers (``ncen_cli.layers``: Conv2d and BatchNorm2d with hand-written double
+backwards and forward-mode rules).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from ncen_cli.defenses.base import Defense, DefenseInputs
 from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import UsageError
-from ncen_cli.layers import input_gradient_pass
+from ncen_cli.layers import forward_mode_layers, input_gradient_pass
 from ncen_cli.member_parallel import SERIAL, MemberExecutor
 
-DOUBLE_BACKPROP_MODES = ("exact", "finite-diff")
-DEFAULT_FD_SCALE = 3e-2
-FD_SCHEMES = ("forward", "central")
+DOUBLE_BACKPROP_MODES = ("exact", "jvp", "finite-diff")  # finite-diff: deprecated alias
+DEFAULT_DOUBLE_BACKPROP = "exact"  # jvp measured slower on the 2-core CPU (docs/performance.md)
+DEFAULT_FD_SCALE = 3e-2  # only for the deprecated --fd-scale option, which is ignored
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,13 +64,11 @@ class _MemberPass:
     """One member's forward (and first backward) on its own leaf copy of the batch.
 
     logits (B, classes) and ce (scalar: CE summed over the batch) are in the autograd graph;
-    input_grad (B, C, H, W) is d ce / d copy (in the graph when taken with create_graph);
-    param_grads: d ce / d theta_i when asked for (finite-diff), else None."""
+    input_grad (B, C, H, W) is d ce / d copy (in the graph when taken with create_graph)."""
 
     logits: torch.Tensor
     ce: torch.Tensor
     input_grad: torch.Tensor | None
-    param_grads: tuple[torch.Tensor, ...] | None = None
 
 
 def _member_pass(
@@ -76,19 +77,18 @@ def _member_pass(
     y: torch.Tensor,
     input_grad: bool,
     create_graph: bool = False,
-    params: list[torch.Tensor] | None = None,
 ) -> _MemberPass:
+    """Member on x (B, C, H, W) with labels y (B,)."""
     copy = x.detach().clone().requires_grad_(input_grad)
     logits = member(copy)
     ce = _summed_ce(logits.unsqueeze(0), y)
     if not input_grad:
         return _MemberPass(logits, ce, None)
-    wanted = [copy, *(params or [])]
     # w.r.t. the input only: the layers need not build parameter-gradient graphs
-    marker = input_gradient_pass() if create_graph and not params else nullcontext()
+    marker = input_gradient_pass() if create_graph else nullcontext()
     with marker:
-        grads = torch.autograd.grad(ce, wanted, create_graph=create_graph)
-    return _MemberPass(logits, ce, grads[0], tuple(grads[1:]) if params else None)
+        (grad,) = torch.autograd.grad(ce, copy, create_graph=create_graph)
+    return _MemberPass(logits, ce, grad)
 
 
 def _trainable(members: list[torch.nn.Module]) -> list[list[torch.Tensor]]:
@@ -185,10 +185,102 @@ def exact_step(
     return _step_output(passes, terms, scale_ce)
 
 
+def jvp_step(
+    ensemble: Ensemble,
+    defense: Defense,
+    hyperparameters: Mapping[str, float],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    executor: MemberExecutor = SERIAL,
+) -> StepOutput:
+    """Same result as :func:`exact_step` (loss, terms, parameter gradients in ``.grad``, one
+    BatchNorm statistics update), with the double backpropagation replaced by reverse-over-
+    forward. Three stages, the first and last per member (concurrently with a threaded executor):
+
+    1. member i on its own leaf copy of the batch, with no parameter graph: logits_i, CE_i and
+       g_i = d CE_i / d x by an ordinary backward (BatchNorm statistics restored afterwards);
+    2. the defense's terms R on detached leaves, v_i = d R / d g_i and u_i = d R / d logits_i;
+    3. member i on the dual input (x, v_i): forward mode gives logits_i and their tangent
+       t_i = J_i v_i, so <g_i, v_i> = <softmax(logits_i) - onehot(y), t_i> exactly (the
+       directional derivative of CE_i along v_i, written from primitives); one reverse pass of
+       CE_i / (k B) + <g_i, v_i> + <logits_i, u_i> over the parameters.
+
+    A defense that does not use input gradients gets the plain step. Raises UsageError for a
+    member layer without a correct forward-mode rule (see :func:`ncen_cli.layers.
+    forward_mode_layers`)."""
+    if not defense.needs_input_gradients:
+        return exact_step(ensemble, defense, hyperparameters, x, y, executor)
+    k, batch = ensemble.k, x.shape[0]
+    members = list(ensemble.members)
+    params = _trainable(members)
+
+    def first(i: int) -> _MemberPass:
+        with _without_parameter_gradients(params[i]), frozen_batchnorm_stats(members[i]):
+            return _member_pass(members[i], x, y, True)
+
+    passes = executor.map(first, k)
+    terms, v, u = _regularizer_gradients(defense, hyperparameters, x, y, passes)
+    scale_ce = 1.0 / (k * batch)
+
+    def dual_forward(i: int) -> torch.Tensor:
+        direction = torch.zeros_like(x) if v is None else v[i].to(x.dtype)
+        dual = forward_ad.make_dual(x.detach(), direction)
+        logits, tangent = forward_ad.unpack_dual(members[i](dual))
+        total = _summed_ce(logits.unsqueeze(0), y) * scale_ce
+        total = total + _ce_directional_derivative(logits, tangent, y)
+        if u is not None:
+            total = total + (logits * u[i]).sum()
+        return total
+
+    def backward(i: int) -> None:
+        totals[i].backward(inputs=params[i] or None)
+
+    with forward_mode_layers(members), forward_ad.dual_level():
+        try:
+            totals = executor.map(dual_forward, k)
+        except NotImplementedError as error:
+            first_line = (str(error).strip() or "?").splitlines()[0]
+            raise UsageError(
+                f"--double-backprop jvp: a member operation has no forward-mode rule "
+                f"({first_line}); use --double-backprop exact"
+            ) from None
+    # outside the dual level: the reverse pass computes no forward-mode tangents
+    executor.map(backward, k)
+    return _step_output(passes, terms, scale_ce)
+
+
+def _ce_directional_derivative(
+    logits: torch.Tensor, tangent: torch.Tensor | None, y: torch.Tensor
+) -> torch.Tensor:
+    """d/dt sum_b CE(logits_b + t tangent_b, y_b) at t = 0 = <softmax(logits) - onehot(y),
+    tangent>, a scalar differentiable in reverse through both arguments. logits, tangent
+    (B, classes); half precision is promoted to float32. (torch's cross_entropy cannot be
+    differentiated in reverse after a forward-mode pass in torch 2.14.1.)"""
+    if tangent is None:  # the logits do not depend on the input
+        return logits.new_zeros((), dtype=torch.promote_types(logits.dtype, torch.float32))
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits, tangent = logits.float(), tangent.float()
+    residual = torch.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    return (residual * tangent).sum()
+
+
+@contextmanager
+def _without_parameter_gradients(params: list[torch.Tensor]):
+    """Within this block ``params`` (all requiring gradients) do not: a forward-backward builds no
+    parameter graph and computes no parameter gradient."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 @contextmanager
 def frozen_batchnorm_stats(module: torch.nn.Module):
-    """Restore every buffer of ``module`` (BatchNorm running statistics) afterwards: the extra
-    finite-difference pass must not update them."""
+    """Restore every buffer of ``module`` (BatchNorm running statistics) afterwards: a pass that
+    is not the step's counted forward must not update them."""
     saved = [b.detach().clone() for b in module.buffers()]
     try:
         yield
@@ -196,68 +288,6 @@ def frozen_batchnorm_stats(module: torch.nn.Module):
         with torch.no_grad():
             for buf, old in zip(module.buffers(), saved, strict=True):
                 buf.copy_(old)
-
-
-def finite_diff_step(
-    ensemble: Ensemble,
-    defense: Defense,
-    hyperparameters: Mapping[str, float],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    fd_scale: float = DEFAULT_FD_SCALE,
-    fd_scheme: str = "forward",
-    executor: MemberExecutor = SERIAL,
-) -> StepOutput:
-    """Like :func:`exact_step` but with a finite-difference Hessian-vector product (see module doc).
-
-    ``fd_scheme``: ``"forward"`` (one extra forward-backward, error O(h)) or ``"central"`` (two
-    extra, error O(h^2)). Writes parameter gradients into ``.grad`` (accumulating). Per member
-    (concurrently with a threaded ``executor``): one forward-backward for g_i and d CE_i / d theta;
-    then, after v = d R / d g, the extra pass(es) at x +- h_i v_i."""
-    if fd_scheme not in FD_SCHEMES:
-        raise UsageError(f"unknown finite-difference scheme '{fd_scheme}'; choose {FD_SCHEMES}")
-    if not defense.needs_input_gradients:
-        return exact_step(ensemble, defense, hyperparameters, x, y, executor)
-    if defense.needs_logits:
-        raise UsageError(
-            f"--double-backprop finite-diff supports defenses that depend only on input gradients; "
-            f"'{defense.name}' also uses the members' outputs: use --double-backprop exact"
-        )
-    k, batch = ensemble.k, x.shape[0]
-    members = list(ensemble.members)
-    params = _trainable(members)
-
-    def first(i: int) -> _MemberPass:
-        return _member_pass(members[i], x, y, True, params=params[i])
-
-    passes = executor.map(first, k)
-    terms, v, _ = _regularizer_gradients(defense, hyperparameters, x, y, passes)
-    if v is None:
-        v = torch.zeros(k, *x.shape, dtype=x.dtype, device=x.device)
-    v_norms = v.flatten(1).norm(dim=1).tolist()  # k floats
-    x_norm = float(x.detach().flatten().norm())
-    scale_ce = 1.0 / (k * batch)
-
-    def second(i: int) -> None:
-        grad_at_x = passes[i].param_grads
-        differences = None  # (grad_plus - grad_minus) / denominator, per parameter
-        if v_norms[i] > 0:  # a member with v = 0 gets only its CE gradient
-            h = fd_scale * x_norm / v_norms[i]
-            grad_plus = _param_grads_at(members[i], x + h * v[i], y, params[i])
-            if fd_scheme == "central":
-                grad_minus = _param_grads_at(members[i], x - h * v[i], y, params[i])
-                inv = 1.0 / (2 * h)
-            else:
-                grad_minus, inv = grad_at_x, 1.0 / h
-            differences = [(gp - gm) * inv for gp, gm in zip(grad_plus, grad_minus, strict=True)]
-        for j, p in enumerate(params[i]):
-            update = grad_at_x[j] * scale_ce
-            if differences is not None:
-                update = update + differences[j]
-            p.grad = update if p.grad is None else p.grad + update
-
-    executor.map(second, k)
-    return _step_output(passes, terms, scale_ce)
 
 
 def _summed_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -269,35 +299,41 @@ def _summed_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="sum")
 
 
-def _param_grads_at(
-    member: torch.nn.Module, inputs: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor]
-) -> tuple[torch.Tensor, ...]:
-    """Gradients of member CE (summed over the batch) w.r.t. ``params`` at ``inputs``
-    (B, C, H, W), leaving the member's BatchNorm running statistics as they were."""
-    with frozen_batchnorm_stats(member):
-        ce = _summed_ce(member(inputs.detach()).unsqueeze(0), y)
-        return torch.autograd.grad(ce, params)
-
-
 def training_step(
     ensemble: Ensemble,
     defense: Defense,
     hyperparameters: Mapping[str, float],
     x: torch.Tensor,
     y: torch.Tensor,
-    double_backprop: str = "exact",
-    fd_scale: float = DEFAULT_FD_SCALE,
-    fd_scheme: str = "forward",
+    double_backprop: str = DEFAULT_DOUBLE_BACKPROP,
     executor: MemberExecutor = SERIAL,
 ) -> StepOutput:
-    """Dispatch on ``double_backprop`` (``exact`` or ``finite-diff``, whose difference scheme is
-    ``fd_scheme``); gradients land in ``.grad``."""
-    if double_backprop == "exact":
-        return exact_step(ensemble, defense, hyperparameters, x, y, executor)
-    if double_backprop == "finite-diff":
-        return finite_diff_step(
-            ensemble, defense, hyperparameters, x, y, fd_scale, fd_scheme, executor
+    """Dispatch on ``double_backprop`` (``exact`` or ``jvp``; the retired ``finite-diff`` runs
+    the default mode after a one-time deprecation warning); gradients land in ``.grad``."""
+    step = {"jvp": jvp_step, "exact": exact_step}.get(resolve_double_backprop(double_backprop))
+    return step(ensemble, defense, hyperparameters, x, y, executor)
+
+
+def resolve_double_backprop(mode: str) -> str:
+    """The mode that runs for ``--double-backprop mode``: ``finite-diff`` (retired: its
+    regularizer gradient was mostly noise, docs/performance.md) is an alias of the default,
+    ``exact``, with
+    a deprecation warning logged once per process. Raises UsageError for unknown modes."""
+    global _finite_diff_warned
+    if mode == "finite-diff":
+        if not _finite_diff_warned:
+            _finite_diff_warned = True
+            logger.warning(
+                "--double-backprop finite-diff is deprecated (its regularizer gradient was "
+                "inaccurate) and now runs the exact '%s' mode; it will be removed in the next "
+                "release", DEFAULT_DOUBLE_BACKPROP,
+            )
+        return DEFAULT_DOUBLE_BACKPROP
+    if mode not in ("jvp", "exact"):
+        raise UsageError(
+            f"unknown --double-backprop '{mode}'; choose {', '.join(DOUBLE_BACKPROP_MODES)}"
         )
-    raise UsageError(
-        f"unknown --double-backprop '{double_backprop}'; choose {', '.join(DOUBLE_BACKPROP_MODES)}"
-    )
+    return mode
+
+
+_finite_diff_warned = False

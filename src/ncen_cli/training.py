@@ -35,7 +35,12 @@ from ncen_cli.ensemble import Ensemble, build_ensemble, parse_members
 from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
 from ncen_cli.member_parallel import MemberExecutor, plan_threads
 from ncen_cli.registry import DEFENSES
-from ncen_cli.train_step import DEFAULT_FD_SCALE, DOUBLE_BACKPROP_MODES, training_step
+from ncen_cli.train_step import (
+    DEFAULT_DOUBLE_BACKPROP,
+    DEFAULT_FD_SCALE,
+    DOUBLE_BACKPROP_MODES,
+    training_step,
+)
 
 log = logging.getLogger("ncen.train")
 RESUME_SUFFIX = ".resume.safetensors"
@@ -77,8 +82,8 @@ class TrainConfig:
     threads: int | None = None
     member_threads: int | None = None
     deterministic: bool = False
-    double_backprop: str = "exact"
-    fd_scale: float = DEFAULT_FD_SCALE
+    double_backprop: str = DEFAULT_DOUBLE_BACKPROP
+    fd_scale: float = DEFAULT_FD_SCALE  # deprecated with finite-diff: accepted, ignored
     eval_batch_size: int = 500
     download: bool = True
 
@@ -297,14 +302,6 @@ def train(
         noise_sigma=noise_eps / 2 if config.noise else 0.0,
     )
     defense, hyperparameters = resolve_defense(config, family)
-    if (
-        config.double_backprop == "finite-diff"
-        and defense.needs_logits
-        and defense.needs_input_gradients
-    ):
-        raise UsageError(
-            f"--double-backprop finite-diff does not support '{defense.name}'; use exact"
-        )
 
     recorded = {
         **dataclasses.asdict(config),
@@ -472,7 +469,6 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
                 xb,
                 yb,
                 config.double_backprop,
-                config.fd_scale,
                 executor=run.executor,
             )
         if not distributed.all_true(bool(torch.isfinite(result.loss))):  # all ranks stop together

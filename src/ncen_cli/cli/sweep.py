@@ -49,7 +49,7 @@ from ncen_cli.errors import UsageError
 from ncen_cli.paths import runs_dir
 from ncen_cli.registry import DATASETS
 from ncen_cli.sweep import Cell, CellResult, SweepResult, format_value, run_sweep, score_runs_for
-from ncen_cli.train_step import DEFAULT_FD_SCALE
+from ncen_cli.train_step import DEFAULT_DOUBLE_BACKPROP, DEFAULT_FD_SCALE
 from ncen_cli.training import EpochRecord
 
 
@@ -81,7 +81,7 @@ def sweep_command(
     threads: Threads = None,
     member_threads: MemberThreads = None,
     deterministic: Deterministic = False,
-    double_backprop: DoubleBackprop = "exact",
+    double_backprop: DoubleBackprop = DEFAULT_DOUBLE_BACKPROP,
     fd_scale: FdScale = DEFAULT_FD_SCALE,
     download: Download = True,
     attacks: Annotated[str | None, typer.Option(help="Scoring attacks, comma list (default: the "

@@ -20,7 +20,7 @@ from ncen_cli.cli.common import (
 from ncen_cli.ensemble import parse_members
 from ncen_cli.errors import UsageError
 from ncen_cli.paths import new_run_path
-from ncen_cli.train_step import DEFAULT_FD_SCALE
+from ncen_cli.train_step import DEFAULT_DOUBLE_BACKPROP, DEFAULT_FD_SCALE
 from ncen_cli.training import EpochRecord, TrainConfig, train
 
 # Option declarations shared with `ncen sweep` (which trains one ensemble per grid cell).
@@ -72,8 +72,14 @@ MemberThreads = Annotated[
     ),
 ]
 Deterministic = Annotated[bool, typer.Option(help="Deterministic algorithms.")]
-DoubleBackprop = Annotated[str, typer.Option(help="exact or finite-diff.")]
-FdScale = Annotated[float, typer.Option(help="finite-diff step as a fraction of ||x||.")]
+DoubleBackprop = Annotated[
+    str,
+    typer.Option(
+        help="How the regularizer's gradient is differentiated, both exact: exact (double "
+        "backprop, default) or jvp (forward mode). finite-diff is deprecated (runs exact)."
+    ),
+]
+FdScale = Annotated[float, typer.Option(help="Deprecated and ignored (finite-diff is retired).")]
 Download = Annotated[bool, typer.Option(help="Download missing datasets into the cache.")]
 
 
@@ -193,7 +199,7 @@ def train_command(
     threads: Threads = None,
     member_threads: MemberThreads = None,
     deterministic: Deterministic = False,
-    double_backprop: DoubleBackprop = "exact",
+    double_backprop: DoubleBackprop = DEFAULT_DOUBLE_BACKPROP,
     fd_scale: FdScale = DEFAULT_FD_SCALE,
     download: Download = True,
     out: Annotated[

@@ -65,8 +65,7 @@ class Defense:
             scalar terms (batch-averaged, already multiplied by their weights).
         needs_input_gradients: whether ``inputs.input_grads`` must be computed (double backprop).
         needs_logits: whether the terms depend on ``inputs.logits`` (not only on the input
-            gradients). ``--double-backprop finite-diff`` supports only terms that depend on input
-            gradients alone.
+            gradients).
     """
 
     name: str

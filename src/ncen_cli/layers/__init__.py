@@ -13,7 +13,15 @@ backward and finite differences.
 respect to the *inputs only*: inside it the layers do not build graphs for parameter gradients
 that nobody asked for (torch's own layers know this from the engine; a custom autograd Function
 does not).
+
+:func:`forward_mode_layers` prepares a module for forward-mode AD differentiated in reverse
+(``--double-backprop jvp``): torch's own train-mode batch norm has a wrong second-order JVP in
+torch 2.14.1 (pytorch issue 196699), so its ``nn.BatchNorm2d`` layers run as ncen's meanwhile, and
+other train-mode normalisation layers built on it are refused.
 """
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -35,4 +43,46 @@ def use_torch_layers(module: nn.Module) -> nn.Module:
     return module
 
 
-__all__ = ["BatchNorm2d", "Conv2d", "input_gradient_pass", "use_torch_layers"]
+@contextmanager
+def forward_mode_layers(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within this block every torch ``nn.BatchNorm2d`` inside ``modules`` runs as ncen's
+    :class:`BatchNorm2d` (same parameters, buffers and values; the classes are restored on exit).
+
+    Raises UsageError naming the first other batch- or instance-norm layer that normalises with
+    batch statistics (its forward-mode rule is torch's, wrong in reverse)."""
+    from ncen_cli.errors import UsageError
+
+    swapped = []
+    try:
+        for module in modules:
+            for name, sub in module.named_modules():
+                if type(sub) is nn.BatchNorm2d:
+                    sub.__class__ = BatchNorm2d
+                    swapped.append(sub)
+                elif _uses_torch_batch_statistics(sub):
+                    raise UsageError(
+                        f"--double-backprop jvp does not support layer '{name}' "
+                        f"({type(sub).__module__}.{type(sub).__qualname__}): torch's forward-mode "
+                        "rule for it is wrong in train mode; use ncen_cli.layers.BatchNorm2d "
+                        "or --double-backprop exact"
+                    )
+        yield
+    finally:
+        for sub in swapped:
+            sub.__class__ = nn.BatchNorm2d
+
+
+def _uses_torch_batch_statistics(module: nn.Module) -> bool:
+    """A torch batch/instance norm (not ncen's) that normalises with batch statistics."""
+    if isinstance(module, BatchNorm2d):
+        return False
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.training or module.running_mean is None
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return module.training or not module.track_running_stats
+    return False
+
+
+__all__ = [
+    "BatchNorm2d", "Conv2d", "forward_mode_layers", "input_gradient_pass", "use_torch_layers"
+]

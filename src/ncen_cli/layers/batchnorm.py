@@ -24,15 +24,24 @@ and d r / d x_i = -r^2 x_hat_i / M gives, with m_U = mean(U):
     d/dgamma = r M (m_{AG} - m_A m_G - m_{A x_hat} m_{G x_hat})
 
 Checked against torch's own double backward in float64 (tests/test_layers.py).
+
+Forward mode (``--double-backprop jvp``): the tangent of train-mode batch norm along an input
+tangent T is J T = gamma r (T - m_T - x_hat m_{T x_hat}), the first backward's formula for gx
+with G = T (the Jacobian with respect to x is self-adjoint). So under a dual tensor the layer
+returns the primal from torch's fused forward and the tangent from :class:`_BatchNormBackward`
+applied to T, whose closed-form backward above makes the tangent exactly differentiable in
+reverse (reverse-over-forward). torch's own ``batch_norm`` forward-mode rule cannot be used for
+that: in torch 2.14.1 its second-order JVP in train mode is wrong (pytorch issue 196699).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
-from ncen_cli.layers.context import parameter_gradients_wanted
+from ncen_cli.layers.context import parameter_gradients_wanted, split_dual
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -41,7 +50,10 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 class _BatchNormTrain(torch.autograd.Function):
-    """Training-mode batch norm (batch statistics, running statistics updated in place)."""
+    """Training-mode batch norm (batch statistics, running statistics updated in place when given).
+
+    Returns y (shape of x) and the batch's per-channel mean and inverse standard deviation (C,),
+    the latter two not differentiable (for the forward-mode tangent)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
@@ -50,10 +62,11 @@ class _BatchNormTrain(torch.autograd.Function):
         )
         ctx.save_for_backward(x, weight, save_mean, save_invstd)
         ctx.eps = eps
-        return y
+        ctx.mark_non_differentiable(save_mean, save_invstd)
+        return y, save_mean, save_invstd
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, _grad_mean, _grad_invstd):
         x, weight, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the input gradient will be differentiated
             gx, gw, gb = _BatchNormBackward.apply(grad_y, x, weight, mean, invstd, ctx.eps)
@@ -135,17 +148,35 @@ class _BatchNormBackward(torch.autograd.Function):
         return d_g, d_x, d_gamma, None, None, None
 
 
+def _batch_norm_dual(
+    x: torch.Tensor, weight, bias, running_mean, running_var, momentum: float, eps: float
+) -> torch.Tensor:
+    """Train-mode batch norm of a dual tensor x: primal by torch's fused kernel, tangent by the
+    self-adjoint first backward (module doc), both differentiable in reverse."""
+    primal, tangent = split_dual(x)
+    y, mean, invstd = _BatchNormTrain.apply(
+        primal, weight, bias, running_mean, running_var, momentum, eps
+    )
+    y_tangent = _BatchNormBackward.apply(tangent, primal, weight, mean, invstd, eps)[0]
+    return forward_ad.make_dual(y, y_tangent)
+
+
 class BatchNorm2d(nn.BatchNorm2d):
-    """``torch.nn.BatchNorm2d`` with a cheap double backward in training mode (see module doc).
+    """``torch.nn.BatchNorm2d`` with a cheap double backward in training mode and a forward-mode
+    rule that is exactly differentiable in reverse (see module doc).
 
     Shapes: (N, C, H, W) -> (N, C, H, W). Eval mode, ``track_running_stats=False`` and CUDA
-    autocast use torch's own path. Under CPU autocast a bf16 input is normalised with the
-    float32 parameters and statistics, as torch's batch norm does (batch norm is not an
-    autocast-cast op); the double backward's per-channel sums are taken in float32 and its
-    input-sized results are cast back to the input's dtype by autograd."""
+    autocast use torch's own path, except for a dual (forward-mode) input in training mode,
+    which always takes ncen's path (torch's is wrong there). Under CPU autocast a bf16 input is
+    normalised with the float32 parameters and statistics, as torch's batch norm does (batch norm
+    is not an autocast-cast op); the double backward's per-channel sums are taken in float32 and
+    its input-sized results are cast back to the input's dtype by autograd."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
+        batch_statistics = self.training or self.running_mean is None
+        if batch_statistics and split_dual(x)[1] is not None:
+            return self._forward_dual(x)
         if not (
             self.training
             and self.track_running_stats
@@ -160,5 +191,16 @@ class BatchNorm2d(nn.BatchNorm2d):
             momentum = 1.0 / float(self.num_batches_tracked)
         return _BatchNormTrain.apply(
             x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps
-        )
+        )[0]
+
+    def _forward_dual(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        track = self.training and self.track_running_stats
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if track:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        running = (self.running_mean, self.running_var) if track else (None, None)
+        return _batch_norm_dual(x, self.weight, self.bias, *running, momentum, self.eps)
 

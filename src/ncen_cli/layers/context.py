@@ -1,10 +1,13 @@
-"""The "input gradients only" marker shared by the fast-double-backward layers."""
+"""The "input gradients only" marker and the dual-tensor test shared by ncen's layers."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import torch
+from torch.autograd import forward_ad
 
 _lock = threading.Lock()
 _depth = 0
@@ -35,3 +38,10 @@ def input_gradient_pass() -> Iterator[None]:
 def parameter_gradients_wanted() -> bool:
     """False inside :func:`input_gradient_pass`."""
     return _depth == 0
+
+
+def split_dual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(primal, tangent) of a forward-mode dual tensor; (x, None) for an ordinary tensor or
+    outside a ``forward_ad.dual_level``."""
+    primal, tangent = forward_ad.unpack_dual(x)
+    return (x, None) if tangent is None else (primal, tangent)

@@ -12,15 +12,20 @@ of the transposed tensors whose kernel is the whole output map, which on a CPU m
 (docs/performance.md). The weight and bias gradients, when asked for with ``create_graph``
 outside :func:`~ncen_cli.layers.input_gradient_pass`, come from torch's differentiable
 ``convolution_backward`` as usual.
+
+Forward mode (``--double-backprop jvp``): a dual input (x, T) gives the dual output
+(conv(x, W) + b, conv(T, W)), both through :class:`_Conv2dFunction`, so reverse mode through the
+tangent uses the same fused kernels as an ordinary backward.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
-from ncen_cli.layers.context import parameter_gradients_wanted
+from ncen_cli.layers.context import parameter_gradients_wanted, split_dual
 
 
 def _conv_backward(grad_out, x, weight, has_bias, geometry, mask):
@@ -87,6 +92,15 @@ class _ConvInputGradient(torch.autograd.Function):
         return d_gout, d_weight, None, None
 
 
+def _convolve(x: torch.Tensor, weight, bias, geometry) -> torch.Tensor:
+    """_Conv2dFunction on an ordinary or a dual (forward-mode) input x."""
+    primal, tangent = split_dual(x)
+    if tangent is None:
+        return _Conv2dFunction.apply(x, weight, bias, geometry)
+    y = _Conv2dFunction.apply(primal, weight, bias, geometry)
+    return forward_ad.make_dual(y, _Conv2dFunction.apply(tangent, weight, None, geometry))
+
+
 class Conv2d(nn.Conv2d):
     """``torch.nn.Conv2d`` with the fast double backward above for zero padding given as
     integers (other configurations use torch's path). (N, C_in, H, W) -> (N, C_out, H', W').
@@ -103,10 +117,10 @@ class Conv2d(nn.Conv2d):
         geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         device = x.device.type
         if not torch.is_autocast_enabled(device):
-            return _Conv2dFunction.apply(x, self.weight, self.bias, geometry)
+            return _convolve(x, self.weight, self.bias, geometry)
         if device != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
             return super().forward(x)
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
             bias = None if self.bias is None else self.bias.to(dtype)
-            return _Conv2dFunction.apply(x.to(dtype), self.weight.to(dtype), bias, geometry)
+            return _convolve(x.to(dtype), self.weight.to(dtype), bias, geometry)
