@@ -16,6 +16,7 @@ from ncen_cli.checkpoint import load_ensemble, read_metadata
 from ncen_cli.cli.common import (
     app,
     check_eps,
+    claim_output,
     err_console,
     handle_errors,
     out_console,
@@ -95,6 +96,7 @@ def transfer_command(
                                               "when several attacks are given).")] = False,
     png: Annotated[Path | None, typer.Option(help="Also save a heat map PNG (needs matplotlib).")]
     = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --png.")] = False,
 ) -> None:
     """Craft adversarial examples on each member; evaluate them on every member and the ensemble."""
     check_eps([eps])
@@ -109,6 +111,7 @@ def transfer_command(
         require_matplotlib()  # fail before the slow part
         if png.is_dir():
             raise UsageError(f"--png {png} is a folder; give a file name")
+        claim_output(png, overwrite, "--png")
     names = parse_name_list(attack, "--attack")
     attacks = {name: ATTACKS.get(name) for name in names}
     settings = {name: resolve_settings(obj, eps, steps, step_size, restarts)
