@@ -437,14 +437,14 @@ _RESULT_FIELDS: dict[str, Callable[[Any], bool]] = {
 
 
 def _check_result(data: Any, path: Path) -> None:
-    """UsageError saying which file to delete unless ``data`` is a well-formed cell result."""
+    """UsageError saying what to delete unless ``data`` is a well-formed cell result."""
+    rerun = f"delete the cell's folder {path.parent} to rerun the cell"
     if not isinstance(data, dict):
-        raise UsageError(f"{path} is not a cell result; delete it to rerun the cell")
+        raise UsageError(f"{path} is not a readable cell result; {rerun}")
     optional = ("attack_results", "checks", "error")
     for key, test in _RESULT_FIELDS.items():
         if (key in data and not test(data[key])) or (key not in data and key not in optional):
-            raise UsageError(f"{path}: '{key}' is missing or of the wrong type; delete it to "
-                             "rerun the cell")
+            raise UsageError(f"{path}: '{key}' is missing or of the wrong type; {rerun}")
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -471,8 +471,10 @@ def _finished(out_dir: Path, cell: Cell, shared: dict[str, Any]) -> CellResult |
     path = _result_path(out_dir, cell)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except OSError:
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        data = None
     _check_result(data, path)
     if data.get("shared") != shared or data.get("lambda_cos") != cell.lambda_cos \
             or data.get("lambda_norm") != cell.lambda_norm:

@@ -107,6 +107,8 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UsageError(f"--lr must be a positive number, got {self.lr}")
         check_seed(self.seed)
+        if self.lr > MAX_LR:  # Adam's first step is 10 x lr: 3.4e37 already overflows float32
+            raise UsageError(f"--lr must be <= {MAX_LR:g}, got {self.lr:g}")
         for name, count in (("--batch-size", self.batch_size), ("--epochs", self.epochs),
                             ("--eval-batch-size", self.eval_batch_size),
                             ("--train-limit", self.train_limit), ("--test-limit", self.test_limit)):
@@ -130,6 +132,7 @@ class TrainConfig:
 
 
 MAX_COUNT = 2**31 - 1
+MAX_LR = 1e3
 
 
 def check_int_range(option: str, value: int | None, low: int, high: int) -> None:
@@ -304,11 +307,15 @@ def _check_resume_names(
     if not members <= names:
         raise _bad_resume(path, f"{len(members - names)} member tensors are missing")
     n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    fields: dict[int, set[str]] = {}
     for name in names - members - {"rng.torch"}:
         parts = name.split(".", 2)
         if len(parts) != 3 or parts[0] != "optim" or not parts[1].isdigit() \
                 or int(parts[1]) >= n_params:
             raise _bad_resume(path, f"unexpected tensor {name[:60]!r}")
+        fields.setdefault(int(parts[1]), set()).add(parts[2])
+    if fields and (len(fields) != n_params or len({frozenset(f) for f in fields.values()}) != 1):
+        raise _bad_resume(path, "the optimizer state does not cover every parameter alike")
     if "rng.torch" not in names:
         raise _bad_resume(path, "rng.torch is missing")
 

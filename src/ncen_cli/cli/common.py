@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 import math
@@ -11,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from safetensors import SafetensorError
@@ -29,6 +30,10 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+# what the running command holds until it ends (output locks): see claim_output
+_COMMAND_RESOURCES: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar(
+    "ncen_command_resources", default=None
+)
 
 
 def err_console() -> Console:
@@ -58,8 +63,11 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         previous = _set_sigint(signal.default_int_handler)
+        resources = contextlib.ExitStack()
+        token = _COMMAND_RESOURCES.set(resources)
         try:
-            return func(*args, **kwargs)
+            with resources:  # output locks taken by claim_output, released when the command ends
+                return func(*args, **kwargs)
         except NcenError as exc:
             raise fail(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
@@ -71,6 +79,7 @@ def handle_errors(func: F) -> F:
         except OverflowError as exc:  # an option too large for a C integer or a float32
             raise fail(f"a value is out of range ({exc})", 2) from None
         finally:
+            _COMMAND_RESOURCES.reset(token)
             if previous is not None:
                 _set_sigint(previous)
 
@@ -97,11 +106,10 @@ def claim_output(path: Path | None, overwrite: bool, option: str = "--out") -> N
     check_output(path, overwrite, option)
     if not distributed.is_main_process():
         return
-    lock = output_lock(path, option)
-    lock.__enter__()
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None:
-        ctx.call_on_close(lambda: lock.__exit__(None, None, None))
+    stack = _COMMAND_RESOURCES.get()
+    if stack is None:
+        raise RuntimeError("claim_output is for commands wrapped in handle_errors")
+    stack.enter_context(output_lock(path, option))
 
 
 def print_json(payload: Any) -> None:
