@@ -126,9 +126,14 @@ def output_lock(output: str | Path, option: str = "--out") -> Iterator[Path]:
     taken over; stale temporary files of ``output`` are removed once the lock is held.
     """
     output = Path(output)
+    created = [p for p in (output.parent, *output.parent.parents) if not p.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     lock = lock_path(output)
-    fd = _acquire(lock, option, output)
+    try:
+        fd = _acquire(lock, option, output)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         previous = _read_owner(fd)
         if previous != "an unknown process":
@@ -142,3 +147,11 @@ def output_lock(output: str | Path, option: str = "--out") -> Iterator[Path]:
         with contextlib.suppress(OSError):
             lock.unlink()
         os.close(fd)
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed run created for its output, deepest first, if still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()

@@ -255,10 +255,16 @@ def _load_resume_state(
         if members[name].shape != ref.shape or members[name].dtype != ref.dtype:
             raise _bad_resume(path, f"tensor members.{name} is {members[name].dtype} "
                               f"{tuple(members[name].shape)}, expected {tuple(ref.shape)}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
+            ref = params[int(index)]
+            expected = ((), torch.float32) if name == "step" else (ref.shape, ref.dtype)
+            if (value.shape, value.dtype) != expected:
+                raise _bad_resume(path, f"tensor {key} is {value.dtype} {tuple(value.shape)}, "
+                                  f"expected {expected[1]} {tuple(expected[0])}")
             opt_state.setdefault(int(index), {})[name] = value
     rng = tensors["rng.torch"]
     if rng.dtype != torch.uint8 or rng.ndim != 1:
