@@ -65,18 +65,25 @@ def assert_clean_failure(args: list[str], folder: Path) -> str:
 
 # --------------------------------------------------------------------- values of the wrong kind
 
-def _nested(depth: int) -> object:
-    value: object = 0
-    for _ in range(depth):
-        value = [value]
-    return value
+DEEP_MARK = "\u0000deep"
+
+
+def _deep_text(depth: int) -> str:
+    """JSON text of a list nested ``depth`` levels (deeper than json.dumps itself could write)."""
+    return "[" * depth + "0" + "]" * depth
+
+
+def _dumps(value: object, deep: str | None = None) -> str:
+    """json.dumps, with the string DEEP_MARK anywhere in ``value`` replaced by ``deep`` text."""
+    text = json.dumps(value)
+    return text.replace(json.dumps(DEEP_MARK), deep) if deep is not None else text
 
 
 JUNK = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
                  st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12),
                  st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4),
                                                                       st.integers(), max_size=2))
-DEEP = st.integers(40, 3000).map(_nested)
+DEEP = st.integers(40, 200_000).map(_deep_text)  # JSON text
 
 
 def _not(kinds: tuple[type, ...]) -> st.SearchStrategy:
@@ -111,7 +118,8 @@ BAD_METADATA: dict[str, st.SearchStrategy] = {
     "hyperparameters": st.one_of(_not((dict,)), st.dictionaries(
         st.text(max_size=5), st.one_of(st.text(max_size=3), st.none(), st.lists(st.integers())),
         min_size=1, max_size=3)),
-    "classes": st.lists(st.text(min_size=1, max_size=3), min_size=2, max_size=9),  # not 4 names
+    "classes": st.one_of(_not((list,)), st.lists(st.text(min_size=1, max_size=3), min_size=2,
+                                                  max_size=9).filter(lambda v: len(v) != 4)),
 }
 
 
@@ -149,8 +157,8 @@ def test_fuzz_checkpoint_metadata(template, data):
     meta = dict(meta)
     key = data.draw(st.sampled_from(sorted(BAD_METADATA) + ["deep", "text", "drop"]), label="key")
     if key == "deep":
-        meta[data.draw(st.sampled_from(sorted(meta)))] = data.draw(DEEP)
-        header = json.dumps(meta)
+        meta[data.draw(st.sampled_from(sorted(meta)))] = DEEP_MARK
+        header = _dumps(meta, data.draw(DEEP))
     elif key == "text":  # the ncen entry is not a JSON object at all
         header = data.draw(st.one_of(st.text(max_size=30), JUNK.map(json.dumps)).filter(
             lambda t: not t.strip().startswith("{")))
@@ -337,7 +345,7 @@ RESUME_KEYS = {
     "epochs_done": st.one_of(st.text(max_size=6), st.integers(2, 2**70).map(str),
                              st.just("0"), st.just("-1")).filter(
         lambda t: not (t.isdigit() and int(t) == 1)),
-    "config": st.one_of(st.text(max_size=10), JUNK.map(json.dumps), DEEP.map(json.dumps)),
+    "config": st.one_of(st.text(max_size=10), JUNK.map(json.dumps), DEEP),
     "param_groups": st.one_of(
         _not((list,)).map(json.dumps),
         st.lists(_not((dict,)), min_size=1, max_size=2).map(json.dumps),
@@ -349,7 +357,7 @@ RESUME_KEYS = {
         st.just("[]"),
         st.lists(st.dictionaries(st.text(max_size=4), JUNK, max_size=3), min_size=1,
                  max_size=2).map(json.dumps),
-        DEEP.map(json.dumps)),
+        DEEP),
 }
 
 
@@ -416,7 +424,7 @@ MANIFEST_KEYS = {
     "format": JUNK,
     "schema_version": st.one_of(_not((int,)), st.booleans(), st.integers(max_value=0),
                                 st.integers(2, 2**70)),
-    "shared": st.one_of(_not((dict,)), DEEP),
+    "shared": _not((dict,)),
     "grid": st.one_of(_not((dict,)), st.fixed_dictionaries({"lambda_cos": st.one_of(
         _not((list,)), st.lists(st.one_of(st.text(max_size=3), st.none()), min_size=1,
                                 max_size=3))})),
@@ -452,18 +460,27 @@ def test_fuzz_sweep_folders(finished_sweep, data):
             path.write_text(data.draw(st.one_of(st.text(max_size=30), JUNK.map(json.dumps)).filter(
                 lambda t: not t.strip().startswith("{"))))
         elif kind == "deep":
-            path.write_text(json.dumps(data.draw(DEEP)))
+            content[data.draw(st.sampled_from(sorted(content)))] = DEEP_MARK
+            path.write_text(_dumps(content, data.draw(DEEP)))
         elif kind == "folder":
             path.unlink()
             path.mkdir()
-        elif kind == "drop":
-            content.pop(data.draw(st.sampled_from(sorted(keys))))
+        elif kind == "drop":  # a manifest without "grid" is valid: the run writes it again
+            content.pop(data.draw(st.sampled_from(sorted(set(keys) - {"grid"}))))
             path.write_text(json.dumps(content))
         else:
             content[kind] = data.draw(keys[kind], label=kind)
             path.write_text(json.dumps(content))
-        if kind == "folder" and target == "result":
-            # a result folder is "no result": the cell's finished checkpoint then has no resume
-            # state, which must be an error too, never a silent retrain over it
-            pass
         assert_clean_failure([*SWEEP, "--out", str(folder)], Path(tmp))
+
+
+def test_damaged_torchvision_files_are_not_reported_as_a_failed_download(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03 damaged")
+    out = tmp_path / "o" / "r.safetensors"
+    line = assert_clean_failure(["train", "--dataset", "fashionmnist", "--data-dir",
+                                 str(tmp_path), *TINY, "--out", str(out)], tmp_path)
+    assert "damaged" in line and "download failed" not in line

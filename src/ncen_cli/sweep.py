@@ -470,10 +470,10 @@ def _finished(out_dir: Path, cell: Cell, shared: dict[str, Any]) -> CellResult |
     """The cell's recorded result if it exists and was made with these settings."""
     path = _result_path(out_dir, cell)
     try:
-        data = json.loads(path.read_text())
+        data = parse_json(path.read_text(encoding="utf-8"), str(path))
     except OSError:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    except (CheckpointError, UnicodeDecodeError):
         data = None
     _check_result(data, path)
     if data.get("shared") != shared or data.get("lambda_cos") != cell.lambda_cos \
