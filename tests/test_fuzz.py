@@ -484,3 +484,13 @@ def test_damaged_torchvision_files_are_not_reported_as_a_failed_download(tmp_pat
     line = assert_clean_failure(["train", "--dataset", "fashionmnist", "--data-dir",
                                  str(tmp_path), *TINY, "--out", str(out)], tmp_path)
     assert "damaged" in line and "download failed" not in line
+
+
+def test_a_tensor_of_another_dtype_is_refused_not_cast(template, tmp_path):
+    tensors, meta = template
+    name = next(k for k in sorted(tensors) if k.endswith("conv1.weight"))
+    tensors = {**tensors, name: tensors[name].to(torch.int32)}  # same size: safetensors accepts
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata={"ncen": json.dumps(meta)})
+    line = assert_clean_failure(_attack(path), tmp_path)
+    assert name in line and "int32" in line

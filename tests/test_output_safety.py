@@ -344,6 +344,8 @@ def test_numeric_extremes_in_train_options_are_one_line(tmp_path, args, needle):
 @pytest.mark.parametrize(("args", "needle"), [
     (["--seed", str(2**63)], "--seed"),
     (["--step-size", "inf"], "--step-size"),
+    (["--steps", str(2**70)], "--steps"),
+    (["--restarts", str(2**40)], "--restarts"),
 ])
 def test_numeric_extremes_in_attack_options_are_one_line(tmp_path, args, needle):
     ckpt = _model(tmp_path / "m.safetensors")

@@ -30,6 +30,7 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+MAX_COUNT = 2**31 - 1  # steps, restarts, limits, batch sizes
 # what the running command holds until it ends (output locks): see claim_output
 _COMMAND_RESOURCES: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar(
     "ncen_command_resources", default=None
@@ -167,6 +168,8 @@ def require_positive(value: float | int | None, option: str, allow_zero: bool = 
     if not (value > 0 or (allow_zero and value == 0)) or not math.isfinite(value):
         bound = ">= 0" if allow_zero else "> 0"
         raise UsageError(f"{option} must be a finite number {bound}, got {value}")
+    if isinstance(value, int) and value > MAX_COUNT:  # a count no run could finish
+        raise UsageError(f"{option} must be <= {MAX_COUNT}, got {value}")
 
 
 def check_eps(values: list[float], option: str = "--eps") -> None:
