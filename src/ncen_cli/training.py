@@ -624,6 +624,7 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
             distributed.all_true(True)
             distributed.average_gradients(ensemble, weight=0)
             optimizer.step()
+            _check_model(ensemble, step, epoch)
             continue
         with run.runtime.autocast():
             result = training_step(
@@ -645,12 +646,7 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
         # weighted by share size: the result is the gradient of the global-batch mean loss
         distributed.average_gradients(ensemble, weight=n)
         optimizer.step()
-        if not distributed.all_true(first_non_finite(ensemble) is None):  # all ranks stop together
-            bad = first_non_finite(ensemble) or "on another rank"
-            raise NonFiniteModelError(
-                f"non-finite weights after step {step + 1} of epoch {epoch + 1} ({bad}); the "
-                "checkpoint of the last completed epoch is kept; lower --lr or the lambdas"
-            )
+        _check_model(ensemble, step, epoch)
         seen += n
         sums["ce"] += float(result.ce) * n
         sums["loss"] += float(result.loss) * n
@@ -694,6 +690,17 @@ def _progress_metadata(history: list[EpochRecord], epochs: int) -> dict[str, Any
             for r in history
         ],
     }
+
+
+def _check_model(ensemble: Ensemble, step: int, epoch: int) -> None:
+    """After an optimizer step: every parameter and BatchNorm buffer finite on every rank (all
+    ranks stop together), else NonFiniteModelError (the last completed epoch's files are kept)."""
+    if not distributed.all_true(first_non_finite(ensemble) is None):
+        bad = first_non_finite(ensemble) or "on another rank"
+        raise NonFiniteModelError(
+            f"non-finite weights after step {step + 1} of epoch {epoch + 1} ({bad}); the "
+            "checkpoint of the last completed epoch is kept; lower --lr or the lambdas"
+        )
 
 
 def _check_finite(result, epoch: int) -> None:
