@@ -76,3 +76,17 @@ def tiny_checkpoint(tmp_path) -> Path:
     out = tmp_path / "tiny.safetensors"
     train(config, out)
     return out
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-long",
+        action="store_true",
+        help="run the fuzz suite (tests/test_fuzz.py) with 300 random cases per generator "
+        "instead of CI's 12 derandomized ones (same as NCEN_FUZZ=long); for releases",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--fuzz-long", default=False):
+        os.environ["NCEN_FUZZ"] = "long"

@@ -77,7 +77,7 @@ def test_ncen_form_official_and_lambda_flags(tmp_path):
         (["--members", "resnet20"], "at least 2 members"),
         (["--defense", "nope"], "unknown defense 'nope'"),
         (["--dataset", "nope"], "unknown dataset 'nope'"),
-        (["--lambda-cos", "-0.1"], "--lambda-cos must be >= 0"),
+        (["--lambda-cos", "-0.1"], "--lambda-cos must be a finite number >= 0"),
         (["--epochs", "0"], "--epochs must be >= 1"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--device", "cuda:7"], "--device cuda:7"),

@@ -7,15 +7,28 @@ The command-line tool ``ncen`` is a thin layer over this Python API::
     logits = ensemble(images)                                   # (B, num_classes)
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("ncen")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0+unknown"
-
-from ncen_cli.checkpoint import load_ensemble, save_ensemble  # noqa: E402
-from ncen_cli.ensemble import Ensemble  # noqa: E402
-from ncen_cli.errors import NcenError, UsageError  # noqa: E402
-
 __all__ = ["Ensemble", "NcenError", "UsageError", "load_ensemble", "save_ensemble", "__version__"]
+_LAZY = {
+    "load_ensemble": "ncen_cli.checkpoint",
+    "save_ensemble": "ncen_cli.checkpoint",
+    "Ensemble": "ncen_cli.ensemble",
+    "NcenError": "ncen_cli.errors",
+    "UsageError": "ncen_cli.errors",
+}
+
+
+def __getattr__(name: str):
+    """Import torch-backed names on first use: ``import ncen_cli`` (and ``ncen --help``) stays
+    fast and a Ctrl-C while the command line starts is handled by :mod:`ncen_cli.launcher`."""
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("ncen")
+        except PackageNotFoundError:  # running from a source tree without installation
+            return "0.0.0+unknown"
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ncen_cli' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """``python -m ncen_cli`` runs the ``ncen`` command line."""
 
-from ncen_cli.cli import main
+from ncen_cli.launcher import main
 
 main()

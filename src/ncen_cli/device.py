@@ -65,8 +65,19 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+MAX_SEED = 2**32 - 1  # numpy's limit; per-epoch generators derive larger seeds from it
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """UsageError unless ``seed`` is an integer in ``[0, MAX_SEED]``."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"{option} must be in [0, {MAX_SEED}], got {seed}")
+
+
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy (if installed) and torch (all devices)."""
+    """Seed python, numpy (if installed) and torch (all devices). UsageError for a seed outside
+    ``[0, MAX_SEED]``."""
+    check_seed(seed)
     random.seed(seed)
     try:
         import numpy as np

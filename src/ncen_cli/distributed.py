@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ncen_cli.errors import UsageError
 
 BACKEND_ENV = "NCEN_DIST_BACKEND"  # force "gloo" or "nccl"
 TIMEOUT_ENV = "NCEN_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks
@@ -72,16 +75,39 @@ def _active() -> bool:
             and dist.get_world_size() > 1)
 
 
+MAX_WORLD_SIZE = 1 << 20
+
+
+def env_int(name: str, default: int, low: int, high: int) -> int:
+    """The integer environment variable ``name`` (``default`` when unset or empty), in
+    ``[low, high]``; UsageError naming the variable otherwise."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={text[:40]!r} is not an integer") from None
+    if not low <= value <= high:
+        raise UsageError(f"environment variable {name}={value} is outside [{low}, {high}]")
+    return value
+
+
 def launched_world_size() -> int:
     """The number of processes torchrun started (1 without torchrun); needs no process group."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return env_int("WORLD_SIZE", 1, 1, MAX_WORLD_SIZE)
+
+
+def launched_rank() -> int:
+    """This process's RANK under torchrun (0 without it), checked against WORLD_SIZE."""
+    return env_int("RANK", 0, 0, launched_world_size() - 1)
 
 
 def is_main_process() -> bool:
     """True on global rank 0 (and outside torchrun). Usable before the process group exists."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
+    return launched_rank() == 0
 
 
 def backend_for(device: str | None = None) -> str:
@@ -108,18 +134,31 @@ def context(device: str | None = None) -> DistContext:
     world = launched_world_size()
     if world <= 1 or _local_only:
         return DistContext()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launched_rank()  # a bad RANK is one line, not a failure inside torch
+    local_rank = env_int("LOCAL_RANK", 0, 0, world - 1)
     if not dist.is_initialized():
         backend = backend_for(device)
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        timeout = os.environ.get(TIMEOUT_ENV)
-        kwargs = {"timeout": timedelta(seconds=float(timeout))} if timeout else {}
+        kwargs = {"timeout": timedelta(seconds=_timeout_seconds())} if _timeout_seconds() else {}
         dist.init_process_group(backend, **kwargs)
         atexit.register(shutdown)
         if dist.get_rank() != 0:
             logging.getLogger("ncen").setLevel(logging.ERROR)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _timeout_seconds() -> float | None:
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and 0 < seconds <= 10**7):
+        raise UsageError(f"environment variable {TIMEOUT_ENV}={text[:40]!r} must be seconds > 0")
+    return seconds
 
 
 def shutdown() -> None:

@@ -13,6 +13,8 @@ from ncen_cli.archs import build_member
 from ncen_cli.errors import UsageError
 
 COMBINE_RULES = ("mean-logits", "mean-prob")
+# More members than this is a typo (99999999999xresnet20), not an experiment; the paper uses <= 8.
+MAX_MEMBERS = 64
 
 
 def paper_ensemble(index: int, k: int) -> list[str]:
@@ -39,6 +41,7 @@ def parse_members(spec: str) -> list[str]:
     shorthand = re.fullmatch(r"ensemble([1-4])(?:[-_]?k(\d+))?", spec)
     if shorthand:
         k = int(shorthand.group(2) or 3)
+        _check_count(k, spec)
         if k < 2:
             raise UsageError(f"an ensemble needs at least 2 members, got k={k} in '{spec}'")
         return paper_ensemble(int(shorthand.group(1)), k)
@@ -49,12 +52,19 @@ def parse_members(spec: str) -> list[str]:
             continue
         count, sep, arch = item.partition("x")
         if sep and count.isdigit():
+            _check_count(int(count) + len(names), spec)
             names.extend([arch] * int(count))
         else:
             names.append(item)
+        _check_count(len(names), spec)
     if len(names) < 2:
         raise UsageError(f"an ensemble needs at least 2 members, got {len(names)} from '{spec}'")
     return names
+
+
+def _check_count(count: int, spec: str) -> None:
+    if count > MAX_MEMBERS:
+        raise UsageError(f"--members '{spec[:40]}' asks for {count} members; at most {MAX_MEMBERS}")
 
 
 class Ensemble(nn.Module):

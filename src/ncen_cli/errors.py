@@ -33,3 +33,7 @@ class InterruptedRun(NcenError):
     """The user pressed Ctrl-C; the last completed epoch is saved. Exit code 130."""
 
     exit_code = 130
+
+
+class NonFiniteModelError(NonFiniteLossError):
+    """A training step left a parameter or BatchNorm buffer NaN or infinite. Exit code 1."""

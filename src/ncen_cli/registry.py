@@ -7,13 +7,19 @@ third-party plugins, so a separately installed package adds a defense by declari
     trs = "my_package.trs:DEFENSE"
 
 Loading is lazy: listing names reads only package metadata; only the object asked for is imported.
-A plugin that fails to import is reported (``ncen plugins``) and never fatal.
+A plugin that fails to import (whatever it raises, SystemExit and KeyboardInterrupt included) or
+whose object is not of its group's type (:data:`CONTRACTS`) is reported (``ncen plugins``) and never
+fatal. Two registrations of one name clash: a built-in always wins over a plugin (the plugin is
+listed as shadowed); two plugins of one name are both listed, and using the name is an error that
+names both (pick one with ``NCEN_PLUGINS``).
 Set ``NCEN_PLUGINS`` to a comma-separated list of distribution names to restrict which third-party
 distributions load (ncen's built-ins always load); set it to an empty string to load built-ins only.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -29,6 +35,14 @@ GROUPS: dict[str, str] = {
     "datasets": "ncen.datasets",
 }
 BUILTIN_DISTRIBUTION = "ncen"
+# group -> "module:Class" every loaded object must be an instance of
+CONTRACTS: dict[str, str] = {
+    "archs": "ncen_cli.archs.base:Architecture",
+    "defenses": "ncen_cli.defenses.base:Defense",
+    "attacks": "ncen_cli.attacks.base:Attack",
+    "datasets": "ncen_cli.data.base:DatasetSpec",
+}
+log = logging.getLogger("ncen.registry")
 
 
 @dataclass
@@ -42,6 +56,8 @@ class Registration:
     entry_point: EntryPoint | None = None
     loaded: Any = None
     error: str | None = None
+    clashes: list[str] = field(default_factory=list)  # "value (distribution)" of the same name
+    shadowed: bool = False  # a built-in of the same name wins over this plugin
 
     @property
     def builtin(self) -> bool:
@@ -62,19 +78,39 @@ class Registry:
         return distribution in {d.strip() for d in allowed.split(",") if d.strip()}
 
     def registrations(self) -> dict[str, Registration]:
-        """All names registered in this group (nothing imported yet), sorted by name."""
+        """All names registered in this group (nothing imported yet), sorted by name. A plugin
+        shadowed by a built-in of the same name is left out (see :meth:`clashing`)."""
         found: dict[str, Registration] = {}
-        for ep in entry_points(group=GROUPS[self.kind]):
-            dist = ep.dist.name if ep.dist is not None else "?"
-            if not self._allowed(dist):
+        for reg in self._all_entry_points():
+            if reg.shadowed:
                 continue
-            reg = Registration(GROUPS[self.kind], ep.name, ep.value, dist, ep)
-            # a built-in name cannot be shadowed by a plugin
-            if ep.name in found and found[ep.name].builtin:
-                continue
-            found[ep.name] = reg
+            found.setdefault(reg.name, reg)
         found.update(self._extra)
         return dict(sorted(found.items()))
+
+    def _all_entry_points(self) -> list[Registration]:
+        """Every allowed entry point of this group, with clashes of one name recorded."""
+        regs: list[Registration] = []
+        for ep in entry_points(group=GROUPS[self.kind]):
+            dist = ep.dist.name if ep.dist is not None else "?"
+            if self._allowed(dist):
+                regs.append(Registration(GROUPS[self.kind], ep.name, ep.value, dist, ep))
+        by_name: dict[str, list[Registration]] = {}
+        for reg in regs:
+            by_name.setdefault(reg.name, []).append(reg)
+        for same in by_name.values():
+            if len(same) < 2:
+                continue
+            has_builtin = any(r.builtin for r in same)
+            for reg in same:
+                reg.clashes = [f"{o.value} ({o.distribution})" for o in same if o is not reg]
+                reg.shadowed = has_builtin and not reg.builtin
+        # the built-in first, so that it is the one kept
+        return sorted(regs, key=lambda r: (r.name, not r.builtin))
+
+    def clashing(self) -> list[Registration]:
+        """Every registration whose name another registration of this group also uses."""
+        return [r for r in self._all_entry_points() if r.clashes]
 
     def names(self) -> list[str]:
         return list(self.registrations())
@@ -89,27 +125,51 @@ class Registry:
         self._extra.pop(name, None)
 
     def load_registration(self, reg: Registration) -> Registration:
-        """Import one registration, recording the error instead of raising."""
+        """Import one registration and check it against the group's contract, recording the
+        error instead of raising. A plugin's import may raise anything: SystemExit and
+        KeyboardInterrupt are recorded as its failure too."""
         if reg.loaded is None and reg.error is None and reg.entry_point is not None:
             try:
-                reg.loaded = reg.entry_point.load()
-            except Exception as exc:  # a broken plugin must never be fatal
+                loaded = reg.entry_point.load()
+            except BaseException as exc:  # noqa: BLE001 - a broken plugin must never be fatal
                 last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-                reg.error = last
+                reg.error = last or type(exc).__name__
+                return reg
+            contract = _contract(self.kind)
+            if not isinstance(loaded, contract):
+                reg.error = (f"{reg.value} is a {type(loaded).__name__}, not a "
+                             f"{contract.__name__} (the {GROUPS[self.kind]} contract)")
+            else:
+                reg.loaded = loaded
         return reg
 
     def get(self, name: str) -> Any:
-        """Load and return the object registered as ``name``; UsageError if unknown or broken."""
+        """Load and return the object registered as ``name``; UsageError if unknown, broken or
+        registered by two plugins."""
         regs = self.registrations()
         if name not in regs:
             known = ", ".join(regs) or "none"
             raise UsageError(f"unknown {self.kind[:-1]} '{name}'; known: {known}")
-        reg = self.load_registration(regs[name])
+        reg = regs[name]
+        if reg.clashes and not reg.builtin and name not in self._extra:
+            raise UsageError(
+                f"{self.kind[:-1]} '{name}' is registered by {reg.value} ({reg.distribution}) and "
+                f"by {', '.join(reg.clashes)}; keep one with NCEN_PLUGINS=<distribution>"
+            )
+        if reg.clashes and reg.builtin:
+            log.warning("%s '%s': the built-in is used; also registered by %s", self.kind[:-1],
+                        name, ", ".join(reg.clashes))
+        reg = self.load_registration(reg)
         if reg.error is not None:
             raise UsageError(
                 f"{self.kind[:-1]} '{name}' from '{reg.distribution}' failed to load: {reg.error}"
             )
         return reg.loaded
+
+
+def _contract(kind: str) -> type:
+    module, _, cls = CONTRACTS[kind].partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 ARCHS = Registry("archs")
@@ -125,9 +185,13 @@ REGISTRIES: dict[str, Registry] = {
 
 
 def all_registrations(load: bool = True) -> list[Registration]:
-    """Every registration of every group, loaded (errors recorded) when ``load`` is true."""
+    """Every registration of every group, loaded (errors recorded) when ``load`` is true; a plugin
+    that a built-in of the same name shadows is included (``shadowed``, never loaded)."""
     out: list[Registration] = []
     for registry in REGISTRIES.values():
-        for reg in registry.registrations().values():
-            out.append(registry.load_registration(reg) if load else reg)
+        regs = list(registry.registrations().values())
+        kept = {(r.name, r.value, r.distribution) for r in regs}
+        regs += [r for r in registry.clashing() if (r.name, r.value, r.distribution) not in kept]
+        for reg in sorted(regs, key=lambda r: (r.name, not r.builtin)):
+            out.append(registry.load_registration(reg) if load and not reg.shadowed else reg)
     return out

@@ -35,8 +35,9 @@ import torch
 
 from ncen_cli import distributed
 from ncen_cli.atomic import atomic_write_json
+from ncen_cli.checkpoint import parse_json
 from ncen_cli.data import ImageArrays, load_dataset
-from ncen_cli.errors import InterruptedRun, NonFiniteLossError, UsageError
+from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
 from ncen_cli.evaluation import (
     PAPER_SETTINGS,
     AttackRun,
@@ -49,6 +50,7 @@ from ncen_cli.evaluation import (
     validate_runs,
     worst_over_objectives,
 )
+from ncen_cli.output_safety import check_writable_folder, output_lock
 from ncen_cli.registry import ATTACKS, DEFENSES
 from ncen_cli.training import RUNTIME_ONLY_FIELDS, EpochRecord, TrainConfig, resume_path, train
 
@@ -249,7 +251,23 @@ def cell_dir(out_dir: Path, cell: Cell) -> Path:
     return out_dir / "cells" / cell.id
 
 
-def run_sweep(
+def run_sweep(base_config: TrainConfig, lambda_cos: Sequence[float],
+              lambda_norm: Sequence[float], out_dir: str | Path, *args: Any,
+              **kwargs: Any) -> SweepResult:
+    """Hold the sweep folder's lock (:mod:`ncen_cli.output_safety`; rank 0 under torchrun) and
+    run :func:`_run_sweep`, whose arguments it takes. A second sweep into the same folder fails at
+    once naming the holder; temporary files of a killed sweep are removed."""
+    out_dir = Path(out_dir)
+    if not distributed.is_main_process():
+        return _run_sweep(base_config, lambda_cos, lambda_norm, out_dir, *args, **kwargs)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file; give a folder for the sweep")
+    check_writable_folder(out_dir / MANIFEST)
+    with output_lock(out_dir):
+        return _run_sweep(base_config, lambda_cos, lambda_norm, out_dir, *args, **kwargs)
+
+
+def _run_sweep(
     base_config: TrainConfig,
     lambda_cos: Sequence[float],
     lambda_norm: Sequence[float],
@@ -351,10 +369,7 @@ def _manifest(out_dir: Path, shared: dict[str, Any], grid: dict[str, list[float]
     """The manifest to write: ``grid`` lists every value any run of this sweep asked for."""
     from ncen_cli import __version__
 
-    try:
-        old = json.loads((out_dir / MANIFEST).read_text()).get("grid", {})
-    except (OSError, json.JSONDecodeError):
-        old = {}
+    old = read_manifest(out_dir).get("grid", {}) if (out_dir / MANIFEST).exists() else {}
     grid = {axis: sorted(set(values) | set(old.get(axis, []))) for axis, values in grid.items()}
     return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "shared": shared, "grid": grid,
             "ncen_version": __version__}
@@ -370,18 +385,74 @@ def _check_manifest(out_dir: Path, shared: dict[str, Any]) -> None:
             raise UsageError(f"--out {out_dir} is not empty and holds no {MANIFEST}; "
                              "choose a new or empty folder")
         return
-    try:
-        recorded = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{manifest} is unreadable ({exc}); choose another --out") from None
-    if recorded.get("format") != FORMAT:
-        raise UsageError(f"{manifest} is not an ncen sweep manifest; choose another --out")
+    recorded = read_manifest(out_dir)
     old = recorded.get("shared", {})
     if old != shared:
         diffs = _differences(old, shared)
         raise UsageError(f"--out {out_dir} holds a sweep with other shared settings "
                          f"({'; '.join(diffs[:4])}); rerun with the same options or choose "
                          "another --out")
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    """The sweep folder's manifest, validated: a regular file holding a JSON object of this
+    format, a schema this ncen reads, ``shared`` an object and ``grid`` two lists of finite
+    numbers. Raises UsageError naming the file and what to do."""
+    manifest = out_dir / MANIFEST
+    damaged = f"; choose another --out, or delete {out_dir} to start this sweep over"
+    if not manifest.is_file():
+        raise UsageError(f"{manifest} is not a regular file{damaged}")
+    try:
+        recorded = parse_json(manifest.read_text(encoding="utf-8"), str(manifest))
+    except (OSError, UnicodeDecodeError, CheckpointError) as exc:
+        raise UsageError(f"{manifest} is unreadable ({exc}){damaged}") from None
+    if not isinstance(recorded, dict) or recorded.get("format") != FORMAT:
+        raise UsageError(f"{manifest} is not an ncen sweep manifest; choose another --out")
+    version, grid = recorded.get("schema_version"), recorded.get("grid", {})
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UsageError(f"{manifest}: schema_version must be an integer >= 1{damaged}")
+    if version > SCHEMA_VERSION:
+        raise UsageError(f"{manifest} was written by a newer ncen (schema {version}); upgrade ncen")
+    if not isinstance(recorded.get("shared"), dict) or not isinstance(grid, dict) or not all(
+        isinstance(grid.get(axis, []), list) and all(_is_finite_number(v) for v in grid[axis])
+        for axis in SWEPT if axis in grid
+    ):
+        raise UsageError(f"{manifest}: 'shared' or 'grid' has the wrong shape{damaged}")
+    return recorded
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# result.json key -> test of its value
+_RESULT_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "id": lambda v: isinstance(v, str),
+    "shared": lambda v: isinstance(v, dict),
+    "clean_accuracy": lambda v: v is None or _is_finite_number(v),
+    "mean_adversarial_accuracy": lambda v: v is None or _is_finite_number(v),
+    "score": lambda v: v is None or _is_finite_number(v),
+    "attacks": lambda v: isinstance(v, dict) and all(map(_is_finite_number, v.values())),
+    "seconds": _is_finite_number,
+    "train_seconds": _is_finite_number,
+    "eval_seconds": _is_finite_number,
+    "checkpoint": lambda v: isinstance(v, str) and v == Path(v).name and v not in ("", ".", ".."),
+    "epochs": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "error": lambda v: v is None or isinstance(v, str),
+    "attack_results": lambda v: v is None or isinstance(v, list),
+    "checks": lambda v: v is None or isinstance(v, list),
+}
+
+
+def _check_result(data: Any, path: Path) -> None:
+    """UsageError saying what to delete unless ``data`` is a well-formed cell result."""
+    rerun = f"delete the cell's folder {path.parent} to rerun the cell"
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} is not a readable cell result; {rerun}")
+    optional = ("attack_results", "checks", "error")
+    for key, test in _RESULT_FIELDS.items():
+        if (key in data and not test(data[key])) or (key not in data and key not in optional):
+            raise UsageError(f"{path}: '{key}' is missing or of the wrong type; {rerun}")
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -407,9 +478,12 @@ def _finished(out_dir: Path, cell: Cell, shared: dict[str, Any]) -> CellResult |
     """The cell's recorded result if it exists and was made with these settings."""
     path = _result_path(out_dir, cell)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = parse_json(path.read_text(encoding="utf-8"), str(path))
+    except OSError:
         return None
+    except (CheckpointError, UnicodeDecodeError):
+        data = None
+    _check_result(data, path)
     if data.get("shared") != shared or data.get("lambda_cos") != cell.lambda_cos \
             or data.get("lambda_norm") != cell.lambda_norm:
         return None

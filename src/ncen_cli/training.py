@@ -25,15 +25,27 @@ from safetensors.torch import save_file
 
 from ncen_cli import distributed
 from ncen_cli.atomic import atomic_write
-from ncen_cli.checkpoint import save_ensemble
+from ncen_cli.checkpoint import (
+    first_non_finite,
+    parse_json,
+    require_regular_file,
+    save_ensemble,
+)
 from ncen_cli.data import AugmentConfig, ImageArrays, iterate_batches, load_dataset
 from ncen_cli.data.base import FAMILY_DEFAULTS
 from ncen_cli.data.pipeline import iterate_eval_batches
 from ncen_cli.defenses.base import Defense
-from ncen_cli.device import Runtime
+from ncen_cli.device import Runtime, check_seed
 from ncen_cli.ensemble import Ensemble, build_ensemble, parse_members
-from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
+from ncen_cli.errors import (
+    CheckpointError,
+    InterruptedRun,
+    NonFiniteLossError,
+    NonFiniteModelError,
+    UsageError,
+)
 from ncen_cli.member_parallel import MemberExecutor, plan_threads
+from ncen_cli.output_safety import check_output, output_lock
 from ncen_cli.registry import DEFENSES
 from ncen_cli.train_step import (
     DEFAULT_DOUBLE_BACKPROP,
@@ -104,6 +116,13 @@ class TrainConfig:
             raise UsageError(
                 f"the learning-rate floor must be in (0, --lr = {self.lr}], got {self.lr_min}"
             )
+        check_seed(self.seed)
+        if self.lr > MAX_LR:  # Adam's first step is 10 x lr: 3.4e37 already overflows float32
+            raise UsageError(f"--lr must be <= {MAX_LR:g}, got {self.lr:g}")
+        for name, count in (("--batch-size", self.batch_size), ("--epochs", self.epochs),
+                            ("--eval-batch-size", self.eval_batch_size),
+                            ("--train-limit", self.train_limit), ("--test-limit", self.test_limit)):
+            check_int_range(name, count, 1, MAX_COUNT)
         if self.noise_eps is not None and not 0 <= self.noise_eps <= 1:
             raise UsageError(f"--noise-eps must be in [0, 1], got {self.noise_eps}")
         if self.double_backprop not in DOUBLE_BACKPROP_MODES:
@@ -111,14 +130,25 @@ class TrainConfig:
                 f"unknown --double-backprop '{self.double_backprop}'; "
                 f"choose {', '.join(DOUBLE_BACKPROP_MODES)}"
             )
-        if not self.fd_scale > 0:
-            raise UsageError(f"--fd-scale must be > 0, got {self.fd_scale}")
+        if not (self.fd_scale > 0 and math.isfinite(self.fd_scale)):
+            raise UsageError(f"--fd-scale must be a finite number > 0, got {self.fd_scale}")
         for key, value in self.hyperparameters.items():
-            if not value >= 0:
-                raise UsageError(f"--{key.replace('_', '-')} must be >= 0, got {value}")
+            if not (value >= 0 and math.isfinite(value)):
+                raise UsageError(f"--{key.replace('_', '-')} must be a finite number >= 0, "
+                                 f"got {value}")
         for name, limit in (("--train-limit", self.train_limit), ("--test-limit", self.test_limit)):
             if limit is not None and limit < 1:
                 raise UsageError(f"{name} must be >= 1, got {limit}")
+
+
+MAX_COUNT = 2**31 - 1
+MAX_LR = 1e3
+
+
+def check_int_range(option: str, value: int | None, low: int, high: int) -> None:
+    """UsageError unless ``value`` (None: not given) is an integer in ``[low, high]``."""
+    if value is not None and not low <= value <= high:
+        raise UsageError(f"{option} must be in [{low}, {high}], got {value}")
 
 
 @dataclass
@@ -218,39 +248,136 @@ def _save_resume_state(
 def _load_resume_state(
     path: Path, ensemble: Ensemble, optimizer: torch.optim.Optimizer, config_json: str
 ) -> tuple[int, list[EpochRecord]]:
+    """Restore weights, Adam state and RNG from the resume state at ``path``; returns (epochs
+    done, history). Everything is validated before anything is restored: a state of the wrong
+    shape is one CheckpointError that says which file to delete; other settings a UsageError."""
+    require_regular_file(path, "resume state")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            saved, wanted = json.loads(meta.get("config", "{}")), json.loads(config_json)
-            if saved.get("world_size", 1) != wanted.get("world_size", 1):
-                raise UsageError(
-                    f"{path} was trained by {saved.get('world_size', 1)} process(es), this run has "
-                    f"{wanted.get('world_size', 1)}; resume with the same torchrun world size"
-                )
-            if saved != wanted:
-                raise UsageError(
-                    f"{path} belongs to a run with other settings; rerun with the same options "
-                    "or choose another --out"
-                )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            _check_resume_config(path, meta, json.loads(config_json))
+            names = set(f.keys())
+            _check_resume_names(path, names, ensemble, optimizer)
+            tensors = {k: f.get_tensor(k) for k in names}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
             f"resume state {path} is unreadable ({exc}); delete it to restart"
         ) from None
-    ensemble.members.load_state_dict(
-        {k.removeprefix("members."): v for k, v in tensors.items() if k.startswith("members.")}
-    )
+    wanted = json.loads(config_json)
+    epochs_done, groups, history = _resume_fields(path, meta, int(wanted.get("epochs") or 0))
+    members = {k.removeprefix("members."): v for k, v in tensors.items()
+               if k.startswith("members.")}
+    for name, ref in ensemble.members.state_dict().items():
+        if members[name].shape != ref.shape or members[name].dtype != ref.dtype:
+            raise _bad_resume(path, f"tensor members.{name} is {members[name].dtype} "
+                              f"{tuple(members[name].shape)}, expected {tuple(ref.shape)}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
+            ref = params[int(index)]
+            expected = ((), torch.float32) if name == "step" else (ref.shape, ref.dtype)
+            if (value.shape, value.dtype) != expected:
+                raise _bad_resume(path, f"tensor {key} is {value.dtype} {tuple(value.shape)}, "
+                                  f"expected {expected[1]} {tuple(expected[0])}")
             opt_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(
-        {"state": opt_state, "param_groups": json.loads(meta["param_groups"])}
+    rng = tensors["rng.torch"]
+    if rng.dtype != torch.uint8 or rng.ndim != 1:
+        raise _bad_resume(path, "rng.torch is not a torch RNG state")
+    try:
+        ensemble.members.load_state_dict(members)
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        torch.set_rng_state(rng)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise _bad_resume(path, str(exc).splitlines()[0] if str(exc) else "state") from None
+    bad = first_non_finite(ensemble)
+    if bad is not None:
+        raise _bad_resume(path, f"tensor members.{bad} holds NaN or infinite values")
+    return epochs_done, history
+
+
+def _bad_resume(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"resume state {path} is invalid ({why}); delete it to restart the run from epoch 0"
     )
-    torch.set_rng_state(tensors["rng.torch"])
-    history = [EpochRecord(**r) for r in json.loads(meta.get("history", "[]"))]
-    return int(meta["epochs_done"]), history
+
+
+def _check_resume_config(path: Path, meta: dict[str, str], wanted: dict[str, Any]) -> None:
+    """The resume state's recorded config must be this run's (UsageError naming the cause)."""
+    saved = _resume_json(path, meta, "config", "null")
+    if not isinstance(saved, dict):
+        raise _bad_resume(path, "its config is not a JSON object")
+    if saved.get("world_size", 1) != wanted.get("world_size", 1):
+        raise UsageError(
+            f"{path} was trained by {saved.get('world_size', 1)} process(es), this run has "
+            f"{wanted.get('world_size', 1)}; resume with the same torchrun world size"
+        )
+    if saved != wanted:
+        raise UsageError(
+            f"{path} belongs to a run with other settings; rerun with the same options "
+            "or choose another --out"
+        )
+
+
+def _check_resume_names(
+    path: Path, names: set[str], ensemble: Ensemble, optimizer: torch.optim.Optimizer
+) -> None:
+    """Tensor names: exactly the members' state, ``optim.<i>.<field>`` for existing parameters,
+    and ``rng.torch``."""
+    members = {f"members.{k}" for k in ensemble.members.state_dict()}
+    if not members <= names:
+        raise _bad_resume(path, f"{len(members - names)} member tensors are missing")
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    fields: dict[int, set[str]] = {}
+    for name in names - members - {"rng.torch"}:
+        parts = name.split(".", 2)
+        if len(parts) != 3 or parts[0] != "optim" or not parts[1].isdigit() \
+                or int(parts[1]) >= n_params:
+            raise _bad_resume(path, f"unexpected tensor {name[:60]!r}")
+        fields.setdefault(int(parts[1]), set()).add(parts[2])
+    if fields and (len(fields) != n_params or len({frozenset(f) for f in fields.values()}) != 1):
+        raise _bad_resume(path, "the optimizer state does not cover every parameter alike")
+    if "rng.torch" not in names:
+        raise _bad_resume(path, "rng.torch is missing")
+
+
+def _resume_json(path: Path, meta: dict[str, str], key: str, default: str) -> Any:
+    try:
+        return parse_json(meta.get(key, default), key)
+    except CheckpointError as exc:
+        raise _bad_resume(path, str(exc)) from None
+
+
+def _is_record(raw: Any) -> bool:
+    """Whether ``raw`` is an :class:`EpochRecord` as JSON: its fields, numbers, terms a dict."""
+    fields = {f.name for f in dataclasses.fields(EpochRecord)}
+    if not isinstance(raw, dict) or set(raw) != fields or not isinstance(raw["terms"], dict):
+        return False
+    numbers = [v for k, v in raw.items() if k != "terms"] + list(raw["terms"].values())
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers)
+
+
+def _resume_fields(
+    path: Path, meta: dict[str, str], epochs: int
+) -> tuple[int, list[dict[str, Any]], list[EpochRecord]]:
+    """``epochs_done`` (in [0, epochs]), Adam's ``param_groups`` and the epoch ``history``."""
+    text = meta.get("epochs_done", "")
+    if not text.isdigit() or not 0 <= int(text) <= epochs:
+        raise _bad_resume(path, f"epochs_done {text[:20]!r} is not in [0, {epochs}]")
+    groups = _resume_json(path, meta, "param_groups", "null")
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+    ):
+        raise _bad_resume(path, "param_groups is not a list of Adam parameter groups")
+    raw = _resume_json(path, meta, "history", "[]")
+    if not isinstance(raw, list) or len(raw) != int(text) or not all(map(_is_record, raw)):
+        raise _bad_resume(path, f"history does not hold {text} epoch records")
+    try:
+        history = [EpochRecord(**r) for r in raw]
+    except TypeError as exc:
+        raise _bad_resume(path, str(exc)) from None
+    return int(text), groups, history
 
 
 def train(
@@ -260,12 +387,19 @@ def train(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     arrays: ImageArrays | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train an ensemble as ``config`` says and write it to ``out`` (.safetensors).
 
+    ``out`` is locked while the run writes it (:mod:`ncen_cli.output_safety`): a second run on the
+    same ``out`` fails at once. An existing ``out`` (or resume state) is refused unless ``resume``
+    continues it or ``overwrite`` replaces it.
+
     Args:
         out: checkpoint path; the resume state lives beside it (``<out>.resume.safetensors``).
-        resume: continue from the resume state if there is one (else start fresh).
+        resume: continue from the resume state if there is one (else start fresh); an ``out``
+            without a resume state (a finished run) is an error.
+        overwrite: replace an existing ``out`` (and drop its resume state) instead of refusing.
         on_epoch: called with each finished :class:`EpochRecord` (rank 0 only).
         on_batch: called with (batches done, batches per epoch) for progress display (rank 0 only).
         arrays: use these images instead of loading ``config.dataset`` (tests, benchmarks).
@@ -276,9 +410,48 @@ def train(
         raise UsageError(f"--out must end in .safetensors, got {out}")
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name ending in .safetensors")
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
     dist = distributed.context(config.device)
     if dist.enabled:  # every rank writes (rank 0) and resumes from rank 0's path
         out = Path(str(distributed.broadcast_object(str(out))))
+    if not dist.is_main:
+        return _train(config, out, resume, on_epoch, on_batch, arrays, dist)
+    _check_out(out, resume, overwrite)
+    with output_lock(out):
+        if overwrite:
+            resume_path(out).unlink(missing_ok=True)
+        return _train(config, out, resume, on_epoch, on_batch, arrays, dist)
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to lose a result: an existing checkpoint or resume state at ``out`` needs
+    ``resume`` (with a resume state) or ``overwrite``; ``out``'s folder must be writable."""
+    state = resume_path(out)
+    if resume and not state.exists() and (out.exists() or out.is_symlink()):
+        raise UsageError(
+            f"--resume: {out} has no resume state ({state.name}): it is a finished run or its "
+            "state was deleted; nothing to resume (choose another --out, or --overwrite to train "
+            "it again)"
+        )
+    if not resume and state.exists() and not overwrite:
+        raise UsageError(
+            f"--out {out} has the resume state of an unfinished run ({state.name}); continue it "
+            "with --resume, or pass --overwrite to start over"
+        )
+    check_output(out, overwrite, "--out", resumable=resume)
+
+
+def _train(
+    config: TrainConfig,
+    out: Path,
+    resume: bool,
+    on_epoch: Callable[[EpochRecord], None] | None,
+    on_batch: Callable[[int, int], None] | None,
+    arrays: ImageArrays | None,
+    dist: distributed.DistContext,
+) -> TrainResult:
+    """The body of :func:`train` once ``out`` is checked and locked."""
     runtime = Runtime.create(
         config.device, config.precision, config.threads, config.deterministic, config.seed
     )
@@ -460,6 +633,7 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
             distributed.all_true(True)
             distributed.average_gradients(ensemble, weight=0)
             optimizer.step()
+            _check_model(ensemble, step, epoch)
             continue
         with run.runtime.autocast():
             result = training_step(
@@ -480,6 +654,7 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
         # weighted by share size: the result is the gradient of the global-batch mean loss
         distributed.average_gradients(ensemble, weight=n)
         optimizer.step()
+        _check_model(ensemble, step, epoch)
         seen += n
         sums["ce"] += float(result.ce) * n
         sums["loss"] += float(result.loss) * n
@@ -523,6 +698,17 @@ def _progress_metadata(history: list[EpochRecord], epochs: int) -> dict[str, Any
             for r in history
         ],
     }
+
+
+def _check_model(ensemble: Ensemble, step: int, epoch: int) -> None:
+    """After an optimizer step: every parameter and BatchNorm buffer finite on every rank (all
+    ranks stop together), else NonFiniteModelError (the last completed epoch's files are kept)."""
+    if not distributed.all_true(first_non_finite(ensemble) is None):
+        bad = first_non_finite(ensemble) or "on another rank"
+        raise NonFiniteModelError(
+            f"non-finite weights after step {step + 1} of epoch {epoch + 1} ({bad}); the "
+            "checkpoint of the last completed epoch is kept; lower --lr or the lambdas"
+        )
 
 
 def _check_finite(result, epoch: int) -> None:

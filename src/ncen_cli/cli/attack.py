@@ -20,6 +20,7 @@ from ncen_cli.authors_protocol import AUTHORS_BATCH_SIZE, AuthorsQuirks
 from ncen_cli.cli.common import (
     app,
     check_eps,
+    claim_output,
     err_console,
     fail,
     handle_errors,
@@ -215,6 +216,7 @@ def attack_command(
                                                   "accuracy to about 0.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the results to FILE (.json or "
                                              ".csv).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Attack an ensemble checkpoint and report accuracy under each attack, with self-checks."""
@@ -226,6 +228,7 @@ def attack_command(
     authors_quirks, batch_size = protocol_options(protocol, quirks, batch_size)
     if out is not None and out.suffix.lower() not in (".json", ".csv"):
         raise UsageError(f"--out {out}: the file name must end in .json or .csv")
+    claim_output(out, overwrite)
     meta = read_metadata(checkpoint)
     name = (dataset or meta.get("dataset") or "").lower()
     if not name:

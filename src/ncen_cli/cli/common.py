@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 import math
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from safetensors import SafetensorError
 
 from ncen_cli.errors import NcenError, UsageError
 
@@ -26,6 +30,11 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+MAX_COUNT = 2**31 - 1  # steps, restarts, limits, batch sizes
+# what the running command holds until it ends (output locks): see claim_output
+_COMMAND_RESOURCES: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar(
+    "ncen_command_resources", default=None
+)
 
 
 def err_console() -> Console:
@@ -46,20 +55,62 @@ def fail(message: str, code: int) -> typer.Exit:
 
 
 def handle_errors(func: F) -> F:
-    """Turn NcenError into one line on stderr and its exit code; Ctrl-C into exit 130."""
+    """Turn NcenError into one line on stderr and its exit code; Ctrl-C into exit 130.
+
+    While the command runs, Ctrl-C raises KeyboardInterrupt (so training can save its last
+    epoch); before and after it, :mod:`ncen_cli.launcher`'s handler exits 130 at once.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = _set_sigint(signal.default_int_handler)
+        resources = contextlib.ExitStack()
+        token = _COMMAND_RESOURCES.set(resources)
         try:
-            return func(*args, **kwargs)
+            with resources:  # output locks taken by claim_output, released when the command ends
+                return func(*args, **kwargs)
         except NcenError as exc:
             raise fail(str(exc), exc.exit_code) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
         except OSError as exc:  # unwritable paths, full disks: a runtime failure, not a bug
             raise fail(f"{exc.strerror or exc}: {exc.filename or ''}".strip(": "), 1) from None
+        except SafetensorError as exc:  # e.g. a full disk while safetensors writes
+            raise fail(f"safetensors: {exc}", 1) from None
+        except OverflowError as exc:  # an option too large for a C integer or a float32
+            raise fail(f"a value is out of range ({exc})", 2) from None
+        finally:
+            _COMMAND_RESOURCES.reset(token)
+            if previous is not None:
+                _set_sigint(previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _set_sigint(handler: Any) -> Any:
+    """Install a SIGINT handler; returns the previous one (None off the main thread)."""
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return None
+
+
+def claim_output(path: Path | None, overwrite: bool, option: str = "--out") -> None:
+    """The output rules of :mod:`ncen_cli.output_safety` for a command's result file: refuse an
+    existing ``path`` unless ``overwrite``, check its folder is writable, and hold its lock (rank 0
+    only under torchrun) until the command ends. Call first, before any data is loaded."""
+    if path is None:
+        return
+    from ncen_cli import distributed
+    from ncen_cli.output_safety import check_output, output_lock
+
+    check_output(path, overwrite, option)
+    if not distributed.is_main_process():
+        return
+    stack = _COMMAND_RESOURCES.get()
+    if stack is None:
+        raise RuntimeError("claim_output is for commands wrapped in handle_errors")
+    stack.enter_context(output_lock(path, option))
 
 
 def print_json(payload: Any) -> None:
@@ -102,18 +153,23 @@ def parse_key_values(items: list[str] | None, option: str) -> dict[str, float]:
         if not sep:
             raise UsageError(f"{option} takes NAME=VALUE, got '{item}'")
         try:
-            out[key.strip().replace("-", "_")] = float(value)
+            number = float(value)
         except ValueError:
             raise UsageError(f"{option} {key}: '{value}' is not a number") from None
+        if not math.isfinite(number):
+            raise UsageError(f"{option} {key}: '{value}' is not a finite number")
+        out[key.strip().replace("-", "_")] = number
     return out
 
 
 def require_positive(value: float | int | None, option: str, allow_zero: bool = False) -> None:
     if value is None:
         return
-    if not (value > 0 or (allow_zero and value == 0)):
+    if not (value > 0 or (allow_zero and value == 0)) or not math.isfinite(value):
         bound = ">= 0" if allow_zero else "> 0"
-        raise UsageError(f"{option} must be {bound}, got {value}")
+        raise UsageError(f"{option} must be a finite number {bound}, got {value}")
+    if isinstance(value, int) and value > MAX_COUNT:  # a count no run could finish
+        raise UsageError(f"{option} must be <= {MAX_COUNT}, got {value}")
 
 
 def check_eps(values: list[float], option: str = "--eps") -> None:

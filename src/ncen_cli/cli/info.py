@@ -8,6 +8,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ncen_cli import paths
@@ -33,8 +34,10 @@ def plugins_command(
             "distribution": reg.distribution,
             "builtin": reg.builtin,
             "entry_point": reg.value,
-            "loaded": reg.error is None,
+            "loaded": reg.error is None and not reg.shadowed,
             "error": reg.error,
+            "shadowed": reg.shadowed,
+            "clashes": reg.clashes,
             "summary": _summary(reg.loaded),
         })
     if json_output:
@@ -44,7 +47,12 @@ def plugins_command(
     for col in ("group", "name", "from", "status", "summary"):
         table.add_column(col)
     for row in rows:
-        status = "[green]loaded[/]" if row["loaded"] else f"[red]failed: {row['error']}[/]"
+        error = escape(str(row["error"]))
+        status = "[green]loaded[/]" if row["loaded"] else f"[red]failed: {error}[/]"
+        if row["shadowed"]:
+            status = "[yellow]shadowed by the built-in[/]"
+        elif row["clashes"]:
+            status += f" [yellow](name clash: also {', '.join(row['clashes'])})[/]"
         table.add_row(row["group"], row["name"], row["distribution"], status, row["summary"])
     out_console().print(table)
 

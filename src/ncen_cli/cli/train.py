@@ -21,7 +21,7 @@ from ncen_cli.ensemble import parse_members
 from ncen_cli.errors import UsageError
 from ncen_cli.paths import new_run_path
 from ncen_cli.train_step import DEFAULT_DOUBLE_BACKPROP, DEFAULT_FD_SCALE
-from ncen_cli.training import EpochRecord, TrainConfig, train
+from ncen_cli.training import EpochRecord, TrainConfig, resume_path, train
 
 # Option declarations shared with `ncen sweep` (which trains one ensemble per grid cell).
 Members = Annotated[
@@ -209,6 +209,9 @@ def train_command(
         ),
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run at --out.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing --out (otherwise refused).")
+    ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Train an ensemble and write it to a safetensors checkpoint."""
@@ -246,6 +249,8 @@ def train_command(
     )
     if resume and out is None:
         raise UsageError("--resume needs --out pointing at the interrupted run's checkpoint")
+    if resume and not (out.exists() or resume_path(out).exists()):
+        raise UsageError(f"--resume: there is no run at {out} (no checkpoint, no resume state)")
     out = out or new_run_path(f"{config.defense}-{config.dataset}")
     console = err_console()
 
@@ -271,7 +276,9 @@ def train_command(
             )
             bars.update(task, description=f"epoch {record.epoch + 1}", completed=0)
 
-        result = train(config, out, resume=resume, on_epoch=on_epoch, on_batch=on_batch)
+        result = train(
+            config, out, resume=resume, on_epoch=on_epoch, on_batch=on_batch, overwrite=overwrite
+        )
     if not distributed.is_main_process():  # under torchrun, rank 0 alone reports
         return
 

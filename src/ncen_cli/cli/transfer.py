@@ -18,6 +18,7 @@ from ncen_cli.checkpoint import load_ensemble, read_metadata
 from ncen_cli.cli.common import (
     app,
     check_eps,
+    claim_output,
     err_console,
     handle_errors,
     out_console,
@@ -101,6 +102,7 @@ def transfer_command(
         help="authors: craft as the authors' code does (CE on each member's softmax output, "
              "only examples every member classifies correctly, advertorch's MI-FGSM "
              "normalisation); not an honest evaluation.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --png.")] = False,
 ) -> None:
     """Craft adversarial examples on each member; evaluate them on every member and the ensemble."""
     check_eps([eps])
@@ -115,6 +117,7 @@ def transfer_command(
         require_matplotlib()  # fail before the slow part
         if png.is_dir():
             raise UsageError(f"--png {png} is a folder; give a file name")
+        claim_output(png, overwrite, "--png")
     if protocol not in (None, "authors"):
         raise UsageError(f"--protocol must be authors (or omitted), got '{protocol}'")
     authors = protocol == "authors"

@@ -7,19 +7,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncen_cli.data.base import DatasetSpec, ImageArrays, family_for_channels
+from ncen_cli.data.base import (
+    MAX_CLASSES,
+    DatasetSpec,
+    ImageArrays,
+    check_labels,
+    family_for_channels,
+)
 from ncen_cli.errors import DataUnavailableError, UsageError
 
 
 def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one .npz into ((N, C, H, W) uint8, (N,) int64). Checks dtype and shapes."""
+    if not path.is_file():
+        raise UsageError(f"{path} is not a regular file")
     try:
         with np.load(path, allow_pickle=False) as f:
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise UsageError(f"{path} is a single .npy array, not an .npz archive of x and y")
             if "x" not in f or "y" not in f:
                 raise UsageError(f"{path} must hold arrays 'x' and 'y', it has {sorted(f.files)}")
             x, y = f["x"], f["y"]
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read {path} as .npz: {exc}") from None
+    except UsageError:
+        raise
+    except Exception as exc:  # a damaged archive raises anything from zipfile, numpy or EOFError
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot read {path} as .npz: {reason}") from None
     if x.dtype != np.uint8:
         raise UsageError(f"{path}: 'x' must be uint8 images (0-255), got {x.dtype}")
     if x.ndim == 3:
@@ -30,6 +43,10 @@ def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise UsageError(f"{path}: 'x' must be N x H x W or N x H x W x C, got shape {x.shape}")
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
         raise UsageError(f"{path}: 'y' must be {len(x)} integer labels, got {y.dtype} {y.shape}")
+    if len(x) == 0 or 0 in x.shape[1:]:
+        raise UsageError(f"{path}: 'x' holds no images (shape {x.shape})")
+    if y.dtype == np.uint64 and int(y.max()) >= MAX_CLASSES:
+        raise UsageError(f"{path}: label {int(y.max())} is outside [0, {MAX_CLASSES})")
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64))
 
 
@@ -50,7 +67,9 @@ def arrays_from_files(name: str, family: str | None, train: Path, test: Path) ->
             f"train images {tuple(train_x.shape[1:])} and test images "
             f"{tuple(test_x.shape[1:])} differ in shape"
         )
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    check_labels(train_y, None, str(train))
+    check_labels(test_y, None, str(test))
+    num_classes = max(int(max(train_y.max(), test_y.max())) + 1, 2)
     return ImageArrays(
         name=name,
         family=family or family_for_channels(train_x.shape[1]),

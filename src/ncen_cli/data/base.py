@@ -10,6 +10,9 @@ import torch
 
 from ncen_cli.errors import UsageError
 
+MAX_CLASSES = 100_000  # more labels than this is a broken file, not a dataset
+MAX_CHANNELS = 16
+
 # Paper settings per dataset family: augmentation, D_noise epsilon, epochs.
 FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
     "fashionmnist": {"crop_padding": 4, "flip": False, "noise_eps": 0.3, "epochs": 40},
@@ -86,6 +89,48 @@ class DatasetSpec:
     extra: dict = field(default_factory=dict)
 
 
+def check_labels(y: torch.Tensor, num_classes: int | None, source: str) -> None:
+    """UsageError unless ``y`` is a non-empty 1-D integer tensor with labels in
+    ``[0, num_classes)`` (``num_classes`` None: ``[0, MAX_CLASSES)``)."""
+    if y.ndim != 1 or y.numel() == 0 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise UsageError(f"{source}: labels must be a non-empty list of integers, got "
+                         f"{y.dtype} {tuple(y.shape)}")
+    high = MAX_CLASSES if num_classes is None else num_classes
+    low_seen, high_seen = int(y.min()), int(y.max())
+    if low_seen < 0 or high_seen >= high:
+        bad = low_seen if low_seen < 0 else high_seen
+        raise UsageError(f"{source}: label {bad} is outside [0, {high}) "
+                         + ("" if num_classes is None else f"for its {num_classes} classes"))
+
+
+def validate_arrays(arrays: object, source: str) -> ImageArrays:
+    """Check what a dataset loader returned (built-in or plugin) before anything trains on it:
+    an :class:`ImageArrays` with non-empty uint8 (N, C, H, W) images, as many int64 labels as
+    images, labels in ``[0, num_classes)``, train and test of one image shape, 2 or more classes.
+    Raises UsageError naming ``source`` and the first problem."""
+    if not isinstance(arrays, ImageArrays):
+        raise UsageError(f"{source}: the loader returned {type(arrays).__name__}, not ImageArrays")
+    if not 2 <= arrays.num_classes <= MAX_CLASSES:
+        raise UsageError(f"{source}: {arrays.num_classes} classes; need 2 to {MAX_CLASSES}")
+    for split in ("train", "test"):
+        x, y = getattr(arrays, f"{split}_x"), getattr(arrays, f"{split}_y")
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise UsageError(f"{source}: {split} images and labels must be tensors")
+        if x.dtype != torch.uint8 or x.ndim != 4 or not 1 <= x.shape[1] <= MAX_CHANNELS:
+            raise UsageError(f"{source}: {split} images must be uint8 (N, C, H, W), got "
+                             f"{x.dtype} {tuple(x.shape)}")
+        if x.shape[0] == 0 or min(x.shape[2:]) == 0:
+            raise UsageError(f"{source}: the {split} split holds no images")
+        if y.shape != (x.shape[0],):
+            raise UsageError(f"{source}: {x.shape[0]} {split} images but labels of shape "
+                             f"{tuple(y.shape)}")
+        check_labels(y, arrays.num_classes, f"{source} ({split} labels)")
+    if arrays.train_x.shape[1:] != arrays.test_x.shape[1:]:
+        raise UsageError(f"{source}: train images {tuple(arrays.train_x.shape[1:])} and test "
+                         f"images {tuple(arrays.test_x.shape[1:])} differ in shape")
+    return arrays
+
+
 def family_for_channels(channels: int) -> str:
     return "fashionmnist" if channels == 1 else "cifar10"
 
@@ -108,5 +153,5 @@ def load_dataset(
     folder = Path(data_dir).expanduser() if data_dir else None
     if folder is not None and not folder.is_dir():
         raise UsageError(f"--data-dir {folder} is not a folder")
-    arrays = spec.load(folder, download)
+    arrays = validate_arrays(spec.load(folder, download), f"dataset {name}")
     return arrays.limited(train_limit, test_limit, seed)

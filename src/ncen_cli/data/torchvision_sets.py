@@ -81,10 +81,16 @@ def _load(name: str, cls_name: str, classes: tuple[str, ...], marker: str):
         )
         if not may_download and not (root / marker).exists():
             raise DataUnavailableError(hint)
+        present = (root / marker).exists()
         try:
             train, test = _torchvision_load(cls_name, root, may_download)
-        except Exception as exc:  # network errors, checksum failures, missing files
+        except Exception as exc:  # network errors, checksum failures, missing or damaged files
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if present:
+                raise DataUnavailableError(
+                    f"{name} files in {root / marker} are unreadable or damaged ({reason}); "
+                    "replace them (or delete them to download again)"
+                ) from None
             raise DataUnavailableError(f"{hint} (download failed: {reason})") from None
         return ImageArrays(
             name=name,
