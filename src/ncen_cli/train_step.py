@@ -158,14 +158,18 @@ def exact_step(
     3. member i: backward of CE_i / (k B) + <g_i, v_i> + <logits_i, u_i>, whose parameter
        gradient is exactly that of mean CE + R (the chain rule through g_i and logits_i): the
        double backpropagation runs here, member by member.
+
+    ``x`` is (B, C, H, W), or (k, B, C, H, W) when each member trains on its own inputs (a
+    defense's crafted inputs, :mod:`ncen_cli.crafting`); ``y`` (B,).
     """
-    k, batch = ensemble.k, x.shape[0]
+    k, batch = ensemble.k, x.shape[-4]
     members = list(ensemble.members)
     params = _trainable(members)
     needs_grads = defense.needs_input_gradients
 
     def forward(i: int) -> _MemberPass:
-        return _member_pass(members[i], x, y, needs_grads, create_graph=True)
+        xi = x[i] if x.dim() == 5 else x  # (k, B, C, H, W): member i trains on its own inputs
+        return _member_pass(members[i], xi, y, needs_grads, create_graph=True)
 
     passes = executor.map(forward, k)
     terms, v, u = _regularizer_gradients(defense, hyperparameters, x, y, passes)
@@ -217,6 +221,8 @@ def finite_diff_step(
         raise UsageError(f"unknown finite-difference scheme '{fd_scheme}'; choose {FD_SCHEMES}")
     if not defense.needs_input_gradients:
         return exact_step(ensemble, defense, hyperparameters, x, y, executor)
+    if x.dim() == 5:
+        raise UsageError("--double-backprop finite-diff takes one batch shared by the members")
     if defense.needs_logits:
         raise UsageError(
             f"--double-backprop finite-diff supports defenses that depend only on input gradients; "

@@ -26,15 +26,15 @@ from safetensors.torch import save_file
 from ncen_cli import distributed
 from ncen_cli.atomic import atomic_write
 from ncen_cli.checkpoint import save_ensemble
+from ncen_cli.crafting import craft_batch, crafting_generator, get_defense
 from ncen_cli.data import AugmentConfig, ImageArrays, iterate_batches, load_dataset
 from ncen_cli.data.base import FAMILY_DEFAULTS
 from ncen_cli.data.pipeline import iterate_eval_batches
-from ncen_cli.defenses.base import Defense
+from ncen_cli.defenses.base import CraftContext, Defense
 from ncen_cli.device import Runtime
 from ncen_cli.ensemble import Ensemble, build_ensemble, parse_members
 from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
 from ncen_cli.member_parallel import MemberExecutor, plan_threads
-from ncen_cli.registry import DEFENSES
 from ncen_cli.train_step import DEFAULT_FD_SCALE, DOUBLE_BACKPROP_MODES, training_step
 
 log = logging.getLogger("ncen.train")
@@ -165,7 +165,7 @@ def clean_accuracy(
 
 
 def resolve_defense(config: TrainConfig, family: str) -> tuple[Defense, dict[str, float]]:
-    defense: Defense = DEFENSES.get(config.defense)
+    defense: Defense = get_defense(config.defense)  # a name or REGULARIZER+CRAFTER
     return defense, defense.resolve(family, config.hyperparameters)
 
 
@@ -453,6 +453,10 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
             optimizer.step()
             continue
         with run.runtime.autocast():
+            if run.defense.member_inputs is not None:  # members train on crafted inputs
+                gen = crafting_generator(config.seed, epoch, step, dist.rank)
+                context = CraftContext(gen, config.seed, epoch, step)
+                xb, yb = craft_batch(run.defense, ensemble, xb, yb, run.hyperparameters, context)
             result = training_step(
                 ensemble,
                 run.defense,
