@@ -177,3 +177,21 @@ def test_adv_train_sigkill_then_resume_equals_uninterrupted_run(tmp_path) -> Non
     assert json.loads(stdout)["resumed_from_epoch"] >= 1
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ncen_plugins_lists_the_crafting_defenses_with_their_hyperparameters() -> None:
+    from typer.testing import CliRunner
+
+    from ncen_cli.cli import app
+
+    result = CliRunner().invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output)["plugins"]
+            if r["group"] == "ncen.defenses"}
+    hyper = rows["adv-train"]["hyperparameters"]
+    assert set(hyper) == {"eps", "steps", "step_scale", "adv_fraction"}
+    assert hyper["eps"]["per_dataset"] == {"fashionmnist": 0.1, "cifar10": 8 / 255}
+    if "dverge" in rows:  # ncen-extra installed
+        assert rows["dverge"]["hyperparameters"]["eps"]["default"] == 0.07
+    table = CliRunner().invoke(app, ["plugins"], env={"COLUMNS": "250"})
+    assert "step_scale=2.5" in table.output
