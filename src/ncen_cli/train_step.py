@@ -159,14 +159,18 @@ def exact_step(
     3. member i: backward of CE_i / (k B) + <g_i, v_i> + <logits_i, u_i>, whose parameter
        gradient is exactly that of mean CE + R (the chain rule through g_i and logits_i): the
        double backpropagation runs here, member by member.
+
+    ``x`` is (B, C, H, W), or (k, B, C, H, W) when each member trains on its own inputs (a
+    defense's crafted inputs, :mod:`ncen_cli.crafting`); ``y`` (B,).
     """
-    k, batch = ensemble.k, x.shape[0]
+    k, batch = ensemble.k, x.shape[-4]
     members = list(ensemble.members)
     params = _trainable(members)
     needs_grads = defense.needs_input_gradients
 
     def forward(i: int) -> _MemberPass:
-        return _member_pass(members[i], x, y, needs_grads, create_graph=True)
+        xi = x[i] if x.dim() == 5 else x  # (k, B, C, H, W): member i trains on its own inputs
+        return _member_pass(members[i], xi, y, needs_grads, create_graph=True)
 
     passes = executor.map(forward, k)
     terms, v, u = _regularizer_gradients(defense, hyperparameters, x, y, passes)
@@ -207,24 +211,29 @@ def jvp_step(
 
     A defense that does not use input gradients gets the plain step. Raises UsageError for a
     member layer without a correct forward-mode rule (see :func:`ncen_cli.layers.
-    forward_mode_layers`)."""
+    forward_mode_layers`). ``x`` is (B, C, H, W), or (k, B, C, H, W) when each member trains on
+    its own inputs (:mod:`ncen_cli.crafting`); ``y`` (B,)."""
     if not defense.needs_input_gradients:
         return exact_step(ensemble, defense, hyperparameters, x, y, executor)
-    k, batch = ensemble.k, x.shape[0]
+    k, batch = ensemble.k, x.shape[-4]
     members = list(ensemble.members)
     params = _trainable(members)
 
+    def member_input(i: int) -> torch.Tensor:
+        return x[i] if x.dim() == 5 else x  # (k, B, C, H, W): member i trains on its own inputs
+
     def first(i: int) -> _MemberPass:
         with _without_parameter_gradients(params[i]), frozen_batchnorm_stats(members[i]):
-            return _member_pass(members[i], x, y, True)
+            return _member_pass(members[i], member_input(i), y, True)
 
     passes = executor.map(first, k)
     terms, v, u = _regularizer_gradients(defense, hyperparameters, x, y, passes)
     scale_ce = 1.0 / (k * batch)
 
     def dual_forward(i: int) -> torch.Tensor:
-        direction = torch.zeros_like(x) if v is None else v[i].to(x.dtype)
-        dual = forward_ad.make_dual(x.detach(), direction)
+        xi = member_input(i)
+        direction = torch.zeros_like(xi) if v is None else v[i].to(xi.dtype)
+        dual = forward_ad.make_dual(xi.detach(), direction)
         logits, tangent = forward_ad.unpack_dual(members[i](dual))
         total = _summed_ce(logits.unsqueeze(0), y) * scale_ce
         total = total + _ce_directional_derivative(logits, tangent, y)

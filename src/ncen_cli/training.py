@@ -31,10 +31,11 @@ from ncen_cli.checkpoint import (
     require_regular_file,
     save_ensemble,
 )
+from ncen_cli.crafting import craft_batch, crafting_generator, get_defense
 from ncen_cli.data import AugmentConfig, ImageArrays, iterate_batches, load_dataset
 from ncen_cli.data.base import FAMILY_DEFAULTS
 from ncen_cli.data.pipeline import iterate_eval_batches
-from ncen_cli.defenses.base import Defense
+from ncen_cli.defenses.base import CraftContext, Defense
 from ncen_cli.device import Runtime, check_seed
 from ncen_cli.ensemble import Ensemble, build_ensemble, parse_members
 from ncen_cli.errors import (
@@ -46,7 +47,6 @@ from ncen_cli.errors import (
 )
 from ncen_cli.member_parallel import MemberExecutor, plan_threads
 from ncen_cli.output_safety import check_output, output_lock
-from ncen_cli.registry import DEFENSES
 from ncen_cli.train_step import (
     DEFAULT_DOUBLE_BACKPROP,
     DEFAULT_FD_SCALE,
@@ -211,7 +211,7 @@ def clean_accuracy(
 
 
 def resolve_defense(config: TrainConfig, family: str) -> tuple[Defense, dict[str, float]]:
-    defense: Defense = DEFENSES.get(config.defense)
+    defense: Defense = get_defense(config.defense)  # a name or REGULARIZER+CRAFTER
     return defense, defense.resolve(family, config.hyperparameters)
 
 
@@ -636,6 +636,10 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
             _check_model(ensemble, step, epoch)
             continue
         with run.runtime.autocast():
+            if run.defense.member_inputs is not None:  # members train on crafted inputs
+                gen = crafting_generator(config.seed, epoch, step, dist.rank)
+                context = CraftContext(gen, config.seed, epoch, step)
+                xb, yb = craft_batch(run.defense, ensemble, xb, yb, run.hyperparameters, context)
             result = training_step(
                 ensemble,
                 run.defense,

@@ -20,6 +20,28 @@ def _summary(obj: object) -> str:
     return str(getattr(obj, "summary", "") or "")
 
 
+def _hyperparameters(obj: object) -> dict[str, dict] | None:
+    """A defense's hyperparameters: name -> default, per-dataset defaults, help (else None)."""
+    found = getattr(obj, "hyperparameters", None)
+    if found is None:
+        return None
+    return {
+        name: {"default": hp.default, "per_dataset": dict(hp.per_dataset), "help": hp.help}
+        for name, hp in found.items()
+    }
+
+
+def _hyperparameter_line(hyper: dict[str, dict] | None) -> str:
+    """``eps=0.1 (cifar10: 0.0314), steps=10`` for the table."""
+    parts = []
+    for name, hp in (hyper or {}).items():
+        extra = ", ".join(
+            f"{d}: {v:.3g}" for d, v in hp["per_dataset"].items() if v != hp["default"]
+        )
+        parts.append(f"{name}={hp['default']:g}" + (f" ({extra})" if extra else ""))
+    return "\n[dim]" + ", ".join(parts) + "[/]" if parts else ""
+
+
 @app.command("plugins")
 @handle_errors
 def plugins_command(
@@ -39,6 +61,7 @@ def plugins_command(
             "shadowed": reg.shadowed,
             "clashes": reg.clashes,
             "summary": _summary(reg.loaded),
+            "hyperparameters": _hyperparameters(reg.loaded),
         })
     if json_output:
         print_json({"plugins": rows})
@@ -53,7 +76,8 @@ def plugins_command(
             status = "[yellow]shadowed by the built-in[/]"
         elif row["clashes"]:
             status += f" [yellow](name clash: also {', '.join(row['clashes'])})[/]"
-        table.add_row(row["group"], row["name"], row["distribution"], status, row["summary"])
+        summary = row["summary"] + _hyperparameter_line(row["hyperparameters"])
+        table.add_row(row["group"], row["name"], row["distribution"], status, summary)
     out_console().print(table)
 
 

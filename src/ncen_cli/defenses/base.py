@@ -1,9 +1,13 @@
-"""The defense contract (plugin API version 1).
+"""The defense contract (plugin API version 2).
 
 A defense is a :class:`Defense`: a name, its hyperparameters with per-dataset defaults, what it
 needs (the members' input gradients, their logits, or both), and a function
 ``loss_terms`` that returns named, already weighted, scalar loss terms. The training loss is
 ``mean_i CE_i + sum(loss_terms(...).values())``.
+
+Since API version 2 a defense may also craft the inputs the members train on
+(``member_inputs``: adversarial training, DVERGE); CE_i and the terms are then taken on those
+inputs. Version 1 defenses are valid version 2 defenses unchanged (the new fields are optional).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 EPS = 1e-30  # guards divisions by norms; tiny enough not to break scale invariance
-API_VERSION = 1
+API_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,23 @@ class DefenseInputs:
     labels: torch.Tensor
     logits: torch.Tensor
     input_grads: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class CraftContext:
+    """Where one training step is, for a defense that crafts its members' inputs.
+
+    Attributes:
+        generator: CPU ``torch.Generator`` seeded from (seed, epoch, step, rank) alone: draw every
+            random number of the crafting from it (never from torch's global RNG), so a run
+            repeats and resumes bit-identically.
+        seed: the run's seed; epoch (from 0); step (batch index within the epoch, from 0).
+    """
+
+    generator: torch.Generator
+    seed: int
+    epoch: int
+    step: int
 
 
 @dataclass(frozen=True)
@@ -66,6 +87,16 @@ class Defense:
         needs_input_gradients: whether ``inputs.input_grads`` must be computed (double backprop).
         needs_logits: whether the terms depend on ``inputs.logits`` (not only on the input
             gradients).
+        member_inputs: optional (API 2) ``member_inputs(ensemble, x, y, context: CraftContext,
+            **hyperparameters) -> (inputs, labels)``: what the members train on for the batch
+            x (B, C, H, W), y (B,). ``inputs`` is (N, C, H, W) (every member trains on it) or
+            (k, N, C, H, W) (member i on ``inputs[i]``), images in [0, 1]; ``labels`` (N,). It is
+            called with the ensemble in train mode under the step's autocast; it must leave
+            parameters, ``.grad``, modes and BatchNorm buffers as it found them (see
+            :mod:`ncen_cli.crafting`) and draw randomness from ``context.generator`` only.
+        check: optional (API 2) ``check(values) -> None``: raise ``UsageError`` (one line) for
+            resolved hyperparameter values the defense cannot run with (e.g. a non-integer
+            step count).
     """
 
     name: str
@@ -74,6 +105,8 @@ class Defense:
     loss_terms: Callable[..., dict[str, torch.Tensor]]
     needs_input_gradients: bool = True
     needs_logits: bool = False
+    member_inputs: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    check: Callable[[dict[str, float]], None] | None = None
 
     def resolve(
         self, dataset: str, overrides: Mapping[str, float] | None = None
@@ -94,7 +127,29 @@ class Defense:
                     f"--{flag} must be >= {self.hyperparameters[key].minimum}, got {value}"
                 )
             values[key] = float(value)
+        if self.check is not None:
+            self.check(values)
         return values
+
+
+def require_integer(values: Mapping[str, float], name: str, minimum: int = 1) -> int:
+    """``values[name]`` as an int; UsageError unless it is a whole number >= ``minimum``."""
+    from ncen_cli.errors import UsageError
+
+    value = values[name]
+    if not (value >= minimum and float(value).is_integer()):
+        flag = name.replace("_", "-")
+        raise UsageError(f"--{flag} must be a whole number >= {minimum}, got {value:g}")
+    return int(value)
+
+
+def require_at_most(values: Mapping[str, float], name: str, maximum: float) -> None:
+    """UsageError unless ``values[name] <= maximum``."""
+    from ncen_cli.errors import UsageError
+
+    if not values[name] <= maximum:
+        flag = name.replace("_", "-")
+        raise UsageError(f"--{flag} must be <= {maximum:g}, got {values[name]:g}")
 
 
 def flat_norms(grads: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,17 @@
-"""ncen-extra: ensemble defenses (TRS, ADP) and an ensemble attack (mc-pgd) for ncen.
+"""ncen-extra: ensemble defenses (TRS, ADP, DVERGE) and an ensemble attack (mc-pgd) for ncen.
 
 Registered through ncen's entry-point groups (see this package's ``pyproject.toml``); ncen never
-imports this package directly. Written against ncen plugin API version 1: importing it under
-another version raises, which ``ncen plugins`` then reports as a failed plugin.
+imports this package directly. Written against ncen plugin API version 2 (DVERGE crafts its
+members' training inputs, which version 1 could not express): importing it under another version
+raises, which ``ncen plugins`` then reports as a failed plugin.
 """
 
 from __future__ import annotations
 
 from ncen_cli.defenses.base import API_VERSION
 
-__version__ = "0.1.0"
-PLUGIN_API_VERSION = 1
+__version__ = "0.2.0"
+PLUGIN_API_VERSION = 2
 
 if API_VERSION != PLUGIN_API_VERSION:
     raise ImportError(
