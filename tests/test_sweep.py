@@ -182,6 +182,10 @@ def test_manifest_with_other_shared_settings_is_refused(tmp_path):
     with pytest.raises(UsageError, match="has no lambda_cos"):
         run_sweep(tiny_config(defense="gal"), [0.0], [0.0], tmp_path / "gal", score_runs=FGSM,
                   evaluator=fake_evaluator)
+    # a composed defense is looked up like `ncen train` does (was: "unknown defense")
+    with pytest.raises(UsageError, match="has no lambda_cos"):
+        run_sweep(tiny_config(defense="gal+adv-train"), [0.0], [0.0], tmp_path / "gal-adv",
+                  score_runs=FGSM, evaluator=fake_evaluator)
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ import torch
 from ncen_cli import distributed
 from ncen_cli.atomic import atomic_write_json
 from ncen_cli.checkpoint import parse_json
+from ncen_cli.crafting import get_defense
 from ncen_cli.data import ImageArrays, load_dataset
 from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
 from ncen_cli.evaluation import (
@@ -51,7 +52,7 @@ from ncen_cli.evaluation import (
     worst_over_objectives,
 )
 from ncen_cli.output_safety import check_writable_folder, output_lock
-from ncen_cli.registry import ATTACKS, DEFENSES
+from ncen_cli.registry import ATTACKS
 from ncen_cli.training import RUNTIME_ONLY_FIELDS, EpochRecord, TrainConfig, resume_path, train
 
 log = logging.getLogger("ncen.sweep")
@@ -305,7 +306,7 @@ def _run_sweep(
     """
     started = time.perf_counter()
     base_config.validate()
-    defense = DEFENSES.get(base_config.defense)
+    defense = get_defense(base_config.defense)  # a name or REGULARIZER+CRAFTER
     missing = [k for k in SWEPT if k not in defense.hyperparameters]
     if missing:
         raise UsageError(f"defense '{defense.name}' has no {', '.join(missing)}; "
