@@ -214,7 +214,8 @@ def worker_agree(args) -> dict:
     hp = ncen.resolve("fashionmnist")
     x = (arrays.test_x[:64].float() / 255).to(dev)
     y = arrays.test_y[:64].to(dev)
-    cos = torch.nn.functional.cosine_similarity
+    def cos(a, b, dim):  # in float64: float32 cosines of long vectors can exceed 1
+        return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=dim)
 
     def grad_of(step, state, defense=ncen, hyperparameters=hp, bf16=False):
         ensemble.load_state_dict(state)
