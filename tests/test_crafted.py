@@ -16,7 +16,7 @@ from ncen_cli.defenses.adv_train import adversarial_batch
 from ncen_cli.defenses.base import CraftContext, Defense
 from ncen_cli.ensemble import build_ensemble
 from ncen_cli.errors import UsageError
-from ncen_cli.train_step import exact_step
+from ncen_cli.train_step import exact_step, jvp_step
 from ncen_cli.training import TrainConfig, resume_path, train
 from test_reliability import _cli, _wait_for_epoch, _weights
 
@@ -121,6 +121,22 @@ def test_per_member_inputs_train_each_member_on_its_own_batch() -> None:
         F.cross_entropy(m(per_member[i]), y, reduction="sum") for i, m in enumerate(ens.members)
     ) / (2 * len(y))
     assert out.ce.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_jvp_step_on_per_member_inputs_equals_exact_step() -> None:
+    """Both exact modes take (k, B, C, H, W) inputs: same loss, terms and parameter gradients
+    (GAL reads the input gradients, so the forward-mode path is exercised per member)."""
+    x, y = _batch()
+    per_member = torch.stack([x, x.flip(0)])
+    results = []
+    for step in (exact_step, jvp_step):
+        ens = _ensemble().double()
+        out = step(ens, get_defense("gal"), {"lambda_gal": 0.5}, per_member.double(), y)
+        results.append((out, [p.grad.clone() for p in ens.parameters()]))
+    (exact_out, exact_grads), (jvp_out, jvp_grads) = results
+    assert jvp_out.loss.item() == pytest.approx(exact_out.loss.item(), rel=1e-10)
+    for e, j in zip(exact_grads, jvp_grads, strict=True):
+        assert torch.allclose(e, j, rtol=1e-8, atol=1e-12)
 
 
 def test_composition_takes_the_regularizer_on_the_crafted_batch() -> None:
