@@ -15,6 +15,7 @@ from ncen_cli.cli import transfer  # noqa: F401, E402
 from ncen_cli.cli import sweep  # noqa: F401, E402
 from ncen_cli.cli import inspect  # noqa: F401, E402
 from ncen_cli.cli import info  # noqa: F401, E402
+from ncen_cli.cli import config  # noqa: F401, E402
 # isort: on
 
 

@@ -21,6 +21,7 @@ from ncen_cli.cli.common import (
     parse_name_list,
     print_json,
 )
+from ncen_cli.cli.config import ConfigFile, PrintConfig, command_settings, format_settings
 from ncen_cli.cli.train import (
     Activation,
     Augment,
@@ -56,6 +57,7 @@ from ncen_cli.training import EpochRecord
 @app.command("sweep")
 @handle_errors
 def sweep_command(
+    ctx: typer.Context,
     lambda_cos: Annotated[str, typer.Option(help="Comma list of lambda_cos values (grid rows).")]
     = "0,0.02,0.04,0.06",
     lambda_norm: Annotated[str, typer.Option(help="Comma list of lambda_norm values (grid "
@@ -95,13 +97,22 @@ def sweep_command(
     png: Annotated[Path | None, typer.Option(help="Write a heat map of the score (Fig. 4).")]
     = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    config_file: ConfigFile = None,
+    print_config: PrintConfig = False,
 ) -> None:
     """Train and score one NCEn ensemble per (lambda_cos, lambda_norm) cell; resumable."""
+    if print_config:
+        out_console().print(format_settings(command_settings(ctx)), end="", markup=False,
+                            highlight=False)
+        return
     config = build_config(
-        members, dataset, data_dir, "ncen", ncen_form, None, None, None, None, None, param,
-        activation, combine, epochs, batch_size, lr, augment, noise, noise_eps, train_limit,
-        test_limit, seed, device, precision, threads, member_threads, deterministic,
-        double_backprop, fd_scale, download,
+        members=members, dataset=dataset, data_dir=data_dir, defense="ncen", ncen_form=ncen_form,
+        param=param, activation=activation, combine=combine, epochs=epochs,
+        batch_size=batch_size, lr=lr, augment=augment, noise=noise, noise_eps=noise_eps,
+        train_limit=train_limit, test_limit=test_limit, seed=seed, device=device,
+        precision=precision, threads=threads, member_threads=member_threads,
+        deterministic=deterministic, double_backprop=double_backprop, fd_scale=fd_scale,
+        download=download,
     )
     cos_values = parse_float_list(lambda_cos, "--lambda-cos")
     norm_values = parse_float_list(lambda_norm, "--lambda-norm")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -17,11 +19,18 @@ from ncen_cli.cli.common import (
     parse_key_values,
     print_json,
 )
+from ncen_cli.cli.config import ConfigFile, PrintConfig, format_settings, options_from_record
 from ncen_cli.ensemble import parse_members
 from ncen_cli.errors import UsageError
 from ncen_cli.paths import new_run_path
 from ncen_cli.train_step import DEFAULT_DOUBLE_BACKPROP, DEFAULT_FD_SCALE
-from ncen_cli.training import EpochRecord, TrainConfig, resume_path, train
+from ncen_cli.training import (
+    EpochRecord,
+    TrainConfig,
+    config_changes,
+    recorded_run_config,
+    train,
+)
 
 # Option declarations shared with `ncen sweep` (which trains one ensemble per grid cell).
 Members = Annotated[
@@ -84,17 +93,18 @@ Download = Annotated[bool, typer.Option(help="Download missing datasets into the
 
 
 def build_config(
+    *,
     members: str,
     dataset: str,
-    data_dir: Path | None,
-    defense: str,
-    ncen_form: str,
-    lambda_cos: float | None,
-    lambda_norm: float | None,
-    lambda_gal: float | None,
-    lambda_div: float | None,
-    lambda_eq: float | None,
-    param: list[str] | None,
+    data_dir: Path | str | None,
+    defense: str = "ncen",
+    ncen_form: str = "paper",
+    lambda_cos: float | None = None,
+    lambda_norm: float | None = None,
+    lambda_gal: float | None = None,
+    lambda_div: float | None = None,
+    lambda_eq: float | None = None,
+    param: list[str] | None = None,
     activation: str,
     combine: str,
     epochs: int | None,
@@ -160,9 +170,63 @@ def build_config(
     return config
 
 
+# build_config's parameters: the options of `ncen train` that make its TrainConfig
+CONFIG_OPTIONS = tuple(inspect.signature(build_config).parameters)
+# the options among them that say where and how a run computes: free to add on --resume
+RUNTIME_OPTIONS = ("data_dir", "device", "threads", "member_threads", "download")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given (command line, environment or --config file)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
+def _resume_target(resume: str, out: Path | None) -> Path:
+    """The run that ``--resume [RUN]`` continues: RUN, else ``--out`` (the older spelling)."""
+    if resume and out is not None and Path(resume) != out:
+        raise UsageError(f"--resume {resume} and --out {out} name two runs; give one")
+    if not resume and out is None:
+        raise UsageError("--resume needs the interrupted run's checkpoint: ncen train --resume RUN")
+    return Path(resume) if resume else out  # type: ignore[return-value]
+
+
+def resumed_config(
+    out: Path, options: dict[str, Any], given: set[str]
+) -> tuple[dict[str, Any], TrainConfig]:
+    """The settings recorded by the run at ``out`` with the ``given`` options on top.
+
+    Runtime options (:data:`RUNTIME_OPTIONS`) are free; a recorded setting that a given option
+    changes is a UsageError naming every such field (``field: old -> new``). Returns the options
+    (as ``--print-config`` shows them) and the TrainConfig that continues the run."""
+    saved = recorded_run_config(out)
+    recorded = options_from_record(saved)
+    merged = {**options, **recorded}
+    for name in given:
+        merged[name] = options[name]
+    if "param" in given:  # --param adds to the recorded hyperparameters (later ones win)
+        merged["param"] = [*recorded["param"], *(options["param"] or [])]
+    if "data_dir" not in given and saved.get("data_dir"):
+        merged["data_dir"] = Path(saved["data_dir"])
+    config = build_config(**merged)
+    fixed = ("lr_step_epochs", "lr_gamma", "lr_min", "eval_batch_size")  # not options: recorded
+    config = dataclasses.replace(config, **{k: saved[k] for k in fixed if k in saved})
+    config.validate()
+    new = {**dataclasses.asdict(config), "world_size": saved.get("world_size", 1)}
+    changes = config_changes(saved, new)
+    if changes:
+        raise UsageError(
+            f"--resume {out}: options change recorded settings ({'; '.join(changes)}); only "
+            f"runtime options ({', '.join('--' + o.replace('_', '-') for o in RUNTIME_OPTIONS)}) "
+            "may be added"
+        )
+    return merged, config
+
+
 @app.command("train")
 @handle_errors
 def train_command(
+    ctx: typer.Context,
     members: Members = "resnet20,resnet26,resnet32",
     dataset: Dataset = "fashionmnist",
     data_dir: DataDir = None,
@@ -208,49 +272,37 @@ def train_command(
             help="Checkpoint path (.safetensors); default a new run folder (see `ncen env`)."
         ),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run at --out.")] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            is_flag=False,
+            flag_value="",
+            metavar="[RUN]",
+            help="Continue the interrupted run RUN (or --out) with its recorded settings; only "
+            "runtime options (device, threads, data folder, download) may be added.",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing --out (otherwise refused).")
     ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    config_file: ConfigFile = None,
+    print_config: PrintConfig = False,
 ) -> None:
     """Train an ensemble and write it to a safetensors checkpoint."""
-    config = build_config(
-        members,
-        dataset,
-        data_dir,
-        defense,
-        ncen_form,
-        lambda_cos,
-        lambda_norm,
-        lambda_gal,
-        lambda_div,
-        lambda_eq,
-        param,
-        activation,
-        combine,
-        epochs,
-        batch_size,
-        lr,
-        augment,
-        noise,
-        noise_eps,
-        train_limit,
-        test_limit,
-        seed,
-        device,
-        precision,
-        threads,
-        member_threads,
-        deterministic,
-        double_backprop,
-        fd_scale,
-        download,
-    )
-    if resume and out is None:
-        raise UsageError("--resume needs --out pointing at the interrupted run's checkpoint")
-    if resume and not (out.exists() or resume_path(out).exists()):
-        raise UsageError(f"--resume: there is no run at {out} (no checkpoint, no resume state)")
+    options = {name: ctx.params[name] for name in CONFIG_OPTIONS}
+    if resume is not None:
+        out = _resume_target(resume, out)
+        given = {
+            name for name in CONFIG_OPTIONS
+            if _given(ctx, name)
+        }
+        options, config = resumed_config(out, options, given)
+    else:
+        config = build_config(**options)
+    if print_config:
+        out_console().print(format_settings(options), end="", markup=False, highlight=False)
+        return
     out = out or new_run_path(f"{config.defense}-{config.dataset}")
     console = err_console()
 
@@ -277,7 +329,8 @@ def train_command(
             bars.update(task, description=f"epoch {record.epoch + 1}", completed=0)
 
         result = train(
-            config, out, resume=resume, on_epoch=on_epoch, on_batch=on_batch, overwrite=overwrite
+            config, out, resume=resume is not None, on_epoch=on_epoch, on_batch=on_batch,
+            overwrite=overwrite,
         )
     if not distributed.is_main_process():  # under torchrun, rank 0 alone reports
         return
