@@ -21,7 +21,7 @@ from ncen_cli.cli.common import (
 )
 from ncen_cli.cli.config import ConfigFile, PrintConfig, format_settings, options_from_record
 from ncen_cli.ensemble import parse_members
-from ncen_cli.errors import UsageError
+from ncen_cli.errors import CheckpointError, NcenError, UsageError
 from ncen_cli.paths import new_run_path
 from ncen_cli.train_step import DEFAULT_DOUBLE_BACKPROP, DEFAULT_FD_SCALE
 from ncen_cli.training import (
@@ -29,6 +29,7 @@ from ncen_cli.training import (
     TrainConfig,
     config_changes,
     recorded_run_config,
+    resume_path,
     train,
 )
 
@@ -182,13 +183,13 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name != "DEFAULT"
 
 
-def _resume_target(resume: str, out: Path | None) -> Path:
+def _resume_target(run: Path | None, out: Path | None) -> Path:
     """The run that ``--resume [RUN]`` continues: RUN, else ``--out`` (the older spelling)."""
-    if resume and out is not None and Path(resume) != out:
-        raise UsageError(f"--resume {resume} and --out {out} name two runs; give one")
-    if not resume and out is None:
+    if run is not None and out is not None and run != out:
+        raise UsageError(f"--resume {run} and --out {out} name two runs; give one")
+    if run is None and out is None:
         raise UsageError("--resume needs the interrupted run's checkpoint: ncen train --resume RUN")
-    return Path(resume) if resume else out  # type: ignore[return-value]
+    return run if run is not None else out  # type: ignore[return-value]
 
 
 def resumed_config(
@@ -200,7 +201,15 @@ def resumed_config(
     changes is a UsageError naming every such field (``field: old -> new``). Returns the options
     (as ``--print-config`` shows them) and the TrainConfig that continues the run."""
     saved = recorded_run_config(out)
-    recorded = options_from_record(saved)
+    source = resume_path(out) if resume_path(out).exists() else out
+    try:  # the record alone must make a valid config: if not, the file is at fault, not the user
+        recorded = options_from_record(saved)
+        build_config(**{**options, **recorded})
+    except (NcenError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"the settings recorded in {source} are invalid ({why}); delete it to restart"
+        ) from None
     merged = {**options, **recorded}
     for name in given:
         merged[name] = options[name]
@@ -216,7 +225,8 @@ def resumed_config(
     changes = config_changes(saved, new)
     if changes:
         raise UsageError(
-            f"--resume {out}: options change recorded settings ({'; '.join(changes)}); only "
+            f"--resume {out}: the options change settings recorded in {source} "
+            f"({'; '.join(changes)}); only "
             f"runtime options ({', '.join('--' + o.replace('_', '-') for o in RUNTIME_OPTIONS)}) "
             "may be added"
         )
@@ -273,13 +283,17 @@ def train_command(
         ),
     ] = None,
     resume: Annotated[
-        str | None,
+        bool,
         typer.Option(
-            is_flag=False,
-            flag_value="",
-            metavar="[RUN]",
             help="Continue the interrupted run RUN (or --out) with its recorded settings; only "
             "runtime options (device, threads, data folder, download) may be added.",
+        ),
+    ] = False,
+    run: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[RUN]", help="With --resume: the interrupted run's checkpoint.",
+            show_default=False,
         ),
     ] = None,
     overwrite: Annotated[
@@ -291,8 +305,10 @@ def train_command(
 ) -> None:
     """Train an ensemble and write it to a safetensors checkpoint."""
     options = {name: ctx.params[name] for name in CONFIG_OPTIONS}
-    if resume is not None:
-        out = _resume_target(resume, out)
+    if run is not None and not resume:
+        raise UsageError(f"a run path ({run}) is only taken with --resume: ncen train --resume RUN")
+    if resume:
+        out = _resume_target(run, out)
         given = {
             name for name in CONFIG_OPTIONS
             if _given(ctx, name)
@@ -329,7 +345,7 @@ def train_command(
             bars.update(task, description=f"epoch {record.epoch + 1}", completed=0)
 
         result = train(
-            config, out, resume=resume is not None, on_epoch=on_epoch, on_batch=on_batch,
+            config, out, resume=resume, on_epoch=on_epoch, on_batch=on_batch,
             overwrite=overwrite,
         )
     if not distributed.is_main_process():  # under torchrun, rank 0 alone reports
