@@ -26,9 +26,10 @@ except SystemExit as exc:
     code = exc.code
 else:
     code = 0
-heavy = sorted(m for m in ("torch", "numpy", "ncen_cli.training", "ncen_cli.cli.train")
-               if m in sys.modules)
-sys.stderr.write("PROBE " + json.dumps({"code": code, "heavy": heavy}) + "\\n")
+heavy = sorted(m for m in ("torch", "numpy", "ncen_cli.training") if m in sys.modules)
+commands = sorted(m for m in sys.modules if m.startswith("ncen_cli.cli."))
+sys.stderr.write("PROBE " + json.dumps({"code": code, "heavy": heavy, "commands": commands})
+                 + "\\n")
 """
 
 
@@ -39,11 +40,15 @@ def _probe(args: list[str]) -> tuple[dict, str]:
     return json.loads(line.removeprefix("PROBE ")), done.stdout
 
 
-@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--version"], ["trian"], []])
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--version"], ["trian"], [],
+                                  ["train", "--bogus"], ["train", "--epochs", "many"],
+                                  ["train", "--help"], ["sweep", "--seed", "x"]])
 def test_help_version_and_typos_import_no_torch(args):
     result, _ = _probe(args)
     assert result["heavy"] == [], result
     assert result["code"] in (0, 2, None)
+    if not args or args[0] not in COMMANDS:  # no command module is imported for the listing
+        assert result["commands"] == ["ncen_cli.cli.common"], result
 
 
 def test_version_prints_the_installed_version():
@@ -67,3 +72,11 @@ def test_every_listed_command_runs_its_own_help():
         assert result.exit_code == 0, (name, result.output)
         assert f"ncen {name}" in result.stdout
     assert list(group.list_commands(None)) == list(COMMANDS)
+
+
+def test_the_cli_defaults_are_those_of_the_training_step():
+    from ncen_cli.cli import train as cli_train
+    from ncen_cli.train_step import DEFAULT_DOUBLE_BACKPROP, DEFAULT_FD_SCALE
+
+    assert cli_train.DEFAULT_DOUBLE_BACKPROP == DEFAULT_DOUBLE_BACKPROP
+    assert cli_train.DEFAULT_FD_SCALE == DEFAULT_FD_SCALE

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from ncen_cli import distributed
 from ncen_cli.cli.common import (
     app,
     check_eps,
@@ -23,6 +22,8 @@ from ncen_cli.cli.common import (
 )
 from ncen_cli.cli.config import ConfigFile, PrintConfig, command_settings, format_settings
 from ncen_cli.cli.train import (
+    DEFAULT_DOUBLE_BACKPROP,
+    DEFAULT_FD_SCALE,
     Activation,
     Augment,
     Combine,
@@ -49,9 +50,10 @@ from ncen_cli.cli.train import (
 from ncen_cli.errors import UsageError
 from ncen_cli.paths import runs_dir
 from ncen_cli.registry import DATASETS
-from ncen_cli.sweep import Cell, CellResult, SweepResult, format_value, run_sweep, score_runs_for
-from ncen_cli.train_step import DEFAULT_DOUBLE_BACKPROP, DEFAULT_FD_SCALE
-from ncen_cli.training import EpochRecord
+
+if TYPE_CHECKING:  # torch-backed: imported when the sweep runs (a usage error stays instant)
+    from ncen_cli.sweep import Cell, CellResult, SweepResult
+    from ncen_cli.training import EpochRecord
 
 
 @app.command("sweep")
@@ -105,6 +107,9 @@ def sweep_command(
         out_console().print(format_settings(command_settings(ctx)), end="", markup=False,
                             highlight=False)
         return
+    from ncen_cli import distributed
+    from ncen_cli.sweep import run_sweep, score_runs_for
+
     config = build_config(
         members=members, dataset=dataset, data_dir=data_dir, defense="ncen", ncen_form=ncen_form,
         param=param, activation=activation, combine=combine, epochs=epochs,
@@ -210,6 +215,8 @@ def _colour(score: float, low: float, high: float) -> str:
 
 def render_grid(result: SweepResult) -> Table:
     """Rows lambda_cos, columns lambda_norm; each cell ACE x mean AAE, coloured, best starred."""
+    from ncen_cli.sweep import format_value
+
     by_pos = {(c.cell.lambda_cos, c.cell.lambda_norm): c for c in result.cells}
     scores = [c.score for c in result.cells if c.score is not None]
     low, high = (min(scores), max(scores)) if scores else (0.0, 0.0)
@@ -239,6 +246,8 @@ def render_grid(result: SweepResult) -> Table:
 
 
 def _caption(result: SweepResult) -> str:
+    from ncen_cli.sweep import format_value
+
     attacks = ", ".join(f"{s['attack']}@{s['eps']:g}" for s in result.attack_settings)
     best = result.best
     best_text = (f"best (*): lambda_cos {format_value(best.cell.lambda_cos)}, lambda_norm "

@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ncen_cli import distributed
 from ncen_cli.cli.common import (
     app,
     err_console,
@@ -20,18 +19,17 @@ from ncen_cli.cli.common import (
     print_json,
 )
 from ncen_cli.cli.config import ConfigFile, PrintConfig, format_settings, options_from_record
-from ncen_cli.ensemble import parse_members
 from ncen_cli.errors import CheckpointError, NcenError, UsageError
 from ncen_cli.paths import new_run_path
-from ncen_cli.train_step import DEFAULT_DOUBLE_BACKPROP, DEFAULT_FD_SCALE
-from ncen_cli.training import (
-    EpochRecord,
-    TrainConfig,
-    config_changes,
-    recorded_run_config,
-    resume_path,
-    train,
-)
+
+if TYPE_CHECKING:
+    from ncen_cli.training import EpochRecord, TrainConfig
+
+# Torch-backed modules (distributed, ensemble, training) are imported inside the functions, so
+# that a usage error of `ncen train` or `ncen sweep` answers without loading torch.
+# The defaults of ncen_cli.train_step (test_startup holds them equal):
+DEFAULT_DOUBLE_BACKPROP = "exact"
+DEFAULT_FD_SCALE = 3e-2
 
 # Option declarations shared with `ncen sweep` (which trains one ensemble per grid cell).
 Members = Annotated[
@@ -127,6 +125,9 @@ def build_config(
     download: bool,
 ) -> TrainConfig:
     """Turn command-line options into a validated :class:`TrainConfig`."""
+    from ncen_cli.ensemble import parse_members
+    from ncen_cli.training import TrainConfig
+
     if ncen_form not in ("paper", "official"):
         raise UsageError(f"--ncen-form must be paper or official, got '{ncen_form}'")
     if defense == "ncen" and ncen_form == "official":
@@ -200,6 +201,8 @@ def resumed_config(
     Runtime options (:data:`RUNTIME_OPTIONS`) are free; a recorded setting that a given option
     changes is a UsageError naming every such field (``field: old -> new``). Returns the options
     (as ``--print-config`` shows them) and the TrainConfig that continues the run."""
+    from ncen_cli.training import config_changes, recorded_run_config, resume_path
+
     saved = recorded_run_config(out)
     source = resume_path(out) if resume_path(out).exists() else out
     try:  # the record alone must make a valid config: if not, the file is at fault, not the user
@@ -320,6 +323,9 @@ def train_command(
         out_console().print(format_settings(options), end="", markup=False, highlight=False)
         return
     out = out or new_run_path(f"{config.defense}-{config.dataset}")
+    from ncen_cli import distributed
+    from ncen_cli.training import train
+
     console = err_console()
 
     with Progress(
