@@ -75,10 +75,12 @@ def test_checkpoint_config_reruns_to_the_same_bytes(flags_run, tmp_path):
 
 def test_flags_override_the_file_and_print_config_round_trips(tmp_path):
     settings = tmp_path / "run.toml"
-    settings.write_text(FILE)
+    long_dir = str(tmp_path / ("a-folder-name-longer-than-any-terminal-line-" * 3))
+    settings.write_text(FILE + f'data-dir = "{long_dir}"\n')
     printed = _ok(["train", "--config", str(settings), "--seed", "9", "--print-config"])
-    table = tomllib.loads(printed)
+    table = tomllib.loads(printed)  # long values are not wrapped
     assert table["seed"] == 9 and table["lambda-cos"] == 0.03 and table["noise"] is False
+    assert table["data-dir"] == long_dir and "config" not in printed.replace("--config", "")
     assert table["param"] == ["lambda_norm=0.01"] and "epochs" in table
     again = tmp_path / "printed.toml"
     again.write_text(printed)

@@ -180,3 +180,14 @@ def test_resume_of_no_run_and_of_two_runs_is_an_error(interrupted, tmp_path):
     assert "two runs" in _error(["train", "--resume", str(interrupted),
                                  "--out", str(tmp_path / "other.safetensors")])
     assert "only taken with --resume" in _error(["train", str(interrupted)])
+
+
+def test_epoch_lines_show_m_of_n_and_quiet_drops_them(interrupted, tmp_path):
+    copy = tmp_path / "copy" / interrupted.name
+    shutil.copytree(interrupted.parent, copy.parent)
+    loud = runner.invoke(app, ["train", "--resume", str(interrupted), "--no-progress"])
+    assert loud.exit_code == 0, loud.output
+    assert "epoch 2/2:" in loud.stderr and "epoch 1/" not in loud.stderr  # resumed at epoch 2
+    quiet = runner.invoke(app, ["train", "--resume", str(copy), "-q"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "epoch" not in quiet.stderr and quiet.stdout.startswith("wrote ")

@@ -453,6 +453,7 @@ def train(
     on_batch: Callable[[int, int], None] | None = None,
     arrays: ImageArrays | None = None,
     overwrite: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train an ensemble as ``config`` says and write it to ``out`` (.safetensors).
 
@@ -468,6 +469,8 @@ def train(
         on_epoch: called with each finished :class:`EpochRecord` (rank 0 only).
         on_batch: called with (batches done, batches per epoch) for progress display (rank 0 only).
         arrays: use these images instead of loading ``config.dataset`` (tests, benchmarks).
+        on_start: called with (epochs already done, epochs in all) before the first epoch trains
+            (rank 0 only), e.g. to show ``epoch m/N``.
     """
     config.validate()
     out = Path(out)
@@ -481,12 +484,12 @@ def train(
     if dist.enabled:  # every rank writes (rank 0) and resumes from rank 0's path
         out = Path(str(distributed.broadcast_object(str(out))))
     if not dist.is_main:
-        return _train(config, out, resume, on_epoch, on_batch, arrays, dist)
+        return _train(config, out, resume, (on_start, on_epoch, on_batch), arrays, dist)
     _check_out(out, resume, overwrite)
     with output_lock(out):
         if overwrite:
             resume_path(out).unlink(missing_ok=True)
-        return _train(config, out, resume, on_epoch, on_batch, arrays, dist)
+        return _train(config, out, resume, (on_start, on_epoch, on_batch), arrays, dist)
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -511,12 +514,17 @@ def _train(
     config: TrainConfig,
     out: Path,
     resume: bool,
-    on_epoch: Callable[[EpochRecord], None] | None,
-    on_batch: Callable[[int, int], None] | None,
+    callbacks: tuple[
+        Callable[[int, int], None] | None,
+        Callable[[EpochRecord], None] | None,
+        Callable[[int, int], None] | None,
+    ],
     arrays: ImageArrays | None,
     dist: distributed.DistContext,
 ) -> TrainResult:
-    """The body of :func:`train` once ``out`` is checked and locked."""
+    """The body of :func:`train` once ``out`` is checked and locked; ``callbacks`` are train()'s
+    (on_start, on_epoch, on_batch)."""
+    on_start, on_epoch, on_batch = callbacks
     runtime = Runtime.create(
         config.device, config.precision, config.threads, config.deterministic, config.seed
     )
@@ -574,6 +582,8 @@ def _train(
     if has_state:
         start_epoch, history = _load_resume_state(state_file, ensemble, optimizer, config_json)
         log.info("resuming %s from epoch %d", out, start_epoch)
+    if on_start is not None and dist.is_main:
+        on_start(start_epoch, epochs)
 
     metadata = {
         "members": list(config.members),

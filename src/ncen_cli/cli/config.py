@@ -19,9 +19,10 @@ import typer
 from ncen_cli.cli.common import app, fail, handle_errors
 
 # Parameters that are not settings of the run: never read from or written to a settings file
-NOT_SETTINGS = frozenset(
-    {"config", "print_config", "json_output", "out", "resume", "overwrite", "png", "help"}
-)
+NOT_SETTINGS = frozenset({
+    "config_file", "print_config", "json_output", "out", "resume", "run", "overwrite", "png",
+    "help", "quiet", "no_progress",
+})
 # Recorded TrainConfig fields that `ncen train` takes as options of the same name
 _RECORDED_OPTIONS = (
     "dataset", "data_dir", "defense", "activation", "combine", "epochs", "batch_size", "lr",

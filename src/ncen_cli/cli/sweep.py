@@ -104,8 +104,7 @@ def sweep_command(
 ) -> None:
     """Train and score one NCEn ensemble per (lambda_cos, lambda_norm) cell; resumable."""
     if print_config:
-        out_console().print(format_settings(command_settings(ctx)), end="", markup=False,
-                            highlight=False)
+        typer.echo(format_settings(command_settings(ctx)), nl=False)  # never wrapped
         return
     from ncen_cli import distributed
     from ncen_cli.sweep import run_sweep, score_runs_for

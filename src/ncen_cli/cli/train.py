@@ -305,6 +305,12 @@ def train_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     config_file: ConfigFile = None,
     print_config: PrintConfig = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar, no per-epoch lines.")
+    ] = False,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="No progress bar (per-epoch lines stay).")
+    ] = False,
 ) -> None:
     """Train an ensemble and write it to a safetensors checkpoint."""
     options = {name: ctx.params[name] for name in CONFIG_OPTIONS}
@@ -320,7 +326,7 @@ def train_command(
     else:
         config = build_config(**options)
     if print_config:
-        out_console().print(format_settings(options), end="", markup=False, highlight=False)
+        typer.echo(format_settings(options), nl=False)  # never wrapped, unlike a Rich console
         return
     out = out or new_run_path(f"{config.defense}-{config.dataset}")
     from ncen_cli import distributed
@@ -335,24 +341,31 @@ def train_command(
         TimeElapsedColumn(),
         console=console,
         transient=True,
-        disable=not (distributed.is_main_process() and console.is_terminal),
+        disable=quiet or no_progress
+        or not (distributed.is_main_process() and console.is_terminal),
     ) as bars:
         task = bars.add_task("epoch 1", total=None)
+        planned = [0]  # epochs in all, known once train() has resolved the dataset's default
+
+        def on_start(done: int, epochs: int) -> None:
+            planned[0] = epochs
+            bars.update(task, description=f"epoch {done + 1}/{epochs}")
 
         def on_batch(done: int, total: int) -> None:
             bars.update(task, completed=done, total=total)
 
         def on_epoch(record: EpochRecord) -> None:
             terms = " ".join(f"{k}={v:.4f}" for k, v in record.terms.items())
-            console.log(
-                f"epoch {record.epoch}: lr={record.lr:.0e} ce={record.ce:.4f} {terms} "
-                f"test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s"
-            )
-            bars.update(task, description=f"epoch {record.epoch + 1}", completed=0)
+            if not quiet:
+                console.log(
+                    f"epoch {record.epoch}/{planned[0]}: lr={record.lr:.0e} ce={record.ce:.4f} "
+                    f"{terms} test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s"
+                )
+            bars.update(task, description=f"epoch {record.epoch + 1}/{planned[0]}", completed=0)
 
         result = train(
             config, out, resume=resume, on_epoch=on_epoch, on_batch=on_batch,
-            overwrite=overwrite,
+            overwrite=overwrite, on_start=on_start,
         )
     if not distributed.is_main_process():  # under torchrun, rank 0 alone reports
         return
