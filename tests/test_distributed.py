@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from ncen_cli.data.synthetic import make_arrays
 from ncen_cli.ensemble import build_ensemble
 from ncen_cli.registry import ARCHS, DEFENSES
 from ncen_cli.train_step import training_step
-from ncen_cli.training import TrainConfig, clean_accuracy, train
+from ncen_cli.training import TrainConfig, clean_accuracy, resume_path, train
 
 WORLD = 2
 DEADLINE_S = 150
@@ -115,7 +116,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     config = TrainConfig(members=[TINY, TINY], dataset="synthetic", epochs=1, batch_size=79,
                          eval_batch_size=4, device="cpu", seed=0)
     out = Path(out_dir) / "tiny.safetensors"
-    first = train(config, out, arrays=make_arrays(40, 11, seed=2))
+    saved_state = Path(out_dir) / "state-after-epoch-1"
+    first = train(config, out, arrays=make_arrays(40, 11, seed=2),
+                  on_epoch=lambda _: shutil.copyfile(resume_path(out), saved_state))
+    if rank == 0:  # the finished run deleted its resume state: restore the epoch-1 one
+        shutil.copyfile(saved_state, resume_path(out))
+    distributed.barrier()
     again = train(config, out, resume=True, arrays=make_arrays(40, 11, seed=2))
     results["train"] = {"world_size": first.metadata["world_size"],
                         "accuracy": first.history[-1].test_accuracy,
@@ -207,8 +213,8 @@ def test_torchrun_ncen_train_writes_one_checkpoint(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)  # exactly one JSON document: rank 0 alone reports
     assert summary["checkpoint"] == str(out)
-    assert sorted(p.name for p in out.parent.iterdir()) == [out.name,
-                                                            out.name + ".resume.safetensors"]
+    # the finished run deleted its resume state
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
     meta = read_metadata(out)
     assert meta["world_size"] == WORLD and meta["config"]["world_size"] == WORLD
     assert meta["complete"] is True

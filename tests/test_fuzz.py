@@ -31,6 +31,8 @@ from typer.testing import CliRunner
 from ncen_cli.checkpoint import MAX_CLASSES, save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.ensemble import MAX_MEMBERS, build_ensemble
+from ncen_cli.errors import InterruptedRun
+from ncen_cli.training import TrainConfig, resume_path, train
 
 LONG = os.environ.get("NCEN_FUZZ", "").lower() == "long"
 FUZZ_EXAMPLES = 300 if LONG else 12
@@ -324,18 +326,27 @@ def test_fashionmnist_files_with_labels_outside_its_ten_classes(tmp_path, label)
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    """A finished 1-epoch run (checkpoint + resume state) made by the command line."""
+    """A 2-epoch run interrupted after epoch 1 (checkpoint + resume state): a finished run
+    deletes its resume state, so the states to fuzz are those of interrupted runs."""
     out = tmp_path_factory.mktemp("run") / "run.safetensors"
-    result = runner.invoke(app, ["train", "--dataset", "synthetic", *TINY, "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    config = TrainConfig(members=["resnet20", "resnet20"], dataset="synthetic", epochs=2,
+                         batch_size=16, train_limit=16, test_limit=16, noise=False,
+                         device="cpu", threads=1)
+
+    def stop(_record) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(InterruptedRun):
+        train(config, out, on_epoch=stop)
+    assert resume_path(out).exists()
     return out
 
 
 def _resume_args(out: Path) -> list[str]:
-    return ["train", "--dataset", "synthetic", *TINY, "--out", str(out), "--resume"]
+    return ["train", "--resume", str(out), "--device", "cpu", "--threads", "1"]
 
 
-def test_the_finished_run_itself_resumes_cleanly(finished_run, tmp_path):
+def test_the_interrupted_run_itself_resumes_cleanly(finished_run, tmp_path):
     shutil.copytree(finished_run.parent, tmp_path / "run")
     result = runner.invoke(app, _resume_args(tmp_path / "run" / finished_run.name))
     assert result.exit_code == 0, result.output

@@ -25,7 +25,7 @@ from ncen_cli.atomic import atomic_write_json
 from ncen_cli.checkpoint import load_ensemble, save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.ensemble import build_ensemble
-from ncen_cli.errors import CheckpointError, NcenError, NonFiniteModelError
+from ncen_cli.errors import CheckpointError, InterruptedRun, NcenError, NonFiniteModelError
 from ncen_cli.output_safety import lock_path, output_lock
 from ncen_cli.training import TrainConfig, resume_path, train
 
@@ -106,7 +106,7 @@ def test_resume_and_overwrite_together_is_refused(tmp_path):
 def test_resume_of_a_finished_run_without_resume_state_says_so(tmp_path):
     out = tmp_path / "run.safetensors"
     assert runner.invoke(app, [*TINY, "--out", str(out)]).exit_code == 0
-    resume_path(out).unlink()
+    assert not resume_path(out).exists()  # a finished run deletes its resume state
     before = _digest(tmp_path)
     line = _one_error_line(runner.invoke(app, [*TINY, "--out", str(out), "--resume"]), 2)
     assert "no resume state" in line and "--overwrite" in line
@@ -240,10 +240,21 @@ def test_every_written_file_honours_the_umask(tmp_path, umask, mode):
         out = tmp_path / "run.safetensors"
         assert runner.invoke(app, [*TINY, "--out", str(out)]).exit_code == 0
         atomic_write_json(tmp_path / "r.json", {"a": 1})
+        # a finished run deletes its resume state: an interrupted one keeps it
+        stopped = tmp_path / "stopped.safetensors"
+        config = TrainConfig(members=["resnet20"] * 2, dataset="synthetic", epochs=2,
+                             batch_size=16, train_limit=16, test_limit=16, noise=False,
+                             device="cpu", threads=1)
+        with pytest.raises(InterruptedRun):
+            train(config, stopped, on_epoch=_stop)
     finally:
         os.umask(old)
-    for path in (out, resume_path(out), tmp_path / "r.json"):
+    for path in (out, resume_path(stopped), tmp_path / "r.json"):
         assert path.stat().st_mode & 0o777 == mode, (path, oct(path.stat().st_mode))
+
+
+def _stop(_record) -> None:
+    raise KeyboardInterrupt
 
 
 # --- broken models --------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from ncen_cli.checkpoint import load_ensemble, save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.defenses.base import Defense
 from ncen_cli.ensemble import build_ensemble
-from ncen_cli.errors import CheckpointError, NonFiniteLossError, UsageError
+from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
 from ncen_cli.registry import DEFENSES
 from ncen_cli.training import TrainConfig, resume_path, train
 
@@ -142,10 +142,16 @@ def test_resume_refuses_other_settings(tmp_path):
         test_limit=32,
         device="cpu",
     )
+    config.epochs = 2
     out = tmp_path / "r.safetensors"
-    train(config, out)
+
+    def stop(_record) -> None:  # a finished run deletes its resume state: interrupt this one
+        raise KeyboardInterrupt
+
+    with pytest.raises(InterruptedRun):
+        train(config, out, on_epoch=stop)
     config.lr = 0.5
-    with pytest.raises(UsageError, match="other settings"):
+    with pytest.raises(UsageError, match=r"other settings \(lr: 0.001 -> 0.5;"):
         train(config, out, resume=True)
 
 

@@ -5,6 +5,8 @@ After every epoch a *resume state* (weights, optimizer, epoch, RNG state) is wri
 resumes (``resume=True``) from the last completed epoch and, on the CPU with the same seed, ends
 with weights identical to an uninterrupted run: data order and augmentation are drawn from
 generators seeded by (seed, epoch), and the learning rate is a pure function of the epoch.
+The resume state records the run's config (:func:`recorded_run_config`), so a run resumes from
+its path alone; it is deleted once the run finishes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ from ncen_cli.atomic import atomic_write
 from ncen_cli.checkpoint import (
     first_non_finite,
     parse_json,
+    read_metadata,
     require_regular_file,
     save_ensemble,
 )
@@ -61,6 +65,9 @@ LR_FLOOR_RATIO = 1e-2  # the paper: 1e-3 decays x0.1 every 15 epochs down to 1e-
 # it trains: left out of the recorded config (so a run resumes on another device or thread count)
 # and of sweep manifests
 RUNTIME_ONLY_FIELDS = ("device", "threads", "member_threads", "download")
+# Recorded (for reference) but free to change when a run resumes: where the data is read from and
+# how large the evaluation batches are change nothing that is trained
+RESUME_RUNTIME_FIELDS = (*RUNTIME_ONLY_FIELDS, "data_dir", "eval_batch_size")
 
 
 @dataclass
@@ -313,11 +320,69 @@ def _check_resume_config(path: Path, meta: dict[str, str], wanted: dict[str, Any
             f"{path} was trained by {saved.get('world_size', 1)} process(es), this run has "
             f"{wanted.get('world_size', 1)}; resume with the same torchrun world size"
         )
-    if saved != wanted:
+    changes = config_changes(saved, wanted)
+    if changes:
         raise UsageError(
-            f"{path} belongs to a run with other settings; rerun with the same options "
-            "or choose another --out"
+            f"{path} belongs to a run with other settings ({'; '.join(changes)}); resume with "
+            "the recorded settings (`ncen train --resume RUN` alone uses them) or choose another "
+            "--out"
         )
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The recorded settings that differ between two recorded configs, as ``field: old -> new``
+    (hyperparameters key by key); fields in :data:`RESUME_RUNTIME_FIELDS` are ignored."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESUME_RUNTIME_FIELDS:
+            continue
+        before, after = old.get(key), new.get(key)
+        if key == "hyperparameters" and isinstance(before, dict) and isinstance(after, dict):
+            changes += [f"hyperparameters.{name}: {before.get(name)} -> {after.get(name)}"
+                        for name in sorted(set(before) | set(after))
+                        if before.get(name) != after.get(name)]
+        elif before != after:
+            changes.append(f"{key}: {_short(before)} -> {_short(after)}")
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def recorded_run_config(out: Path) -> dict[str, Any]:
+    """The recorded config of the run at ``out``: its resume state's if there is one, else its
+    checkpoint's. UsageError when ``out`` holds no run; CheckpointError when it is unreadable."""
+    state = resume_path(out)
+    if state.exists():
+        require_regular_file(state, "resume state")
+        try:
+            with safe_open(str(state), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else "unreadable"
+            raise _bad_resume(state, why) from None
+        saved = _resume_json(state, meta, "config", "null")
+        if not isinstance(saved, dict):
+            raise _bad_resume(state, "its config is not a JSON object")
+        return saved
+    if out.exists():
+        saved = read_metadata(out).get("config")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{out} records no training config")
+        return saved
+    raise UsageError(f"--resume: there is no run at {out} (no checkpoint, no resume state)")
+
+
+def config_from_record(saved: dict[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` holding a recorded config's settings (runtime fields at their
+    defaults); keys that are not TrainConfig fields (``world_size``) are left out."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    try:
+        return TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    except TypeError as exc:
+        raise CheckpointError(f"the recorded config is invalid ({exc})") from None
 
 
 def _check_resume_names(
@@ -388,6 +453,7 @@ def train(
     on_batch: Callable[[int, int], None] | None = None,
     arrays: ImageArrays | None = None,
     overwrite: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Train an ensemble as ``config`` says and write it to ``out`` (.safetensors).
 
@@ -403,6 +469,8 @@ def train(
         on_epoch: called with each finished :class:`EpochRecord` (rank 0 only).
         on_batch: called with (batches done, batches per epoch) for progress display (rank 0 only).
         arrays: use these images instead of loading ``config.dataset`` (tests, benchmarks).
+        on_start: called with (epochs already done, epochs in all) before the first epoch trains
+            (rank 0 only), e.g. to show ``epoch m/N``.
     """
     config.validate()
     out = Path(out)
@@ -416,12 +484,12 @@ def train(
     if dist.enabled:  # every rank writes (rank 0) and resumes from rank 0's path
         out = Path(str(distributed.broadcast_object(str(out))))
     if not dist.is_main:
-        return _train(config, out, resume, on_epoch, on_batch, arrays, dist)
+        return _train(config, out, resume, (on_start, on_epoch, on_batch), arrays, dist)
     _check_out(out, resume, overwrite)
     with output_lock(out):
         if overwrite:
             resume_path(out).unlink(missing_ok=True)
-        return _train(config, out, resume, on_epoch, on_batch, arrays, dist)
+        return _train(config, out, resume, (on_start, on_epoch, on_batch), arrays, dist)
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -446,12 +514,17 @@ def _train(
     config: TrainConfig,
     out: Path,
     resume: bool,
-    on_epoch: Callable[[EpochRecord], None] | None,
-    on_batch: Callable[[int, int], None] | None,
+    callbacks: tuple[
+        Callable[[int, int], None] | None,
+        Callable[[EpochRecord], None] | None,
+        Callable[[int, int], None] | None,
+    ],
     arrays: ImageArrays | None,
     dist: distributed.DistContext,
 ) -> TrainResult:
-    """The body of :func:`train` once ``out`` is checked and locked."""
+    """The body of :func:`train` once ``out`` is checked and locked; ``callbacks`` are train()'s
+    (on_start, on_epoch, on_batch)."""
+    on_start, on_epoch, on_batch = callbacks
     runtime = Runtime.create(
         config.device, config.precision, config.threads, config.deterministic, config.seed
     )
@@ -509,6 +582,8 @@ def _train(
     if has_state:
         start_epoch, history = _load_resume_state(state_file, ensemble, optimizer, config_json)
         log.info("resuming %s from epoch %d", out, start_epoch)
+    if on_start is not None and dist.is_main:
+        on_start(start_epoch, epochs)
 
     metadata = {
         "members": list(config.members),
@@ -555,7 +630,7 @@ def _train(
         done = history[-1].epoch if history else 0
         raise InterruptedRun(
             f"interrupted during epoch {done + 1}; epochs 1-{done} are saved: continue with "
-            f"--resume --out {out}"
+            f"`ncen train --resume {shlex.quote(str(out))}`"
             if done
             else "interrupted before the first epoch finished"
         ) from None
@@ -567,6 +642,8 @@ def _train(
     metadata.update(_progress_metadata(history, epochs))
     if dist.is_main and not (out.exists() and start_epoch >= epochs):
         save_ensemble(ensemble, out, metadata)
+    if dist.is_main:  # the run is finished: its resume state (3x the checkpoint) has served
+        state_file.unlink(missing_ok=True)
     distributed.barrier()  # the checkpoint exists for every rank once train() returns
     ensemble.metadata = {**ensemble.metadata, **metadata}
     return TrainResult(ensemble.eval(), out, metadata, history, start_epoch)

@@ -1,21 +1,94 @@
 """The ``ncen`` command line: a thin Typer layer over the Python API.
 
-Each subcommand lives in its own module and registers itself on :data:`app`.
+Each subcommand lives in its own module and registers itself on :data:`app`. A module is imported
+only when its command runs (or its own ``--help`` is asked for): ``ncen --help``, ``ncen
+--version`` and a mistyped command name never import torch, so they answer at once.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Annotated, Any
+
+import typer
+import typer.main
+from typer.core import TyperCommand, TyperGroup
+
 from ncen_cli.cli.common import app
 
-# Importing a module registers its commands; `ncen --help` lists them in this order.
-# isort: off
-from ncen_cli.cli import train  # noqa: F401, E402
-from ncen_cli.cli import attack  # noqa: F401, E402
-from ncen_cli.cli import transfer  # noqa: F401, E402
-from ncen_cli.cli import sweep  # noqa: F401, E402
-from ncen_cli.cli import inspect  # noqa: F401, E402
-from ncen_cli.cli import info  # noqa: F401, E402
-# isort: on
+# name: (module that registers it, one-line help shown by `ncen --help`), in listing order;
+# test_startup checks each line against the command's own docstring
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("ncen_cli.cli.train", "Train an ensemble and write it to a safetensors checkpoint."),
+    "attack": ("ncen_cli.cli.attack", "Attack an ensemble checkpoint and report accuracy under "
+               "each attack, with self-checks."),
+    "transfer": ("ncen_cli.cli.transfer", "Craft adversarial examples on each member; evaluate "
+                 "them on every member and the ensemble."),
+    "sweep": ("ncen_cli.cli.sweep", "Train and score one NCEn ensemble per (lambda_cos, "
+              "lambda_norm) cell; resumable."),
+    "inspect": ("ncen_cli.cli.inspect", "Measure input-gradient diversity and member agreement "
+                "of a checkpoint on test data."),
+    "config": ("ncen_cli.cli.config", "Print the training settings recorded in a checkpoint as "
+               "a --config TOML file."),
+    "plugins": ("ncen_cli.cli.info", "List registered architectures, defenses, attacks and "
+                "datasets, and whether each loaded."),
+    "env": ("ncen_cli.cli.info", "Versions, devices, resolved data/run folders and plugins."),
+}
+
+
+class LazyGroup(TyperGroup):
+    """The ``ncen`` group: lists every command from :data:`COMMANDS` and imports a command's
+    module only when that command is resolved to run."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name in self.commands or cmd_name not in COMMANDS:
+            return self.commands.get(cmd_name)
+        # for the listing of `ncen --help`: a stand-in that carries the one-line help
+        return TyperCommand(cmd_name, help=COMMANDS[cmd_name][1])
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] in COMMANDS and args[0] not in self.commands:
+            self.commands[args[0]] = load_command(args[0])
+        return super().resolve_command(ctx, args)
+
+
+def load_command(name: str) -> Any:
+    """Import the module of command ``name`` and build its Click command."""
+    importlib.import_module(COMMANDS[name][0])
+    for info in app.registered_commands:
+        if info.name == name:
+            return typer.main.get_command_from_info(
+                info,
+                pretty_exceptions_short=app.pretty_exceptions_short,
+                rich_markup_mode=app.rich_markup_mode,
+            )
+    raise RuntimeError(f"{COMMANDS[name][0]} registers no command '{name}'")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ncen_cli import __version__
+
+        typer.echo(f"ncen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version,
+                     help="Print ncen's version and exit."),
+    ] = False,
+) -> None:
+    """Train and honestly evaluate Negative Correlation Ensembles (NCEn) and other ensemble
+    defenses."""
+
+
+app.info.cls = LazyGroup
 
 
 def main() -> None:
@@ -23,4 +96,4 @@ def main() -> None:
     app()
 
 
-__all__ = ["app", "main"]
+__all__ = ["COMMANDS", "app", "main"]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from ncen_cli import distributed
 from ncen_cli.cli.common import (
     app,
     check_eps,
@@ -21,7 +20,10 @@ from ncen_cli.cli.common import (
     parse_name_list,
     print_json,
 )
+from ncen_cli.cli.config import ConfigFile, PrintConfig, command_settings, format_settings
 from ncen_cli.cli.train import (
+    DEFAULT_DOUBLE_BACKPROP,
+    DEFAULT_FD_SCALE,
     Activation,
     Augment,
     Combine,
@@ -48,14 +50,16 @@ from ncen_cli.cli.train import (
 from ncen_cli.errors import UsageError
 from ncen_cli.paths import runs_dir
 from ncen_cli.registry import DATASETS
-from ncen_cli.sweep import Cell, CellResult, SweepResult, format_value, run_sweep, score_runs_for
-from ncen_cli.train_step import DEFAULT_DOUBLE_BACKPROP, DEFAULT_FD_SCALE
-from ncen_cli.training import EpochRecord
+
+if TYPE_CHECKING:  # torch-backed: imported when the sweep runs (a usage error stays instant)
+    from ncen_cli.sweep import Cell, CellResult, SweepResult
+    from ncen_cli.training import EpochRecord
 
 
 @app.command("sweep")
 @handle_errors
 def sweep_command(
+    ctx: typer.Context,
     lambda_cos: Annotated[str, typer.Option(help="Comma list of lambda_cos values (grid rows).")]
     = "0,0.02,0.04,0.06",
     lambda_norm: Annotated[str, typer.Option(help="Comma list of lambda_norm values (grid "
@@ -95,13 +99,24 @@ def sweep_command(
     png: Annotated[Path | None, typer.Option(help="Write a heat map of the score (Fig. 4).")]
     = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    config_file: ConfigFile = None,
+    print_config: PrintConfig = False,
 ) -> None:
     """Train and score one NCEn ensemble per (lambda_cos, lambda_norm) cell; resumable."""
+    if print_config:
+        typer.echo(format_settings(command_settings(ctx)), nl=False)  # never wrapped
+        return
+    from ncen_cli import distributed
+    from ncen_cli.sweep import run_sweep, score_runs_for
+
     config = build_config(
-        members, dataset, data_dir, "ncen", ncen_form, None, None, None, None, None, param,
-        activation, combine, epochs, batch_size, lr, augment, noise, noise_eps, train_limit,
-        test_limit, seed, device, precision, threads, member_threads, deterministic,
-        double_backprop, fd_scale, download,
+        members=members, dataset=dataset, data_dir=data_dir, defense="ncen", ncen_form=ncen_form,
+        param=param, activation=activation, combine=combine, epochs=epochs,
+        batch_size=batch_size, lr=lr, augment=augment, noise=noise, noise_eps=noise_eps,
+        train_limit=train_limit, test_limit=test_limit, seed=seed, device=device,
+        precision=precision, threads=threads, member_threads=member_threads,
+        deterministic=deterministic, double_backprop=double_backprop, fd_scale=fd_scale,
+        download=download,
     )
     cos_values = parse_float_list(lambda_cos, "--lambda-cos")
     norm_values = parse_float_list(lambda_norm, "--lambda-norm")
@@ -199,6 +214,8 @@ def _colour(score: float, low: float, high: float) -> str:
 
 def render_grid(result: SweepResult) -> Table:
     """Rows lambda_cos, columns lambda_norm; each cell ACE x mean AAE, coloured, best starred."""
+    from ncen_cli.sweep import format_value
+
     by_pos = {(c.cell.lambda_cos, c.cell.lambda_norm): c for c in result.cells}
     scores = [c.score for c in result.cells if c.score is not None]
     low, high = (min(scores), max(scores)) if scores else (0.0, 0.0)
@@ -228,6 +245,8 @@ def render_grid(result: SweepResult) -> Table:
 
 
 def _caption(result: SweepResult) -> str:
+    from ncen_cli.sweep import format_value
+
     attacks = ", ".join(f"{s['attack']}@{s['eps']:g}" for s in result.attack_settings)
     best = result.best
     best_text = (f"best (*): lambda_cos {format_value(best.cell.lambda_cos)}, lambda_norm "

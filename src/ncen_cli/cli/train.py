@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ncen_cli import distributed
 from ncen_cli.cli.common import (
     app,
     err_console,
@@ -17,11 +18,18 @@ from ncen_cli.cli.common import (
     parse_key_values,
     print_json,
 )
-from ncen_cli.ensemble import parse_members
-from ncen_cli.errors import UsageError
+from ncen_cli.cli.config import ConfigFile, PrintConfig, format_settings, options_from_record
+from ncen_cli.errors import CheckpointError, NcenError, UsageError
 from ncen_cli.paths import new_run_path
-from ncen_cli.train_step import DEFAULT_DOUBLE_BACKPROP, DEFAULT_FD_SCALE
-from ncen_cli.training import EpochRecord, TrainConfig, resume_path, train
+
+if TYPE_CHECKING:
+    from ncen_cli.training import EpochRecord, TrainConfig
+
+# Torch-backed modules (distributed, ensemble, training) are imported inside the functions, so
+# that a usage error of `ncen train` or `ncen sweep` answers without loading torch.
+# The defaults of ncen_cli.train_step (test_startup holds them equal):
+DEFAULT_DOUBLE_BACKPROP = "exact"
+DEFAULT_FD_SCALE = 3e-2
 
 # Option declarations shared with `ncen sweep` (which trains one ensemble per grid cell).
 Members = Annotated[
@@ -84,17 +92,18 @@ Download = Annotated[bool, typer.Option(help="Download missing datasets into the
 
 
 def build_config(
+    *,
     members: str,
     dataset: str,
-    data_dir: Path | None,
-    defense: str,
-    ncen_form: str,
-    lambda_cos: float | None,
-    lambda_norm: float | None,
-    lambda_gal: float | None,
-    lambda_div: float | None,
-    lambda_eq: float | None,
-    param: list[str] | None,
+    data_dir: Path | str | None,
+    defense: str = "ncen",
+    ncen_form: str = "paper",
+    lambda_cos: float | None = None,
+    lambda_norm: float | None = None,
+    lambda_gal: float | None = None,
+    lambda_div: float | None = None,
+    lambda_eq: float | None = None,
+    param: list[str] | None = None,
     activation: str,
     combine: str,
     epochs: int | None,
@@ -116,6 +125,9 @@ def build_config(
     download: bool,
 ) -> TrainConfig:
     """Turn command-line options into a validated :class:`TrainConfig`."""
+    from ncen_cli.ensemble import parse_members
+    from ncen_cli.training import TrainConfig
+
     if ncen_form not in ("paper", "official"):
         raise UsageError(f"--ncen-form must be paper or official, got '{ncen_form}'")
     if defense == "ncen" and ncen_form == "official":
@@ -160,9 +172,74 @@ def build_config(
     return config
 
 
+# build_config's parameters: the options of `ncen train` that make its TrainConfig
+CONFIG_OPTIONS = tuple(inspect.signature(build_config).parameters)
+# the options among them that say where and how a run computes: free to add on --resume
+RUNTIME_OPTIONS = ("data_dir", "device", "threads", "member_threads", "download")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given (command line, environment or --config file)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
+def _resume_target(run: Path | None, out: Path | None) -> Path:
+    """The run that ``--resume [RUN]`` continues: RUN, else ``--out`` (the older spelling)."""
+    if run is not None and out is not None and run != out:
+        raise UsageError(f"--resume {run} and --out {out} name two runs; give one")
+    if run is None and out is None:
+        raise UsageError("--resume needs the interrupted run's checkpoint: ncen train --resume RUN")
+    return run if run is not None else out  # type: ignore[return-value]
+
+
+def resumed_config(
+    out: Path, options: dict[str, Any], given: set[str]
+) -> tuple[dict[str, Any], TrainConfig]:
+    """The settings recorded by the run at ``out`` with the ``given`` options on top.
+
+    Runtime options (:data:`RUNTIME_OPTIONS`) are free; a recorded setting that a given option
+    changes is a UsageError naming every such field (``field: old -> new``). Returns the options
+    (as ``--print-config`` shows them) and the TrainConfig that continues the run."""
+    from ncen_cli.training import config_changes, recorded_run_config, resume_path
+
+    saved = recorded_run_config(out)
+    source = resume_path(out) if resume_path(out).exists() else out
+    try:  # the record alone must make a valid config: if not, the file is at fault, not the user
+        recorded = options_from_record(saved)
+        build_config(**{**options, **recorded})
+    except (NcenError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"the settings recorded in {source} are invalid ({why}); delete it to restart"
+        ) from None
+    merged = {**options, **recorded}
+    for name in given:
+        merged[name] = options[name]
+    if "param" in given:  # --param adds to the recorded hyperparameters (later ones win)
+        merged["param"] = [*recorded["param"], *(options["param"] or [])]
+    if "data_dir" not in given and saved.get("data_dir"):
+        merged["data_dir"] = Path(saved["data_dir"])
+    config = build_config(**merged)
+    fixed = ("lr_step_epochs", "lr_gamma", "lr_min", "eval_batch_size")  # not options: recorded
+    config = dataclasses.replace(config, **{k: saved[k] for k in fixed if k in saved})
+    config.validate()
+    new = {**dataclasses.asdict(config), "world_size": saved.get("world_size", 1)}
+    changes = config_changes(saved, new)
+    if changes:
+        raise UsageError(
+            f"--resume {out}: the options change settings recorded in {source} "
+            f"({'; '.join(changes)}); only "
+            f"runtime options ({', '.join('--' + o.replace('_', '-') for o in RUNTIME_OPTIONS)}) "
+            "may be added"
+        )
+    return merged, config
+
+
 @app.command("train")
 @handle_errors
 def train_command(
+    ctx: typer.Context,
     members: Members = "resnet20,resnet26,resnet32",
     dataset: Dataset = "fashionmnist",
     data_dir: DataDir = None,
@@ -208,50 +285,53 @@ def train_command(
             help="Checkpoint path (.safetensors); default a new run folder (see `ncen env`)."
         ),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run at --out.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the interrupted run RUN (or --out) with its recorded settings; only "
+            "runtime options (device, threads, data folder, download) may be added.",
+        ),
+    ] = False,
+    run: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="[RUN]", help="With --resume: the interrupted run's checkpoint.",
+            show_default=False,
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing --out (otherwise refused).")
     ] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    config_file: ConfigFile = None,
+    print_config: PrintConfig = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar, no per-epoch lines.")
+    ] = False,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="No progress bar (per-epoch lines stay).")
+    ] = False,
 ) -> None:
     """Train an ensemble and write it to a safetensors checkpoint."""
-    config = build_config(
-        members,
-        dataset,
-        data_dir,
-        defense,
-        ncen_form,
-        lambda_cos,
-        lambda_norm,
-        lambda_gal,
-        lambda_div,
-        lambda_eq,
-        param,
-        activation,
-        combine,
-        epochs,
-        batch_size,
-        lr,
-        augment,
-        noise,
-        noise_eps,
-        train_limit,
-        test_limit,
-        seed,
-        device,
-        precision,
-        threads,
-        member_threads,
-        deterministic,
-        double_backprop,
-        fd_scale,
-        download,
-    )
-    if resume and out is None:
-        raise UsageError("--resume needs --out pointing at the interrupted run's checkpoint")
-    if resume and not (out.exists() or resume_path(out).exists()):
-        raise UsageError(f"--resume: there is no run at {out} (no checkpoint, no resume state)")
+    options = {name: ctx.params[name] for name in CONFIG_OPTIONS}
+    if run is not None and not resume:
+        raise UsageError(f"a run path ({run}) is only taken with --resume: ncen train --resume RUN")
+    if resume:
+        out = _resume_target(run, out)
+        given = {
+            name for name in CONFIG_OPTIONS
+            if _given(ctx, name)
+        }
+        options, config = resumed_config(out, options, given)
+    else:
+        config = build_config(**options)
+    if print_config:
+        typer.echo(format_settings(options), nl=False)  # never wrapped, unlike a Rich console
+        return
     out = out or new_run_path(f"{config.defense}-{config.dataset}")
+    from ncen_cli import distributed
+    from ncen_cli.training import train
+
     console = err_console()
 
     with Progress(
@@ -261,23 +341,31 @@ def train_command(
         TimeElapsedColumn(),
         console=console,
         transient=True,
-        disable=not (distributed.is_main_process() and console.is_terminal),
+        disable=quiet or no_progress
+        or not (distributed.is_main_process() and console.is_terminal),
     ) as bars:
         task = bars.add_task("epoch 1", total=None)
+        planned = [0]  # epochs in all, known once train() has resolved the dataset's default
+
+        def on_start(done: int, epochs: int) -> None:
+            planned[0] = epochs
+            bars.update(task, description=f"epoch {done + 1}/{epochs}")
 
         def on_batch(done: int, total: int) -> None:
             bars.update(task, completed=done, total=total)
 
         def on_epoch(record: EpochRecord) -> None:
             terms = " ".join(f"{k}={v:.4f}" for k, v in record.terms.items())
-            console.log(
-                f"epoch {record.epoch}: lr={record.lr:.0e} ce={record.ce:.4f} {terms} "
-                f"test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s"
-            )
-            bars.update(task, description=f"epoch {record.epoch + 1}", completed=0)
+            if not quiet:
+                console.log(
+                    f"epoch {record.epoch}/{planned[0]}: lr={record.lr:.0e} ce={record.ce:.4f} "
+                    f"{terms} test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s"
+                )
+            bars.update(task, description=f"epoch {record.epoch + 1}/{planned[0]}", completed=0)
 
         result = train(
-            config, out, resume=resume, on_epoch=on_epoch, on_batch=on_batch, overwrite=overwrite
+            config, out, resume=resume, on_epoch=on_epoch, on_batch=on_batch,
+            overwrite=overwrite, on_start=on_start,
         )
     if not distributed.is_main_process():  # under torchrun, rank 0 alone reports
         return
