@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import subprocess
 import sys
@@ -113,7 +114,13 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     import os
 
-    return (f"{platform.machine()} {platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+    cpu = platform.processor() or "CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in
+                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{platform.machine()} {cpu}, {os.cpu_count()} cores"
             + (f", {gpu}" if gpu else "") + f", torch {torch.__version__}")
 
 
@@ -190,12 +197,14 @@ class Runner:
                              precision=self.precision, threads=a.threads,
                              double_backprop=a.double_backprop, download=False)
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        epochs_log = self.ckpt.with_name(self.ckpt.name + ".epochs.json")
         if not self.trained():
             train(config, self.ckpt, resume=True, arrays=self.arrays,
-                  on_epoch=lambda r: log(f"{self.method} epoch {r.epoch}: test accuracy "
-                                         f"{r.test_accuracy:.3f}, {r.seconds:.0f} s"))
+                  on_epoch=lambda r: self.record_epoch(epochs_log, r))
         meta = read_metadata(self.ckpt)
-        history = meta.get("history", [])
+        check_checkpoint_config(self.ckpt, meta.get("config", {}), config)
+        history = (json.loads(epochs_log.read_text()) if epochs_log.exists()
+                   else meta.get("history", []))
         accuracy = clean_accuracy(self.ensemble(), self.arrays.test_x, self.arrays.test_y, 500,
                                   self.device)
         recorded = {k: v for k, v in dataclasses.asdict(config).items()
@@ -205,6 +214,17 @@ class Runner:
                 "seconds": sum(float(r.get("seconds", 0)) for r in history),
                 "history": [{k: r.get(k) for k in ("epoch", "lr", "ce", "terms", "test_accuracy",
                                                     "seconds")} for r in history]}
+
+    def record_epoch(self, path: Path, record) -> None:
+        """Append a finished epoch (its seconds, lr, losses) to the work dir's epoch log, which
+        survives interruptions: the train stage's seconds are the sum over every session."""
+        from ncen_cli.atomic import atomic_write_json
+
+        rows = json.loads(path.read_text()) if path.exists() else []
+        rows = [r for r in rows if r["epoch"] < record.epoch] + [dataclasses.asdict(record)]
+        atomic_write_json(path, rows)
+        log(f"{self.method} epoch {record.epoch}: test accuracy {record.test_accuracy:.3f}, "
+            f"{record.seconds:.0f} s")
 
     def paper(self) -> dict:
         from ncen_cli.evaluation import evaluate, paper_protocol
@@ -266,6 +286,22 @@ class Runner:
                                                   device=self.device).to_json()}
 
 
+def check_checkpoint_config(path: Path, recorded: dict, config) -> None:
+    """A finished checkpoint in --work-dir must be this budget's run of this method: a
+    UsageError (exit 2) names the first field that differs instead of reusing it silently."""
+    from ncen_cli.errors import UsageError
+
+    for key in ("defense", "members", "epochs", "train_limit", "lr_step_epochs", "seed",
+                "hyperparameters"):
+        want = getattr(config, key)
+        have = recorded.get(key, want)
+        if key == "hyperparameters":
+            have = {k: have.get(k) for k in want}
+        if have != want:
+            raise UsageError(f"{path} was trained with {key} = {have!r}, this budget needs "
+                             f"{want!r}: choose another --work-dir or delete it")
+
+
 def with_masks(result, clean=None) -> dict:
     """An evaluation's JSON with each row's per-example mask (``robust``) packed; with ``clean``
     (the authors' conditional protocol) the mask is scattered back onto all n images, counting
@@ -322,15 +358,21 @@ def run_methods(args: argparse.Namespace, argv: list[str]) -> None:
             skip = a == "--jobs" and not skip
             continue
         base.append(a)
-    pending, running = list(args.method_list), []
+    pending, running, failed = list(args.method_list), [], []
     while pending or running:
         while pending and len(running) < args.jobs:
             method = pending.pop(0)
             cmd = [sys.executable, __file__, *base, "--methods", method, "--no-report",
                    "--jobs", "1"]
-            running.append(subprocess.Popen(cmd))
+            running.append((method, subprocess.Popen(cmd)))
         time.sleep(5)
-        running = [p for p in running if p.poll() is None]
+        failed += [m for m, p in running if p.poll() not in (None, 0)]
+        running = [(m, p) for m, p in running if p.poll() is None]
+    if failed:
+        from ncen_cli.errors import NcenError
+
+        raise NcenError(f"method(s) {', '.join(failed)} failed (see their messages above); "
+                        "finished stages are kept: run the same command again to continue")
 
 
 def write_report(args: argparse.Namespace) -> dict:
@@ -345,6 +387,44 @@ def write_report(args: argparse.Namespace) -> dict:
     atomic_write_text(Path(args.doc), report.render_markdown(summary, preamble(args)))
     log(f"wrote {args.doc} and {args.json}: {len(summary['missing'])} stage(s) missing")
     return summary
+
+
+# Expected times: ESTIMATES, not measurements of these runs (the train and stage files record
+# the real seconds). CPU figures scale the idle-machine step times of docs/performance.md.
+ESTIMATES = [
+    "",
+    "### Expected time (an estimate, not a measurement)",
+    "",
+    "On the 2-core CPU, idle, scaling docs/performance.md's step times (3 × resnet20, batch 64: "
+    "plain bf16 246 ms, exact double backprop bf16 657 ms per step; PGD on the ensemble ≈ 5.8 ms "
+    "per image and iteration) to the default budget (5,000 steps per method):",
+    "",
+    "| stage | work per method | expected time (idle CPU) |",
+    "| --- | --- | --- |",
+    "| train `baseline` | 5,000 plain steps + 9 clean passes over 10,000 images | ≈ 25 min |",
+    "| train `ncen`, `ncen-official`, `ncen@λ`, `gal`, `gpmr` | 5,000 double-backprop steps | "
+    "≈ 1 h (gal and gpmr assumed as costly as ncen) |",
+    "| train `adv-train` (optional) | ≈ 10 × a plain step | ≈ 3.5 h |",
+    "| paper (1,000 images) | 182 attack iterations per image | ≤ 18 min (early stop shortens) |",
+    "| authors (≤ 1,000 clean-correct images) | 182 iterations, no early stop, batch 64 | "
+    "≤ 18 min |",
+    "| strong (500 images) | 1,206 iterations per image (3 ε × FGSM, PGD-50, APGD-CE-100 on two "
+    "objectives, APGD-DLR-100) | ≈ 1 h |",
+    "| transfer (500 images) | PGD-40 and MI-FGSM-40 on each member | ≈ 5 min |",
+    "| inspect (1,000 images) | one input-gradient pass per member | < 1 min |",
+    "",
+    "About 2.5-3 h per method and 20-24 h for the 8 core methods on an idle machine; this "
+    "machine is shared (the smoke run got about half a core), so expect 2-3 × more: start it "
+    "in the background and let later sessions continue it.",
+    "",
+    "`--device cuda --full` (60,000 images + D_noise, 40 epochs: 75,000 steps per method; every "
+    "stage on all 10,000 test images): **no GPU was available to this task, so this is an "
+    "estimate, not a measurement**: at an assumed 15 ms per plain and 40 ms per double-backprop "
+    "step (batch 64 is latency-bound on a GPU), 20-50 min of training and ≈ 20 min of evaluation "
+    "per method, about 7-9 h for the 8 core methods in series and 2.5-3 h with `--jobs 4`; "
+    "`benchmarks/bench_step.py --device cuda --sections run --run-images 60000 --run-test 10000` "
+    "measures one epoch first.",
+]
 
 
 def preamble(args: argparse.Namespace) -> list[str]:
@@ -367,6 +447,8 @@ def preamble(args: argparse.Namespace) -> list[str]:
         "accuracy (a 3-epoch run on 6,000 images reached 0.80); the BL train stage confirms or "
         "refutes it.",
         "",
+        *ESTIMATES,
+        "",
         "```bash",
         "# run (or continue) every missing stage; repeat after an interruption",
         "nice -n 5 python benchmarks/reproduce.py --data-dir ../shared/data "
@@ -381,17 +463,41 @@ def preamble(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def check_methods(methods: list[str]) -> None:
+    """Every name a registered defense (``ncen@LAMBDA`` with a number >= 0), else UsageError."""
+    from ncen_cli.errors import UsageError
+    from ncen_cli.registry import DEFENSES
+
+    for name in methods:
+        try:
+            defense, hyper = method_defense(name)
+        except ValueError:
+            raise UsageError(f"--methods: '{name}': the value after @ must be a number") from None
+        if defense not in DEFENSES.names() or any(v < 0 for v in hyper.values()):
+            raise UsageError(f"--methods: unknown method '{name}'; choose from "
+                             f"{', '.join(CORE_METHODS + OPTIONAL_METHODS)} (installed: "
+                             f"{', '.join(DEFENSES.names())})")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The command line: one clear line and exit 2 (usage) or 1 (failure), never a traceback."""
+    from ncen_cli.errors import NcenError
+
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.threads:
-        import torch
+    try:
+        check_methods(args.method_list)
+        if args.threads:
+            import torch
 
-        torch.set_num_threads(args.threads)
-    if not args.report_only:
-        run_methods(args, argv)
-    if not args.no_report:
-        write_report(args)
+            torch.set_num_threads(args.threads)
+        if not args.report_only:
+            run_methods(args, argv)
+        if not args.no_report:
+            write_report(args)
+    except NcenError as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

@@ -169,3 +169,32 @@ def test_authors_masks_are_placed_on_all_images():
     clean = torch.tensor([True, False, True, True, False])
     payload = reproduce.with_masks(result, clean)
     assert rr.unpack_mask(payload["results"][0]["mask"]) == [True, False, False, True, False]
+
+
+def test_unknown_method_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--report-only", "--methods", "baseline,ncen@abc",
+                        "--results", str(tmp_path), "--doc", str(tmp_path / "r.md"),
+                        "--json", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2
+    assert "ncen@abc" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_a_checkpoint_of_another_budget_is_refused(tmp_path):
+    from ncen_cli.errors import UsageError
+    from ncen_cli.training import TrainConfig
+
+    config = TrainConfig(defense="ncen", epochs=8, train_limit=20000, lr_step_epochs=3,
+                         hyperparameters={"lambda_cos": 0.1, "lambda_norm": 0.1})
+    recorded = {"defense": "ncen", "epochs": 8, "train_limit": 20000, "lr_step_epochs": 3,
+                "seed": 0, "members": config.members,
+                "hyperparameters": {"lambda_cos": 0.1, "lambda_norm": 0.1, "other": 1.0}}
+    reproduce.check_checkpoint_config(tmp_path / "c.safetensors", recorded, config)  # same run
+    with pytest.raises(UsageError, match="epochs"):
+        reproduce.check_checkpoint_config(tmp_path / "c.safetensors",
+                                          {**recorded, "epochs": 2}, config)
+    with pytest.raises(UsageError, match="hyperparameters"):
+        reproduce.check_checkpoint_config(
+            tmp_path / "c.safetensors",
+            {**recorded, "hyperparameters": {"lambda_cos": 0.5, "lambda_norm": 0.5}}, config)
