@@ -175,6 +175,27 @@ def paired_rows(results: dict, method: str, baseline: str, protocol: str) -> lis
     return out
 
 
+def protocol_gap_rows(results: dict, method: str) -> list[dict]:
+    """Per (attack, eps): the authors' protocol minus the paper protocol for one method, paired
+    on the same images (the authors' masks are unconditional: clean-correct and still correct)."""
+    stages = results.get(method, {})
+    if "authors" not in stages or "paper" not in stages:
+        return []
+    paper = {(r["attack"], round(float(r["eps"]), 4)): r for r in stages["paper"]["results"]}
+    out = []
+    for row in stages["authors"]["results"]:
+        other = paper.get((row["attack"], round(float(row["eps"]), 4)))
+        if other is None or "mask" not in row or "mask" not in other:
+            continue
+        a, b = unpack_mask(row["mask"]), unpack_mask(other["mask"])
+        if len(a) != len(b):
+            continue
+        d, low, high = paired_difference(*paired_counts(a, b))
+        out.append({"method": method, "attack": row["attack"], "eps": row["eps"],
+                    "difference": d, "ci": [low, high], "n": len(a)})
+    return out
+
+
 def is_ncen(method: str) -> bool:
     return method == "ncen" or method.startswith("ncen@") or method.startswith("ncen-")
 
@@ -203,6 +224,7 @@ def build_summary(results: dict, methods: list[str], budget: dict) -> dict:
         for base in (b for b in methods if b in BASELINES):
             for p in PROTOCOLS:
                 summary["paired"] += paired_rows(results, m, base, p)
+    summary["authors_minus_paper"] = [r for m in methods for r in protocol_gap_rows(results, m)]
     summary["missing"] = missing_stages(results, methods)
     summary["verdict"] = verdict(summary, methods)
     return summary
@@ -255,6 +277,7 @@ def verdict(summary: dict, methods: list[str]) -> str:
                     for r in kept) + "." if kept else
                 "no NCEn form is better than any baseline at any ε" + (
                     " although some were under the weaker protocols." if gains else ".")))
+    parts += settling_budget(paired)
     parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
     return " ".join(parts)
 
@@ -274,16 +297,44 @@ def mean_accuracy(entries: list[dict]) -> float | None:
 
 
 def authors_vs_paper(summary: dict, methods: list[str]) -> list[str]:
-    """Per method: mean accuracy under the authors' protocol minus under the paper protocol."""
+    """Per method: what the authors' protocol adds over the paper protocol: its reported
+    (conditional) mean accuracy minus the paper protocol's, and in how many settings the paired
+    unconditional difference is above / below 0 by its interval."""
     out = []
     for m in methods:
         protocols = summary["methods"][m]["protocols"]
         a = mean_accuracy(protocols.get("authors", []))
         p = mean_accuracy(protocols.get("paper", []))
-        if a is not None and p is not None:
-            out.append(f"{m}: the authors' protocol reports {a - p:+.3f} mean accuracy over the "
-                       "paper protocol's settings.")
+        if a is None or p is None:
+            continue
+        rows = [r for r in summary.get("authors_minus_paper", []) if r["method"] == m]
+        calls = [call(r) for r in rows]
+        out.append(f"{m}: the authors' protocol reports {a - p:+.3f} mean accuracy over the "
+                   f"paper protocol (conditional on clean-correct images); paired on the same "
+                   f"images it is higher in {calls.count('better')}, lower in "
+                   f"{calls.count('worse')} and inconclusive in {calls.count('inconclusive')} of "
+                   f"{len(rows)} settings.")
     return out
+
+
+def settling_budget(paired: list[dict], test_set: int = 10000) -> list[str]:
+    """For the inconclusive rows: how many test images would make the interval exclude 0 if
+    the observed difference held (n * (half width / |difference|)^2)."""
+    needs = []
+    for r in paired:
+        if call(r) != "inconclusive":
+            continue
+        half = (r["ci"][1] - r["ci"][0]) / 2
+        needs.append(math.inf if r["difference"] == 0 else r["n"] * (half / r["difference"]) ** 2)
+    if not needs:
+        return []
+    within = sorted(n for n in needs if n <= test_set)
+    return [f"Of the {len(needs)} inconclusive comparisons, {len(within)} would be settled by at "
+            f"most {test_set:,} test images if their observed difference held"
+            + (f" (largest need: {math.ceil(within[-1]):,} images)" if within else "")
+            + (f"; the other {len(needs) - len(within)} differ too little for one test set: "
+               "they need more seeds (independently trained ensembles), or are no difference."
+               if len(within) < len(needs) else ".")]
 
 
 def diversity_vs_lambda(summary: dict) -> list[str]:
@@ -401,6 +452,14 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
                                         "conditional accuracy, BatchNorm in train mode)"),
                             ("strong", "Strong protocol: per-example worst case per ε")):
         text += [f"## {title}", "", *protocol_table(summary, protocol), ""]
+    gap = summary.get("authors_minus_paper", [])
+    text += ["## What the authors' protocol adds (authors − paper, paired, same images)", "",
+             "Unconditional correctness under both (an image counts if it is classified "
+             "correctly clean and after the attack), Newcombe's 95 % interval.", ""]
+    text += (["| method | attack | ε | difference | 95 % interval | n |", "|" + " --- |" * 6]
+             + [f"| {r['method']} | {setting(r)} | {r['eps']:g} | {r['difference']:+.3f} | "
+                f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {r['n']} |" for r in gap]
+             if gap else ["(needs a method's paper and authors stages)"]) + [""]
     text += ["## Transferability between members (Ensemble1, ε = 0.05)", "",
              "Accuracy of member j on examples crafted on member i; the gap is diagonal minus "
              "off-diagonal (a smaller gap: less transfer-resistant members).", "",

@@ -198,3 +198,29 @@ def test_a_checkpoint_of_another_budget_is_refused(tmp_path):
         reproduce.check_checkpoint_config(
             tmp_path / "c.safetensors",
             {**recorded, "hyperparameters": {"lambda_cos": 0.5, "lambda_norm": 0.5}}, config)
+
+
+def test_authors_minus_paper_and_settling_budget(tmp_path):
+    budget = {"epochs": 8}
+    n = 100
+    for method in ("baseline", "ncen"):
+        write_stage(tmp_path, method, "paper", {"results": [
+            row("pgd", 0.1, [True] * 50 + [False] * 50)]}, budget)
+        write_stage(tmp_path, method, "authors", {"results": [
+            row("pgd", 0.1, [True] * 90 + [False] * 10, "logits")]}, budget)
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
+    gap = summary["authors_minus_paper"]
+    assert [r["method"] for r in gap] == ["baseline", "ncen"]
+    assert gap[0]["difference"] == pytest.approx(0.4) and gap[0]["ci"][0] > 0
+    assert gap[0]["n"] == n
+    assert "higher in 1, lower in 0" in summary["verdict"]
+    # identical masks for ncen and baseline: inconclusive, and no test set settles a zero
+    assert "no difference" in summary["verdict"]
+    md = rr.render_markdown(summary, [])
+    assert "| baseline | PGD | 0.1 | +0.400 |" in md
+
+
+def test_settling_budget_counts_images_needed():
+    rows = [{"difference": 0.02, "ci": [-0.01, 0.05], "n": 1000}]
+    text = rr.settling_budget(rows)[0]
+    assert "settled by at most 10,000" in text and "2,250 images" in text
