@@ -443,6 +443,8 @@ def preamble(args: argparse.Namespace) -> list[str]:
         f"protocols {b['protocol_limit']:,}, strong {b['strong_limit']:,} "
         f"({b['strong_restarts']} restart(s)), transfer {b['transfer_limit']:,} (PGD and MI-FGSM "
         f"at ε = 0.05), inspect {b['inspect_limit']:,}; clean accuracy on all 10,000.",
+        "- This page replaces an earlier one whose verdict came from a 250-step smoke run "
+        "(clean accuracy 0.70-0.77); that verdict is withdrawn: only the figures below count.",
         "- The default budget (20,000 images × 8 epochs) is chosen to give BL ≥ 0.88 clean "
         "accuracy (a 3-epoch run on 6,000 images reached 0.80); the BL train stage confirms or "
         "refutes it.",

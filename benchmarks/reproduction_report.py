@@ -426,6 +426,15 @@ def transfer_table(summary: dict) -> list[str]:
     return lines if len(lines) > 2 else ["(no transfer stage yet)"]
 
 
+def missing_table(missing: list[str]) -> list[str]:
+    by_method: dict[str, list[str]] = {}
+    for item in missing:
+        method, stage = item.rsplit(" ", 1)
+        by_method.setdefault(method, []).append(stage)
+    return ["| method | stages without a result file |", "| --- | --- |"] + [
+        f"| {m} | {', '.join(stages)} |" for m, stages in by_method.items()]
+
+
 def render_markdown(summary: dict, preamble: list[str]) -> str:
     """docs/reproduction.md from a summary; ``preamble`` is the budget and commands section."""
     missing = summary["missing"]
@@ -477,7 +486,7 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
         "",
         "## Missing stages",
         "",
-        *([f"- {s}" for s in missing] if missing else ["None: every stage has a result file."]),
+        *(missing_table(missing) if missing else ["None: every stage has a result file."]),
         "",
     ]
     return "\n".join(text)

@@ -123,7 +123,8 @@ def test_summary_from_a_folder_of_stage_files(tmp_path):
     assert "strong protocol (per-example worst case) an NCEn gain survives" in text
     assert "falls with λ" in text
     md = rr.render_markdown(summary, ["## Budget"])
-    assert "## Missing stages" in md and "- ncen authors" in md and "| better |" in md
+    assert "## Missing stages" in md and "| better |" in md
+    assert "| ncen | authors, transfer |" in md
     json.dumps(summary)  # serialisable as written to docs/reproduction.json
 
 
@@ -147,7 +148,7 @@ def test_report_only_writes_both_files(tmp_path):
     summary = json.loads(js.read_text())
     assert summary["missing"][0] == "baseline train"
     assert summary["budget"]["lr_step_epochs"] == 3 and summary["budget"]["epochs"] == 8
-    assert "ncen@0.1 inspect" in doc.read_text()
+    assert "| ncen@0.1 | train, paper, authors, strong, transfer, inspect |" in doc.read_text()
 
 
 def test_method_names_and_schedule():
