@@ -402,6 +402,12 @@ def paired_table(summary: dict) -> list[str]:
     return lines
 
 
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
 def overview_table(summary: dict) -> list[str]:
     lines = ["| method | clean accuracy (10,000 test images) | training time | mean gradient "
              "cosine | norm dispersion | PGD transfer gap |", "|" + " --- |" * 6]
@@ -409,7 +415,7 @@ def overview_table(summary: dict) -> list[str]:
         seconds = e.get("train_seconds")
         gap = e["transfer"].get("pgd", {}).get("gap")
         lines.append(f"| {m} | {fmt(e['clean_accuracy'])} | "
-                     f"{'–' if seconds is None else f'{seconds / 3600:.1f} h'} | "
+                     f"{duration(seconds)} | "
                      f"{fmt(e['inspect'].get('mean_gradient_cosine'), '+.3f')} | "
                      f"{fmt(e['inspect'].get('norm_dispersion'))} | {fmt(gap, '+.3f')} |")
     return lines
@@ -471,7 +477,8 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
              if gap else ["(needs a method's paper and authors stages)"]) + [""]
     text += ["## Transferability between members (Ensemble1, ε = 0.05)", "",
              "Accuracy of member j on examples crafted on member i; the gap is diagonal minus "
-             "off-diagonal (a smaller gap: less transfer-resistant members).", "",
+             "off-diagonal (a larger gap: examples crafted on one member transfer less to the "
+             "others).", "",
              *transfer_table(summary), ""]
     text += [
         "## Paired differences (NCEn form − baseline, same test images)",
