@@ -476,9 +476,9 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
                 f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {r['n']} |" for r in gap]
              if gap else ["(needs a method's paper and authors stages)"]) + [""]
     text += ["## Transferability between members (Ensemble1, ε = 0.05)", "",
-             "Accuracy of member j on examples crafted on member i; the gap is diagonal minus "
-             "off-diagonal (a larger gap: examples crafted on one member transfer less to the "
-             "others).", "",
+             "Accuracy of member j on examples crafted on member i; the gap is the mean "
+             "off-diagonal minus the mean diagonal (a larger gap: examples crafted on one member "
+             "transfer less to the others).", "",
              *transfer_table(summary), ""]
     text += [
         "## Paired differences (NCEn form − baseline, same test images)",
