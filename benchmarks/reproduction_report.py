@@ -1,0 +1,499 @@
+"""The pure half of ``benchmarks/reproduce.py``: result files in, report out (no torch, no models).
+
+A results folder holds one small JSON per finished stage, ``<method>/<stage>.json`` (see
+``reproduce.py`` for the schema each stage writes). From whatever is there this module builds
+docs/reproduction.json (:func:`build_summary`) and docs/reproduction.md (:func:`render_markdown`):
+per-method tables, paired differences of each NCEn form against each baseline on the same test
+images with 95 % intervals (Newcombe's method 10 for paired proportions), the list of missing
+stages and a verdict that says only what those intervals support.
+
+Per-example correctness travels as a compact mask: ``{"n": N, "bits": base64(packbits(mask))}``,
+first test image in the most significant bit of the first byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+Z95 = 1.959964
+STAGES = ("train", "paper", "authors", "strong", "transfer", "inspect")
+PROTOCOLS = ("paper", "authors", "strong")
+BASELINES = ("baseline", "gal", "gpmr", "trs", "adp", "adv-train")
+NAMES = {"fgsm": "FGSM", "mifgsm": "MI-FGSM", "pgd": "PGD", "bim": "BIM", "apgd-ce": "APGD-CE",
+         "apgd-dlr": "APGD-DLR", "worst-case": "worst case"}
+
+
+# --- compact masks -----------------------------------------------------------------------------
+
+def pack_mask(mask: list[bool]) -> dict[str, Any]:
+    """A bool sequence -> ``{"n", "bits"}`` (base64 of the bits, MSB first, zero-padded)."""
+    data = bytearray((len(mask) + 7) // 8)
+    for i, value in enumerate(mask):
+        if value:
+            data[i // 8] |= 0x80 >> (i % 8)
+    return {"n": len(mask), "bits": base64.b64encode(bytes(data)).decode("ascii")}
+
+
+def unpack_mask(packed: dict[str, Any]) -> list[bool]:
+    """Inverse of :func:`pack_mask`; ValueError when the bits are shorter than ``n``."""
+    data = base64.b64decode(packed["bits"])
+    n = int(packed["n"])
+    if len(data) * 8 < n:
+        raise ValueError(f"mask of {n} examples has only {len(data) * 8} bits")
+    return [bool(data[i // 8] & (0x80 >> (i % 8))) for i in range(n)]
+
+
+# --- intervals ---------------------------------------------------------------------------------
+
+def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ``correct / n`` ((0, 1) when n = 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_counts(a: list[bool], b: list[bool]) -> tuple[int, int, int, int]:
+    """(both, a only, b only, neither) correct, over examples paired by position."""
+    if len(a) != len(b):
+        raise ValueError(f"paired masks differ in length: {len(a)} vs {len(b)}")
+    both = sum(1 for x, y in zip(a, b, strict=True) if x and y)
+    a_only = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    return both, a_only, b_only, len(a) - both - a_only - b_only
+
+
+def paired_difference(both: int, a_only: int, b_only: int, neither: int,
+                      z: float = Z95) -> tuple[float, float, float]:
+    """accuracy(a) - accuracy(b) on the same examples and its interval, Newcombe (1998) method 10:
+    the Wilson intervals of both proportions combined with the continuity-corrected correlation
+    of the paired outcomes. Returns (difference, low, high); n = 0 gives (0, -1, 1)."""
+    n = both + a_only + b_only + neither
+    if n == 0:
+        return 0.0, -1.0, 1.0
+    p1, p2 = (both + a_only) / n, (both + b_only) / n
+    l1, u1 = wilson(both + a_only, n, z)
+    l2, u2 = wilson(both + b_only, n, z)
+    denominator = math.sqrt((both + a_only) * (b_only + neither) * (both + b_only)
+                            * (a_only + neither))
+    cross = both * neither - a_only * b_only
+    if denominator == 0:
+        phi = 0.0
+    elif cross > 0:
+        phi = max(cross - n / 2, 0.0) / denominator
+    else:
+        phi = cross / denominator
+    d = p1 - p2
+    delta = math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
+    eps = math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
+    return d, max(-1.0, d - delta), min(1.0, d + eps)
+
+
+# --- reading a results folder ------------------------------------------------------------------
+
+BUDGET_KEYS = ("members", "train_limit", "epochs", "lr_step_epochs", "seed", "protocol_limit",
+               "strong_limit", "transfer_limit", "inspect_limit", "strong_restarts")
+
+
+def read_results(folder: Path, expected: dict | None = None) -> dict[str, dict[str, dict]]:
+    """``{method: {stage: payload}}`` for every ``<method>/<stage>.json`` under ``folder``
+    (unknown stage names, unreadable files and, given ``expected``, files recorded under another
+    budget (:data:`BUDGET_KEYS`) are skipped; a missing folder is empty)."""
+    out: dict[str, dict[str, dict]] = {}
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.glob("*/*.json")):
+        if path.stem not in STAGES:
+            continue
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        recorded = payload.get("budget", {}) if isinstance(payload, dict) else {}
+        if expected is not None and any(recorded.get(k) != expected.get(k) for k in BUDGET_KEYS):
+            continue
+        out.setdefault(path.parent.name, {})[path.stem] = payload
+    return out
+
+
+def missing_stages(results: dict, methods: list[str], stages: tuple[str, ...] = STAGES
+                   ) -> list[str]:
+    """``"METHOD STAGE"`` for every expected stage without a result file, in run order."""
+    return [f"{m} {s}" for m in methods for s in stages if s not in results.get(m, {})]
+
+
+def row_key(row: dict) -> tuple[str, float, str]:
+    """(attack, eps, objective) of a result row."""
+    return row["attack"], round(float(row["eps"]), 4), str(row.get("params", {})
+                                                             .get("objective", ""))
+
+
+def headline_rows(stage: dict, protocol: str) -> list[dict]:
+    """The rows a protocol is judged by: every row of paper and authors; of strong, the
+    per-example worst case per eps (the rows that have ``attack == "worst-case"``)."""
+    rows = stage.get("results", [])
+    if protocol == "strong":
+        return [r for r in rows if r["attack"] == "worst-case"]
+    return rows
+
+
+# --- summary (docs/reproduction.json) ----------------------------------------------------------
+
+def protocol_entries(stage: dict, protocol: str) -> list[dict]:
+    return [{"attack": r["attack"], "eps": r["eps"], "objective": r.get("params", {})
+             .get("objective"), "accuracy": r["accuracy"], "ci": [r["ci_low"], r["ci_high"]],
+             "n": r["n"]} for r in headline_rows(stage, protocol)]
+
+
+def paired_rows(results: dict, method: str, baseline: str, protocol: str) -> list[dict]:
+    """Paired differences method - baseline per headline row both have, from their masks."""
+    a_stage = results.get(method, {}).get(protocol)
+    b_stage = results.get(baseline, {}).get(protocol)
+    if not a_stage or not b_stage:
+        return []
+    b_rows = {row_key(r): r for r in headline_rows(b_stage, protocol)}
+    out = []
+    for row in headline_rows(a_stage, protocol):
+        other = b_rows.get(row_key(row))
+        if other is None or "mask" not in row or "mask" not in other:
+            continue
+        a, b = unpack_mask(row["mask"]), unpack_mask(other["mask"])
+        if len(a) != len(b):
+            continue
+        counts = paired_counts(a, b)
+        d, low, high = paired_difference(*counts)
+        out.append({"method": method, "baseline": baseline, "protocol": protocol,
+                    "attack": row["attack"], "eps": row["eps"],
+                    "objective": row.get("params", {}).get("objective"), "difference": d,
+                    "ci": [low, high], "n": len(a), "discordant": [counts[1], counts[2]]})
+    return out
+
+
+def protocol_gap_rows(results: dict, method: str) -> list[dict]:
+    """Per (attack, eps): the authors' protocol minus the paper protocol for one method, paired
+    on the same images (the authors' masks are unconditional: clean-correct and still correct)."""
+    stages = results.get(method, {})
+    if "authors" not in stages or "paper" not in stages:
+        return []
+    paper = {(r["attack"], round(float(r["eps"]), 4)): r for r in stages["paper"]["results"]}
+    out = []
+    for row in stages["authors"]["results"]:
+        other = paper.get((row["attack"], round(float(row["eps"]), 4)))
+        if other is None or "mask" not in row or "mask" not in other:
+            continue
+        a, b = unpack_mask(row["mask"]), unpack_mask(other["mask"])
+        if len(a) != len(b):
+            continue
+        d, low, high = paired_difference(*paired_counts(a, b))
+        out.append({"method": method, "attack": row["attack"], "eps": row["eps"],
+                    "difference": d, "ci": [low, high], "n": len(a)})
+    return out
+
+
+def is_ncen(method: str) -> bool:
+    return method == "ncen" or method.startswith("ncen@") or method.startswith("ncen-")
+
+
+def call(row: dict) -> str:
+    """better / worse / inconclusive from a paired row's interval."""
+    low, high = row["ci"]
+    return "better" if low > 0 else "worse" if high < 0 else "inconclusive"
+
+
+def build_summary(results: dict, methods: list[str], budget: dict) -> dict:
+    """The machine-readable report (the shape issue 20 asks for), verdict included."""
+    summary: dict[str, Any] = {"budget": budget, "methods": {}, "paired": [], "missing": []}
+    for m in methods:
+        stages = results.get(m, {})
+        entry: dict[str, Any] = {
+            "clean_accuracy": stages.get("train", {}).get("clean_accuracy"),
+            "train_seconds": stages.get("train", {}).get("seconds"),
+            "protocols": {p: protocol_entries(stages[p], p) for p in PROTOCOLS if p in stages},
+            "inspect": inspect_figures(stages.get("inspect")),
+            "transfer": {a: t["summary"] for a, t in stages.get("transfer", {})
+                         .get("attacks", {}).items()},
+        }
+        summary["methods"][m] = entry
+    for m in (m for m in methods if is_ncen(m)):
+        for base in (b for b in methods if b in BASELINES):
+            for p in PROTOCOLS:
+                summary["paired"] += paired_rows(results, m, base, p)
+    summary["authors_minus_paper"] = [r for m in methods for r in protocol_gap_rows(results, m)]
+    summary["missing"] = missing_stages(results, methods)
+    summary["verdict"] = verdict(summary, methods)
+    return summary
+
+
+def inspect_figures(stage: dict | None) -> dict:
+    """The few inspect figures the verdict uses (mean pairwise gradient cosine, norm dispersion,
+    disagreement, member and ensemble accuracy, NCEn terms); empty without the stage."""
+    if not stage:
+        return {}
+    d = stage["diagnostics"]
+    pairs = d.get("pairs", [])
+    mean_of = (lambda key: sum(p[key] for p in pairs) / len(pairs)) if pairs else (lambda k: None)
+    return {"n": d.get("n"), "mean_gradient_cosine": mean_of("grad_cosine_mean"),
+            "norm_dispersion": d.get("norm_dispersion"),
+            "mean_disagreement": mean_of("disagreement"),
+            "ensemble_accuracy": d.get("ensemble_accuracy"), "terms": d.get("terms", {})}
+
+
+# --- verdict -----------------------------------------------------------------------------------
+
+def verdict(summary: dict, methods: list[str]) -> str:
+    """Only what the intervals support, per protocol and baseline; incomplete runs say so."""
+    parts = []
+    if summary["missing"]:
+        parts.append(f"The comparison is incomplete: {len(summary['missing'])} stage(s) missing "
+                     f"({compact_missing(summary['missing'])}); every statement below covers "
+                     "only the stages that exist.")
+    paired = summary["paired"]
+    if not paired:
+        parts.append("No paired difference can be computed yet (an NCEn form and a baseline "
+                     "need the same protocol stage), so nothing is concluded.")
+        return " ".join(parts)
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for row in paired:
+        groups.setdefault((row["method"], row["baseline"], row["protocol"]), []).append(row)
+    for (m, b, p), rows in groups.items():
+        calls = [call(r) for r in rows]
+        parts.append(f"{p} protocol, {m} − {b}: better in {calls.count('better')}, worse in "
+                     f"{calls.count('worse')}, inconclusive in {calls.count('inconclusive')} of "
+                     f"{len(rows)} settings (95 % paired intervals).")
+    strong = [r for r in paired if r["protocol"] == "strong"]
+    gains = [r for r in paired if r["protocol"] != "strong" and call(r) == "better"]
+    if strong:
+        kept = [r for r in strong if call(r) == "better"]
+        parts.append(
+            "Under the strong protocol (per-example worst case) " + (
+                "an NCEn gain survives in: " + "; ".join(
+                    f"{r['method']} vs {r['baseline']} ε={r['eps']:g} ({r['difference']:+.3f})"
+                    for r in kept) + "." if kept else
+                "no NCEn form is better than any baseline at any ε" + (
+                    " although some were under the weaker protocols." if gains else ".")))
+    parts += settling_budget(paired)
+    parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
+    return " ".join(parts)
+
+
+def compact_missing(missing: list[str]) -> str:
+    """"baseline: all stages; ncen: strong, inspect" from "METHOD STAGE" items."""
+    by_method: dict[str, list[str]] = {}
+    for item in missing:
+        method, stage = item.rsplit(" ", 1)
+        by_method.setdefault(method, []).append(stage)
+    return "; ".join(f"{m}: {'all stages' if len(s) == len(STAGES) else ', '.join(s)}"
+                     for m, s in by_method.items())
+
+
+def mean_accuracy(entries: list[dict]) -> float | None:
+    return sum(e["accuracy"] for e in entries) / len(entries) if entries else None
+
+
+def authors_vs_paper(summary: dict, methods: list[str]) -> list[str]:
+    """Per method: what the authors' protocol adds over the paper protocol: its reported
+    (conditional) mean accuracy minus the paper protocol's, and in how many settings the paired
+    unconditional difference is above / below 0 by its interval."""
+    out = []
+    for m in methods:
+        protocols = summary["methods"][m]["protocols"]
+        a = mean_accuracy(protocols.get("authors", []))
+        p = mean_accuracy(protocols.get("paper", []))
+        if a is None or p is None:
+            continue
+        rows = [r for r in summary.get("authors_minus_paper", []) if r["method"] == m]
+        calls = [call(r) for r in rows]
+        out.append(f"{m}: the authors' protocol reports {a - p:+.3f} mean accuracy over the "
+                   f"paper protocol (conditional on clean-correct images); paired on the same "
+                   f"images it is higher in {calls.count('better')}, lower in "
+                   f"{calls.count('worse')} and inconclusive in {calls.count('inconclusive')} of "
+                   f"{len(rows)} settings.")
+    return out
+
+
+def settling_budget(paired: list[dict], test_set: int = 10000) -> list[str]:
+    """For the inconclusive rows: how many test images would make the interval exclude 0 if
+    the observed difference held (n * (half width / |difference|)^2)."""
+    needs = []
+    for r in paired:
+        if call(r) != "inconclusive":
+            continue
+        half = (r["ci"][1] - r["ci"][0]) / 2
+        needs.append(math.inf if r["difference"] == 0 else r["n"] * (half / r["difference"]) ** 2)
+    if not needs:
+        return []
+    within = sorted(n for n in needs if n <= test_set)
+    return [f"Of the {len(needs)} inconclusive comparisons, {len(within)} would be settled by at "
+            f"most {test_set:,} test images if their observed difference held"
+            + (f" (largest need: {math.ceil(within[-1]):,} images)" if within else "")
+            + (f"; the other {len(needs) - len(within)} differ too little for one test set: "
+               "they need more seeds (independently trained ensembles), or are no difference."
+               if len(within) < len(needs) else ".")]
+
+
+def diversity_vs_lambda(summary: dict) -> list[str]:
+    """Mean pairwise gradient cosine of the dose-response runs, in order of λ."""
+    points = []
+    for m, entry in summary["methods"].items():
+        if m.startswith("ncen@") and entry["inspect"].get("mean_gradient_cosine") is not None:
+            points.append((float(m.split("@", 1)[1]), entry["inspect"]["mean_gradient_cosine"]))
+    base = summary["methods"].get("baseline", {}).get("inspect", {}).get("mean_gradient_cosine")
+    if len(points) < 2:
+        return []
+    points.sort()
+    text = ", ".join(f"λ={lam:g}: {cos:+.3f}" for lam, cos in points)
+    trend = ("falls" if all(b[1] < a[1] for a, b in zip(points, points[1:], strict=False)) else
+             "rises" if all(b[1] > a[1] for a, b in zip(points, points[1:], strict=False)) else
+             "does not move monotonically")
+    ref = f" (baseline {base:+.3f})" if base is not None else ""
+    return [f"Mean pairwise gradient cosine from inspect {trend} with λ: {text}{ref}; this is one "
+            "seed, without an interval."]
+
+
+# --- markdown (docs/reproduction.md) -----------------------------------------------------------
+
+def fmt(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def setting(entry: dict) -> str:
+    name = NAMES.get(entry["attack"], entry["attack"])
+    objective = entry.get("objective")
+    return f"{name} ({objective})" if objective and entry["attack"] != "worst-case" else name
+
+
+def protocol_table(summary: dict, protocol: str) -> list[str]:
+    methods = [m for m, e in summary["methods"].items() if protocol in e["protocols"]]
+    if not methods:
+        return [f"(no {protocol} stage yet)"]
+    keys: list[tuple] = []
+    cells: dict[tuple, dict[str, str]] = {}
+    for m in methods:
+        for e in summary["methods"][m]["protocols"][protocol]:
+            key = (setting(e), round(e["eps"], 4))
+            if key not in cells:
+                keys.append(key)
+                cells[key] = {}
+            half = (e["ci"][1] - e["ci"][0]) / 2
+            cells[key][m] = f"{e['accuracy']:.3f} ±{half:.3f} (n={e['n']})"
+    lines = ["| attack | ε | " + " | ".join(methods) + " |", "|" + " --- |" * (2 + len(methods))]
+    for key in keys:
+        lines.append(f"| {key[0]} | {key[1]:g} | "
+                     + " | ".join(cells[key].get(m, "–") for m in methods) + " |")
+    return lines
+
+
+def paired_table(summary: dict) -> list[str]:
+    if not summary["paired"]:
+        return ["(no paired difference yet: it needs an NCEn form and a baseline with the same "
+                "protocol stage)"]
+    lines = ["| protocol | NCEn form | baseline | attack | ε | difference | 95 % interval | n | "
+             "call |", "|" + " --- |" * 9]
+    for r in summary["paired"]:
+        lines.append(f"| {r['protocol']} | {r['method']} | {r['baseline']} | {setting(r)} | "
+                     f"{r['eps']:g} | {r['difference']:+.3f} | [{r['ci'][0]:+.3f}, "
+                     f"{r['ci'][1]:+.3f}] | {r['n']} | {call(r)} |")
+    return lines
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def overview_table(summary: dict) -> list[str]:
+    lines = ["| method | clean accuracy (10,000 test images) | training time | mean gradient "
+             "cosine | norm dispersion | PGD transfer gap |", "|" + " --- |" * 6]
+    for m, e in summary["methods"].items():
+        seconds = e.get("train_seconds")
+        gap = e["transfer"].get("pgd", {}).get("gap")
+        lines.append(f"| {m} | {fmt(e['clean_accuracy'])} | "
+                     f"{duration(seconds)} | "
+                     f"{fmt(e['inspect'].get('mean_gradient_cosine'), '+.3f')} | "
+                     f"{fmt(e['inspect'].get('norm_dispersion'))} | {fmt(gap, '+.3f')} |")
+    return lines
+
+
+def transfer_table(summary: dict) -> list[str]:
+    lines = ["| method | attack | mean diagonal (white-box) | mean off-diagonal (transfer) | gap | "
+             "ensemble column |", "|" + " --- |" * 6]
+    for m, e in summary["methods"].items():
+        for attack, s in e["transfer"].items():
+            lines.append(f"| {m} | {NAMES.get(attack, attack)} | {fmt(s.get('mean_diagonal'))} | "
+                         f"{fmt(s.get('mean_off_diagonal'))} | {fmt(s.get('gap'), '+.3f')} | "
+                         f"{fmt(s.get('ensemble_mean'))} |")
+    return lines if len(lines) > 2 else ["(no transfer stage yet)"]
+
+
+def missing_table(missing: list[str]) -> list[str]:
+    by_method: dict[str, list[str]] = {}
+    for item in missing:
+        method, stage = item.rsplit(" ", 1)
+        by_method.setdefault(method, []).append(stage)
+    return ["| method | stages without a result file |", "| --- | --- |"] + [
+        f"| {m} | {', '.join(stages)} |" for m, stages in by_method.items()]
+
+
+def render_markdown(summary: dict, preamble: list[str]) -> str:
+    """docs/reproduction.md from a summary; ``preamble`` is the budget and commands section."""
+    missing = summary["missing"]
+    text = [
+        "# Reproduction: BL, GAL, GPMR and NCEn on real FashionMNIST",
+        "",
+        "Generated by `python benchmarks/reproduce.py --report-only` from the result files under",
+        f"`{summary['budget'].get('results', 'the results folder')}` (one small JSON per finished "
+        "stage); do not edit by hand.",
+        "",
+        *preamble,
+        "",
+        "## Verdict",
+        "",
+        summary["verdict"],
+        "",
+        "## Methods",
+        "",
+        *overview_table(summary),
+        "",
+    ]
+    for protocol, title in (("paper", "Paper protocol (Table II settings, mean-CE objective)"),
+                            ("authors", "The authors' protocol (their released evaluation: "
+                                        "conditional accuracy, BatchNorm in train mode)"),
+                            ("strong", "Strong protocol: per-example worst case per ε")):
+        text += [f"## {title}", "", *protocol_table(summary, protocol), ""]
+    gap = summary.get("authors_minus_paper", [])
+    text += ["## What the authors' protocol adds (authors − paper, paired, same images)", "",
+             "Unconditional correctness under both (an image counts if it is classified "
+             "correctly clean and after the attack), Newcombe's 95 % interval.", ""]
+    text += (["| method | attack | ε | difference | 95 % interval | n |", "|" + " --- |" * 6]
+             + [f"| {r['method']} | {setting(r)} | {r['eps']:g} | {r['difference']:+.3f} | "
+                f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {r['n']} |" for r in gap]
+             if gap else ["(needs a method's paper and authors stages)"]) + [""]
+    text += ["## Transferability between members (Ensemble1, ε = 0.05)", "",
+             "Accuracy of member j on examples crafted on member i; the gap is the mean "
+             "off-diagonal minus the mean diagonal (a larger gap: examples crafted on one member "
+             "transfer less to the others).", "",
+             *transfer_table(summary), ""]
+    text += [
+        "## Paired differences (NCEn form − baseline, same test images)",
+        "",
+        "Newcombe's interval (method 10) for the difference of paired proportions, 95 %. "
+        "*better* / *worse*: the interval excludes 0; *inconclusive*: it does not. The authors' "
+        "protocol is paired on unconditional correctness (correct on the clean image and after "
+        "the attack, over all n images), since its own accuracy is conditional on a per-method "
+        "subset.",
+        "",
+        *paired_table(summary),
+        "",
+        "## Missing stages",
+        "",
+        *(missing_table(missing) if missing else ["None: every stage has a result file."]),
+        "",
+    ]
+    return "\n".join(text)

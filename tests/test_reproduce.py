@@ -1,0 +1,227 @@
+"""The pure parts of benchmarks/reproduce.py: masks, paired intervals, the report from a folder of
+stage files (no training, no models)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import reproduce  # noqa: E402
+import reproduction_report as rr  # noqa: E402
+
+
+def test_mask_round_trip_any_length():
+    for n in (0, 1, 7, 8, 9, 500, 1001):
+        mask = [(i * 7919) % 3 == 0 for i in range(n)]
+        packed = rr.pack_mask(mask)
+        assert rr.unpack_mask(packed) == mask
+        assert len(packed["bits"]) <= 4 * ((n + 7) // 8 + 2) // 3 + 4  # compact: ~n/6 chars
+
+
+def test_mask_too_short_is_refused():
+    with pytest.raises(ValueError):
+        rr.unpack_mask({"n": 20, "bits": rr.pack_mask([True] * 8)["bits"]})
+
+
+def test_paired_counts():
+    a = [True, True, False, False, True]
+    b = [True, False, True, False, False]
+    assert rr.paired_counts(a, b) == (1, 2, 1, 1)
+    with pytest.raises(ValueError):
+        rr.paired_counts(a, b[:-1])
+
+
+def test_newcombe_close_to_wald_on_a_large_sample():
+    # Agresti's presidential-approval table (794, 150, 86, 570): difference -0.04, Wald SE 0.0095
+    d, low, high = rr.paired_difference(794, 86, 150, 570)
+    assert d == pytest.approx(-0.04)
+    se = math.sqrt((150 + 86) - (150 - 86) ** 2 / 1600) / 1600
+    assert low == pytest.approx(d - 1.96 * se, abs=0.002)
+    assert high == pytest.approx(d + 1.96 * se, abs=0.002)
+
+
+def test_newcombe_properties():
+    d, low, high = rr.paired_difference(40, 0, 0, 60)  # no discordant pair
+    assert d == 0 and low < 0 < high and high - low < 0.1
+    d, low, high = rr.paired_difference(0, 30, 0, 70)  # a wins every discordant pair
+    assert low > 0 and d == pytest.approx(0.3) and low < d < high
+    # swapping the two methods negates the interval
+    d1, l1, h1 = rr.paired_difference(20, 12, 5, 63)
+    d2, l2, h2 = rr.paired_difference(20, 5, 12, 63)
+    assert (d2, l2, h2) == pytest.approx((-d1, -h1, -l1))
+    assert l1 < d1 < h1
+    # more images, narrower interval at the same proportions
+    _, l3, h3 = rr.paired_difference(200, 120, 50, 630)
+    assert h3 - l3 < h1 - l1
+    assert rr.paired_difference(0, 0, 0, 0) == (0.0, -1.0, 1.0)
+    lo, hi = rr.wilson(0, 10)
+    assert lo == 0 and 0 < hi < 0.35
+
+
+def row(attack, eps, mask, objective="mean-ce"):
+    n, correct = len(mask), sum(mask)
+    low, high = rr.wilson(correct, n)
+    return {"attack": attack, "eps": eps, "accuracy": correct / n, "correct": correct, "n": n,
+            "ci_low": low, "ci_high": high, "params": {"objective": objective},
+            "mask": rr.pack_mask(mask)}
+
+
+def write_stage(folder: Path, method: str, stage: str, payload: dict, budget: dict) -> None:
+    path = folder / method / f"{stage}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**payload, "stage": stage, "method": method, "budget": budget,
+                                "seconds": 1.0}))
+
+
+def fake_results(folder: Path, budget: dict) -> None:
+    n = 200
+    strong_ncen = [True] * 150 + [False] * 50
+    strong_base = [True] * 100 + [False] * 100
+    for method, paper_mask, cos in (("baseline", strong_base, 0.4), ("ncen", strong_ncen, 0.1)):
+        write_stage(folder, method, "train", {"clean_accuracy": 0.9}, budget)
+        write_stage(folder, method, "paper", {"results": [row("pgd", 0.1, paper_mask),
+                                                          row("fgsm", 0.1, [True] * n)]}, budget)
+        write_stage(folder, method, "strong", {"results": [
+            row("worst-case", 0.1, paper_mask, "worst"), row("pgd", 0.1, [True] * n)]}, budget)
+        write_stage(folder, method, "inspect", {"diagnostics": {
+            "n": n, "pairs": [{"grad_cosine_mean": cos, "disagreement": 0.1}],
+            "norm_dispersion": 0.2, "ensemble_accuracy": 0.9, "terms": {}}}, budget)
+    for lam, cos in ((0.02, 0.3), (0.5, 0.05)):
+        write_stage(folder, f"ncen@{lam}", "inspect", {"diagnostics": {
+            "n": n, "pairs": [{"grad_cosine_mean": cos, "disagreement": 0.1}],
+            "norm_dispersion": 0.2, "ensemble_accuracy": 0.9, "terms": {}}}, budget)
+
+
+def test_summary_from_a_folder_of_stage_files(tmp_path):
+    budget = {"epochs": 8, "train_limit": 20000}
+    fake_results(tmp_path, budget)
+    methods = ["baseline", "ncen", "ncen@0.02", "ncen@0.5"]
+    results = rr.read_results(tmp_path, budget)
+    summary = rr.build_summary(results, methods, budget)
+    paired = {(r["protocol"], r["attack"]): r for r in summary["paired"]
+              if r["method"] == "ncen" and r["baseline"] == "baseline"}
+    pgd = paired[("paper", "pgd")]
+    assert pgd["difference"] == pytest.approx(0.25) and pgd["ci"][0] > 0
+    assert pgd["n"] == 200 and pgd["discordant"] == [50, 0]
+    assert rr.call(paired[("paper", "fgsm")]) == "inconclusive"  # both perfect: difference 0
+    assert ("strong", "pgd") not in paired  # strong is judged on its worst-case rows only
+    assert rr.call(paired[("strong", "worst-case")]) == "better"
+    assert summary["methods"]["ncen"]["clean_accuracy"] == 0.9
+    assert summary["methods"]["ncen"]["protocols"]["strong"][0]["attack"] == "worst-case"
+    assert "ncen authors" in summary["missing"] and "ncen@0.02 train" in summary["missing"]
+    assert "ncen paper" not in summary["missing"]
+    text = summary["verdict"]
+    assert text.startswith("The comparison is incomplete")
+    assert "strong protocol (per-example worst case) an NCEn gain survives" in text
+    assert "falls with λ" in text
+    md = rr.render_markdown(summary, ["## Budget"])
+    assert "## Missing stages" in md and "| better |" in md
+    assert "| ncen | authors, transfer |" in md
+    json.dumps(summary)  # serialisable as written to docs/reproduction.json
+
+
+def test_stage_files_of_another_budget_are_not_used(tmp_path):
+    fake_results(tmp_path, {"epochs": 1, "train_limit": 200})
+    assert rr.read_results(tmp_path, {"epochs": 8, "train_limit": 20000}) == {}
+    assert set(rr.read_results(tmp_path)) == {"baseline", "ncen", "ncen@0.02", "ncen@0.5"}
+
+
+def test_no_results_lists_every_stage_and_concludes_nothing(tmp_path):
+    summary = rr.build_summary({}, ["baseline", "ncen"], {})
+    assert len(summary["missing"]) == 2 * len(rr.STAGES)
+    assert "nothing is concluded" in summary["verdict"]
+    assert summary["paired"] == []
+
+
+def test_report_only_writes_both_files(tmp_path):
+    doc, js = tmp_path / "r.md", tmp_path / "r.json"
+    reproduce.main(["--report-only", "--results", str(tmp_path / "none"), "--doc", str(doc),
+                    "--json", str(js), "--methods", "baseline,ncen@0.1"])
+    summary = json.loads(js.read_text())
+    assert summary["missing"][0] == "baseline train"
+    assert summary["budget"]["lr_step_epochs"] == 3 and summary["budget"]["epochs"] == 8
+    assert "| ncen@0.1 | train, paper, authors, strong, transfer, inspect |" in doc.read_text()
+
+
+def test_method_names_and_schedule():
+    assert reproduce.method_defense("ncen@0.1") == ("ncen", {"lambda_cos": 0.1,
+                                                             "lambda_norm": 0.1})
+    assert reproduce.method_defense("ncen-official") == ("ncen-official", {})
+    assert [reproduce.lr_step(e) for e in (40, 8, 3, 1)] == [15, 3, 1, 1]
+    args = reproduce.parse_args(["--data-dir", "x", "--full"])
+    assert args.train_limit is None and args.epochs == 40 and args.strong_limit == 10000
+    assert args.results.as_posix().endswith("results/full")
+
+
+def test_authors_masks_are_placed_on_all_images():
+    """The authors' protocol attacks only the clean-correct images: their masks go back to
+    their positions, a clean-wrong image counting as not robust."""
+    robust = torch.tensor([True, False, True])
+    result = SimpleNamespace(to_json=lambda: {"results": [{"attack": "pgd"}]},
+                             results=[SimpleNamespace(robust=robust)])
+    clean = torch.tensor([True, False, True, True, False])
+    payload = reproduce.with_masks(result, clean)
+    assert rr.unpack_mask(payload["results"][0]["mask"]) == [True, False, False, True, False]
+
+
+def test_unknown_method_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--report-only", "--methods", "baseline,ncen@abc",
+                        "--results", str(tmp_path), "--doc", str(tmp_path / "r.md"),
+                        "--json", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2
+    assert "ncen@abc" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_a_checkpoint_of_another_budget_is_refused(tmp_path):
+    from ncen_cli.errors import UsageError
+    from ncen_cli.training import TrainConfig
+
+    config = TrainConfig(defense="ncen", epochs=8, train_limit=20000, lr_step_epochs=3,
+                         hyperparameters={"lambda_cos": 0.1, "lambda_norm": 0.1})
+    recorded = {"defense": "ncen", "epochs": 8, "train_limit": 20000, "lr_step_epochs": 3,
+                "seed": 0, "members": config.members,
+                "hyperparameters": {"lambda_cos": 0.1, "lambda_norm": 0.1, "other": 1.0}}
+    reproduce.check_checkpoint_config(tmp_path / "c.safetensors", recorded, config)  # same run
+    with pytest.raises(UsageError, match="epochs"):
+        reproduce.check_checkpoint_config(tmp_path / "c.safetensors",
+                                          {**recorded, "epochs": 2}, config)
+    with pytest.raises(UsageError, match="hyperparameters"):
+        reproduce.check_checkpoint_config(
+            tmp_path / "c.safetensors",
+            {**recorded, "hyperparameters": {"lambda_cos": 0.5, "lambda_norm": 0.5}}, config)
+
+
+def test_authors_minus_paper_and_settling_budget(tmp_path):
+    budget = {"epochs": 8}
+    n = 100
+    for method in ("baseline", "ncen"):
+        write_stage(tmp_path, method, "paper", {"results": [
+            row("pgd", 0.1, [True] * 50 + [False] * 50)]}, budget)
+        write_stage(tmp_path, method, "authors", {"results": [
+            row("pgd", 0.1, [True] * 90 + [False] * 10, "logits")]}, budget)
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
+    gap = summary["authors_minus_paper"]
+    assert [r["method"] for r in gap] == ["baseline", "ncen"]
+    assert gap[0]["difference"] == pytest.approx(0.4) and gap[0]["ci"][0] > 0
+    assert gap[0]["n"] == n
+    assert "higher in 1, lower in 0" in summary["verdict"]
+    # identical masks for ncen and baseline: inconclusive, and no test set settles a zero
+    assert "no difference" in summary["verdict"]
+    md = rr.render_markdown(summary, [])
+    assert "| baseline | PGD | 0.1 | +0.400 |" in md
+
+
+def test_settling_budget_counts_images_needed():
+    rows = [{"difference": 0.02, "ci": [-0.01, 0.05], "n": 1000}]
+    text = rr.settling_budget(rows)[0]
+    assert "settled by at most 10,000" in text and "2,250 images" in text
