@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 
+from ncen_cli.attacks.core import frozen_parameters
 from ncen_cli.defenses.base import Defense, DefenseInputs
 from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import UsageError
@@ -223,7 +224,7 @@ def jvp_step(
         return x[i] if x.dim() == 5 else x  # (k, B, C, H, W): member i trains on its own inputs
 
     def first(i: int) -> _MemberPass:
-        with _without_parameter_gradients(params[i]), frozen_batchnorm_stats(members[i]):
+        with frozen_parameters(members[i]), frozen_batchnorm_stats(members[i]):
             return _member_pass(members[i], member_input(i), y, True)
 
     passes = executor.map(first, k)
@@ -271,19 +272,6 @@ def _ce_directional_derivative(
         logits, tangent = logits.float(), tangent.float()
     residual = torch.softmax(logits, dim=1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)
     return (residual * tangent).sum()
-
-
-@contextmanager
-def _without_parameter_gradients(params: list[torch.Tensor]):
-    """Within this block ``params`` (all requiring gradients) do not: a forward-backward builds no
-    parameter graph and computes no parameter gradient."""
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 @contextmanager

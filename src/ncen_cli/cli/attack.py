@@ -20,6 +20,7 @@ from ncen_cli.authors_protocol import AUTHORS_BATCH_SIZE, AuthorsQuirks
 from ncen_cli.cli.common import (
     app,
     check_eps,
+    checkpoint_test_data,
     claim_output,
     err_console,
     fail,
@@ -220,8 +221,7 @@ def attack_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Attack an ensemble checkpoint and report accuracy under each attack, with self-checks."""
-    from ncen_cli.checkpoint import load_ensemble, read_metadata
-    from ncen_cli.data import load_dataset
+    from ncen_cli.checkpoint import load_ensemble
     from ncen_cli.device import Runtime
 
     require_positive(limit, "--limit")
@@ -229,21 +229,11 @@ def attack_command(
     if out is not None and out.suffix.lower() not in (".json", ".csv"):
         raise UsageError(f"--out {out}: the file name must end in .json or .csv")
     claim_output(out, overwrite)
-    meta = read_metadata(checkpoint)
-    name = (dataset or meta.get("dataset") or "").lower()
-    if not name:
-        raise UsageError(f"{checkpoint} records no dataset; pass --dataset")
+    meta, arrays = checkpoint_test_data(checkpoint, dataset, data_dir, download, limit, seed)
     family = meta.get("family")
     runs_family = family if family in ("fashionmnist", "cifar10") else None
     dist = distributed.context(device)  # under torchrun: each rank attacks its share
     runtime = Runtime.create(device=device, seed=seed)
-    arrays = load_dataset(name, data_dir, download=download, test_limit=limit, seed=seed)
-    if (tuple(arrays.input_shape) != tuple(meta["input_shape"])
-            or arrays.num_classes != int(meta["num_classes"])):
-        raise UsageError(
-            f"dataset '{name}' has {arrays.num_classes} classes of shape "
-            f"{tuple(arrays.input_shape)}, the checkpoint expects {meta['num_classes']} of "
-            f"{tuple(meta['input_shape'])}")
     runs = build_runs(runs_family or arrays.family, protocol, attacks, eps, steps, step_size,
                       restarts, objective, meta.get("combine", "mean-logits"), authors_quirks)
     ensemble = load_ensemble(checkpoint, device=runtime.device)
