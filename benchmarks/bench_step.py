@@ -2,7 +2,7 @@
 
 One command, one run, every figure side by side::
 
-    python benchmarks/bench_step.py --data-dir /work/shared/data --out docs/performance-run.md
+    python benchmarks/bench_step.py --data-dir ../shared/data --out docs/performance-run.md
 
 Sections (each measured in fresh subprocesses so that peak-memory figures are per method):
 

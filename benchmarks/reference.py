@@ -2,7 +2,7 @@
 
 This is NOT library code and NOT a recommended implementation: it reproduces, for timing, the
 habits of the authors' code (MiLabHITSZ/2022ZhangNCEn, as described in
-/work/shared/notes/paper-digest.md), written from that description:
+../shared/notes/paper-digest.md), written from that description:
 
 * torch's ``nn.Conv2d`` and ``nn.BatchNorm2d`` (not ncen's fast-double-backward layers);
 * members return softmax probabilities and cross-entropy is applied on top of them
