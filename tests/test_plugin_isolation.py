@@ -8,6 +8,8 @@ Each plugin is a real (fake-installed) distribution: a ``.dist-info`` folder wit
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,23 +36,43 @@ DISTS = {
                            "gal = ncen_hostile_twin_a:DEFENSE\n",
     "ncen-hostile-twin-b": "[ncen.defenses]\ntwin = ncen_hostile_twin_b:DEFENSE\n",
 }
+# the user presses Ctrl-C while this (slow) plugin imports: a real SIGINT, not the plugin's raise
+SLOW_MODULES = {"ncen_slow_import": "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
+                                    "time.sleep(30)\nDEFENSE = None\n"}
+SLOW_DISTS = {"ncen-slow-import": "[ncen.defenses]\nslow = ncen_slow_import:DEFENSE\n"}
+
+
+def _install(site: Path, dists: dict[str, str], modules: dict[str, str]) -> None:
+    """Fake-install distributions (entry points) and their modules into ``site``."""
+    site.mkdir(exist_ok=True)
+    for dist, entry_points in dists.items():
+        info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(entry_points)
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(source)
 
 
 @pytest.fixture
 def hostile_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     site = tmp_path / "site"
-    site.mkdir()
-    for dist, entry_points in DISTS.items():
-        info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-        (info / "entry_points.txt").write_text(entry_points)
-    for module, source in MODULES.items():
-        (site / f"{module}.py").write_text(source)
+    _install(site, DISTS, MODULES)
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.delenv("NCEN_PLUGINS", raising=False)
     yield site
     for module in MODULES:
+        sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def slow_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    site = tmp_path / "site"
+    _install(site, SLOW_DISTS, SLOW_MODULES)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("NCEN_PLUGINS", raising=False)
+    yield site
+    for module in SLOW_MODULES:
         sys.modules.pop(module, None)
 
 
@@ -68,6 +90,16 @@ def test_plugins_lists_everything_whatever_a_plugin_raises(hostile_plugins):
     assert not interrupts["loaded"] and "KeyboardInterrupt" in interrupts["error"]
     assert rows[("ncen.defenses", "ncen", "ncen")]["loaded"]  # the rest is listed and loads
     assert rows[("ncen.attacks", "pgd", "ncen")]["loaded"]
+
+
+def test_a_real_ctrl_c_during_a_plugin_import_is_not_taken_for_the_plugin_failing(slow_plugin):
+    with pytest.raises(KeyboardInterrupt):  # in-process: the registry lets it through
+        DEFENSES.get("slow")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(slow_plugin), *sys.path])}
+    proc = subprocess.run([sys.executable, "-m", "ncen_cli", "plugins"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "error: interrupted", proc.stderr
 
 
 def test_objects_are_type_checked_against_the_group_contract(hostile_plugins):

@@ -2,35 +2,18 @@
 
 While the command line starts (importing torch takes seconds) and while Click parses options,
 SIGINT ends the process at once (nothing has been written yet). Commands run under
-:func:`ncen_cli.cli.common.handle_errors`, which restores Python's KeyboardInterrupt so training
-can save its last completed epoch, and turns it into exit 130.
+:func:`ncen_cli.cli.common.handle_errors`, which lets SIGINT raise KeyboardInterrupt so training can
+save its last completed epoch, and turns it into exit 130. The rules: :mod:`ncen_cli.interrupts`.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
-from types import FrameType
-
-INTERRUPTED_EXIT = 130
-
-
-def exit_interrupted(_signum: int = signal.SIGINT, _frame: FrameType | None = None) -> None:
-    """SIGINT handler for moments with nothing to save: one line on stderr, exit 130 now."""
-    try:
-        sys.stderr.write("error: interrupted\n")
-        sys.stderr.flush()
-    finally:
-        os._exit(INTERRUPTED_EXIT)
-
-
-def install_startup_handler() -> None:
-    """Make SIGINT exit 130 at once (main thread only; a no-op elsewhere)."""
-    try:
-        signal.signal(signal.SIGINT, exit_interrupted)
-    except ValueError:  # not the main thread (embedded use)
-        pass
+from ncen_cli.interrupts import (
+    INTERRUPTED_EXIT,
+    exit_interrupted,
+    exit_now,
+    install_startup_handler,
+)
 
 
 def main() -> None:
@@ -44,6 +27,10 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         exit_interrupted()
+    except SystemExit as exc:
+        if exc.code == INTERRUPTED_EXIT:  # interrupted: the command has released what it held
+            exit_now(INTERRUPTED_EXIT)
+        raise
 
 
 if __name__ == "__main__":

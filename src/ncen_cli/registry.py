@@ -27,6 +27,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from ncen_cli.errors import UsageError
+from ncen_cli.interrupts import noticing_sigint
 
 GROUPS: dict[str, str] = {
     "archs": "ncen.archs",
@@ -127,14 +128,17 @@ class Registry:
     def load_registration(self, reg: Registration) -> Registration:
         """Import one registration and check it against the group's contract, recording the
         error instead of raising. A plugin's import may raise anything: SystemExit and
-        KeyboardInterrupt are recorded as its failure too."""
+        KeyboardInterrupt are recorded as its failure too, unless a real SIGINT arrived."""
         if reg.loaded is None and reg.error is None and reg.entry_point is not None:
-            try:
-                loaded = reg.entry_point.load()
-            except BaseException as exc:  # noqa: BLE001 - a broken plugin must never be fatal
-                last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-                reg.error = last or type(exc).__name__
-                return reg
+            with noticing_sigint() as sigint:
+                try:
+                    loaded = reg.entry_point.load()
+                except BaseException as exc:  # noqa: BLE001 - a broken plugin must never be fatal
+                    if sigint:  # the user's Ctrl-C during the import, not the plugin's doing
+                        raise
+                    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+                    reg.error = last or type(exc).__name__
+                    return reg
             contract = _contract(self.kind)
             if not isinstance(loaded, contract):
                 reg.error = (f"{reg.value} is a {type(loaded).__name__}, not a "
