@@ -3,8 +3,9 @@
 :class:`Reporter` sets up Python ``logging`` for the ``ncen`` and ``ncen_cli`` loggers with Rich's
 handler (time and level; the source ``file:line`` only with ``--verbose``) and shows progress:
 a Rich bar with ``m/N``, elapsed time and ETA when stderr is a terminal; otherwise (nohup, batch
-schedulers, pipes) a plain log line when a task starts, at least every :data:`PLAIN_INTERVAL_S`
-seconds while it runs, and when it ends. Library code reports through the callbacks the commands
+schedulers, pipes) a plain log line (``m/N``, percent, elapsed, ETA) every
+:data:`PLAIN_INTERVAL_S` seconds while a task runs, and one when a task that wrote such lines
+ends (tasks shorter than that stay silent). Library code reports through the callbacks the commands
 pass to it; it never prints.
 """
 
@@ -48,8 +49,9 @@ class _Plain:
     label: str
     total: int | None
     started: float = field(default_factory=time.monotonic)
-    last_line: float = 0.0
+    last_line: float = field(default_factory=time.monotonic)
     done: int = 0
+    lines: int = 0  # plain lines written for this task
 
     def line(self, now: float) -> str:
         elapsed = now - self.started
@@ -139,7 +141,6 @@ class Reporter:
         self._next_id += 1
         if self.show_progress:
             self._plain[task] = _Plain(label, total)
-            self._emit(task, force=True)
         return task
 
     def update(self, task: TaskID, done: int, total: int | None = None,
@@ -160,9 +161,6 @@ class Reporter:
             state.done = done
             state.total = total if total is not None else state.total
             state.label = label if label is not None else state.label
-            finished = state.total is not None and done >= state.total
-        if finished:
-            self._emit(task, force=True)
 
     def restart(self, task: TaskID, label: str, total: int | None = None) -> None:
         """Reuse ``task`` for a new phase (an epoch, a cell): count and elapsed time restart."""
@@ -170,10 +168,12 @@ class Reporter:
             self._bars.reset(task, total=total, description=label)
             return
         with self._lock:
-            if task not in self._plain:
+            old = self._plain.get(task)
+            if old is None:
                 return
             self._plain[task] = _Plain(label, total)
-        self._emit(task, force=True)
+        if old.lines:  # a long phase ended: say where it ended
+            log.info(old.line(time.monotonic()))
 
     def stop(self, task: TaskID) -> None:
         """The task is over: its bar goes away (a plain line says where it ended)."""
@@ -182,16 +182,17 @@ class Reporter:
             return
         with self._lock:
             state = self._plain.pop(task, None)
-        if state is not None and state.done != (state.total or -1):
+        if state is not None and state.lines:  # a long task ended: say where it ended
             log.info(state.line(time.monotonic()))
 
-    def _emit(self, task: TaskID, force: bool = False) -> None:
+    def _emit(self, task: TaskID) -> None:
         with self._lock:
             state = self._plain.get(task)
             now = time.monotonic()
-            if state is None or not (force or now - state.last_line >= PLAIN_INTERVAL_S):
+            if state is None or now - state.last_line < PLAIN_INTERVAL_S:
                 return
             state.last_line = now
+            state.lines += 1
             line = state.line(now)
         log.info(line)
 
