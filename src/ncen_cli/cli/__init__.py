@@ -8,6 +8,7 @@ only when its command runs (or its own ``--help`` is asked for): ``ncen --help``
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from typing import Annotated, Any
 
@@ -41,6 +42,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "datasets, and whether each loaded."),
     "env": ("ncen_cli.cli.info", "Versions, devices, resolved data/run folders and plugins."),
 }
+
+
+class NcenCommand(TyperCommand):
+    """A command whose flags (``--json``, ``--help``) show no ``<bool>`` type in the help."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return flags_without_metavar(super().get_params(ctx))
 
 
 class LazyGroup(TyperGroup):
@@ -86,6 +94,7 @@ class LazyGroup(TyperGroup):
 def usage_error_line(exc: click_errors.ClickException) -> str:
     """One line for a Click error: the message (lower-case start), the command and its help."""
     message = " ".join(exc.format_message().split()).rstrip(".")
+    message = re.sub(r"\.\s+([A-Z])", lambda m: "; " + m[1].lower(), message)  # one sentence
     message = message[:1].lower() + message[1:]
     ctx = getattr(exc, "ctx", None)
     if ctx is None or not isinstance(exc, click_errors.UsageError):
@@ -98,13 +107,13 @@ def load_command(name: str) -> Any:
     importlib.import_module(COMMANDS[name][0])
     for info in app.registered_commands:
         if info.name == name:
-            command = typer.main.get_command_from_info(
+            if info.cls in (None, TyperCommand):
+                info.cls = NcenCommand
+            return typer.main.get_command_from_info(
                 info,
                 pretty_exceptions_short=app.pretty_exceptions_short,
                 rich_markup_mode=app.rich_markup_mode,
             )
-            flags_without_metavar(command.params)
-            return command
     raise RuntimeError(f"{COMMANDS[name][0]} registers no command '{name}'")
 
 

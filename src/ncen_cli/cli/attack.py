@@ -218,9 +218,11 @@ def attack_command(
     device: Device = "auto",
     threads: Threads = None,
     seed: Annotated[int, typer.Option(help="Seeds the subset and every random start.")] = 0,
-    strict: Annotated[bool, typer.Option(help="Exit 1 when a self-check fails.")] = False,
-    check_large_eps: Annotated[bool, typer.Option(help="Also check that PGD at eps 0.5 drives "
-                                                  "accuracy to about 0.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a self-check fails.")
+                      ] = False,
+    check_large_eps: Annotated[bool, typer.Option(
+        "--check-large-eps", help="Also check that PGD at eps 0.5 drives accuracy to about 0.")
+    ] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the results to FILE (.json or "
                                              ".csv).")] = None,
     overwrite: Overwrite = False,

@@ -98,7 +98,8 @@ ConfigFile = Annotated[
     ),
 ]
 PrintConfig = Annotated[
-    bool, typer.Option(help="Print the resolved settings as a TOML file and exit.")
+    bool,
+    typer.Option("--print-config", help="Print the resolved settings as a TOML file and exit."),
 ]
 
 

@@ -120,6 +120,10 @@ def sweep_command(
     if print_config:
         typer.echo(format_settings(command_settings(ctx)), nl=False)  # never wrapped
         return
+    if figure is not None:
+        from ncen_cli.plots import check_figure
+
+        check_figure(figure, dpi)  # fail before hours of training, not after
     from ncen_cli import distributed
     from ncen_cli.sweep import run_sweep, score_runs_for
 
@@ -142,10 +146,6 @@ def sweep_command(
     if attack_names is not None or eps_values is not None:
         runs = score_runs_for(DATASETS.get(config.dataset).family, attack_names, eps_values,
                               combine=config.combine)
-    if figure is not None:
-        from ncen_cli.plots import check_figure
-
-        check_figure(figure, dpi)  # fail before hours of training, not after
     claim_output(figure, overwrite, "--figure")
     main = distributed.is_main_process()
     with Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose, main=main) as reporter:

@@ -287,6 +287,7 @@ def train_command(
     resume: Annotated[
         bool,
         typer.Option(
+            "--resume",
             help="Continue the interrupted run RUN (or --out) with its recorded settings; only "
             "runtime options (device, threads, data folder, download) may be added.",
         ),

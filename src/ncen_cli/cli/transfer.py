@@ -103,8 +103,9 @@ def transfer_command(
                                                    "for --eps).")] = None,
     restarts: Annotated[int | None, typer.Option(help="Random restarts (worst case).")] = None,
     test_limit: TestLimit = None,
-    only_correct: Annotated[bool, typer.Option(help="Only test images every member classifies "
-                                               "correctly (as DVERGE).")] = False,
+    only_correct: Annotated[bool, typer.Option(
+        "--only-correct", help="Only test images every member classifies correctly (as DVERGE).")
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="Images crafted at once.")] = 500,
     dataset: CheckpointDataset = None,
     data_dir: CheckpointDataDir = None,
