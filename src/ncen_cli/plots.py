@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ncen_cli.errors import UsageError
 
@@ -69,17 +69,20 @@ def save_figure(fig: object, path: str | Path, dpi: int) -> Path:
 
 def transfer_heatmap(results: Sequence[TransferResult], path: str | Path, dpi: int = 110,
                      title: str = "") -> Path:
-    """Save transferability matrices as a heat map, one panel per (attack, eps), atomically.
+    """Save :func:`transfer_figure` to ``path`` (format from the suffix), atomically."""
+    return save_figure(transfer_figure(results, title), path, dpi)
+
+
+def transfer_figure(results: Sequence[TransferResult], title: str = "") -> Any:
+    """Transferability matrices as a heat map, one panel per (attack, eps).
 
     Args:
         results: :class:`ncen_cli.transfer.TransferResult` objects (each a k x (k + 1) matrix:
             rows = member the examples were crafted on, columns = member evaluated, then the
             ensemble).
-        path: the file to write; its suffix picks the format (.png, .pdf, .svg).
-        dpi: resolution (.png).
         title: the figure's title (the CLI names the members, the defense and the dataset).
     Returns:
-        ``path``. Raises UsageError for another suffix or when matplotlib is not installed.
+        the matplotlib figure. Raises UsageError when matplotlib is not installed.
     """
     plt = require_matplotlib()
     k = results[0].k
@@ -112,17 +115,22 @@ def transfer_heatmap(results: Sequence[TransferResult], path: str | Path, dpi: i
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy", shrink=0.9)
     if title:
         fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path, dpi)
+    return fig
 
 
 def sweep_heatmap(result: SweepResult, path: str | Path, dpi: int = 110) -> Path:
-    """Save a lambda_cos x lambda_norm sweep as a heat map of ACE x mean AAE (paper Fig. 4).
+    """Save :func:`sweep_figure` to ``path`` (format from the suffix), atomically."""
+    return save_figure(sweep_figure(result), path, dpi)
+
+
+def sweep_figure(result: SweepResult) -> Any:
+    """A lambda_cos x lambda_norm sweep as a heat map of ACE x mean AAE (paper Fig. 4).
 
     Rows are lambda_cos (bottom to top), columns lambda_norm; each cell shows its score, failed
     cells stay blank, the best cell is outlined and starred. When the grid is at least 2 x 2 and
     complete, contour lines are drawn and their levels are marked on the colour bar (not on the
-    plot, where labels would cover the cells' values). The suffix of ``path`` picks the format
-    (.png, .pdf, .svg); written atomically. Raises UsageError without matplotlib.
+    plot, where labels would cover the cells' values). Returns the matplotlib figure; raises
+    UsageError without matplotlib.
     """
     import math
 
@@ -159,4 +167,4 @@ def sweep_heatmap(result: SweepResult, path: str | Path, dpi: int = 110) -> Path
     bar = fig.colorbar(image, ax=ax, label="score (white ticks: contour levels)")
     if lines is not None:
         bar.add_lines(lines)
-    return save_figure(fig, path, dpi)
+    return fig
