@@ -198,3 +198,42 @@ def test_device_line_for_a_gpu():
         "cuda:0: NVIDIA H200, 139.8 GiB")
     assert device_line({"device": "cpu", "threads": 2, "native_bf16": False}) == (
         "cpu: 2 threads, no native bf16")
+
+
+# --- the checkpoint's dataset and data folder, one check for attack, transfer and inspect ----
+
+EVALUATING = ("attack", "transfer", "inspect")
+
+
+@pytest.mark.parametrize("command", EVALUATING)
+def test_a_dataset_that_does_not_fit_the_checkpoint_is_refused_alike(tmp_path, command):
+    torch.manual_seed(0)
+    ens = build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 10)  # synthetic has 4 classes
+    path = save_ensemble(ens, tmp_path / "ten.safetensors", {
+        "dataset": "synthetic", "input_shape": [1, 12, 12], "num_classes": 10})
+    res = runner.invoke(app, [command, str(path), "--test-limit", "8", "--device", "cpu",
+                              "--data-dir", str(tmp_path)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr == (
+        "error: dataset 'synthetic' has 4 classes of shape (1, 12, 12), the checkpoint expects 10 "
+        f"of (1, 12, 12) ({path}); pass the --dataset it was trained on\n")
+
+
+@pytest.mark.parametrize("command", EVALUATING)
+def test_the_recorded_dataset_and_data_folder_are_the_defaults(tmp_path, command):
+    torch.manual_seed(0)
+    ens = build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4)
+    gone = tmp_path / "moved-away"
+    path = save_ensemble(ens, tmp_path / "rec.safetensors", {
+        "dataset": "synthetic", "input_shape": [1, 12, 12], "num_classes": 4,
+        "config": {"data_dir": str(gone)}})
+    res = runner.invoke(app, [command, str(path), "--test-limit", "8", "--device", "cpu"])
+    assert res.exit_code == 2 and res.stderr == (
+        f"error: the data folder recorded in {path} ({gone}) is not a folder here; pass "
+        "--data-dir\n")
+    gone.mkdir()
+    res = runner.invoke(app, [command, str(path), "--test-limit", "8", "--device", "cpu",
+                              "--json", "--attacks", "fgsm", "--eps", "0.1"][
+        : None if command != "inspect" else -4])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)  # read synthetic (the recorded dataset) from the recorded folder
