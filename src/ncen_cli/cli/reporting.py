@@ -1,7 +1,8 @@
 """Logs and progress of a long command, on stderr (results go to stdout).
 
 :class:`Reporter` sets up Python ``logging`` for the ``ncen`` and ``ncen_cli`` loggers with Rich's
-handler (time and level; the source ``file:line`` only with ``--verbose``) and shows progress:
+handler on a terminal (time and level; the source ``file:line`` only with ``--verbose``), the same
+fields as plain unwrapped lines elsewhere, and shows progress:
 a Rich bar with ``m/N``, elapsed time and ETA when stderr is a terminal; otherwise (nohup, batch
 schedulers, pipes) a plain log line (``m/N``, percent, elapsed, ETA) every
 :data:`PLAIN_INTERVAL_S` seconds while a task runs, and one when a task that wrote such lines
@@ -91,9 +92,7 @@ class Reporter:
         self._stopped = threading.Event()
 
     def __enter__(self) -> Reporter:
-        self._handler = RichHandler(console=self.console, show_path=self.verbose,
-                                    show_time=True, show_level=True, markup=False,
-                                    rich_tracebacks=False, log_time_format="[%X]")
+        self._handler = self._make_handler()
         level = (logging.ERROR if not self.main else logging.WARNING if self.quiet
                  else logging.DEBUG if self.verbose else logging.INFO)
         for name in LOGGERS:
@@ -125,6 +124,19 @@ class Reporter:
             logger.removeHandler(self._handler)  # type: ignore[arg-type]
             logger.setLevel(level)
             logger.propagate = propagate
+
+    def _make_handler(self) -> logging.Handler:
+        """Rich's handler on a terminal; off a terminal (a log file) the same fields as plain
+        lines, neither padded nor wrapped at 80 columns."""
+        if self.terminal:
+            return RichHandler(console=self.console, show_path=self.verbose, show_time=True,
+                               show_level=True, markup=False, rich_tracebacks=False,
+                               log_time_format="[%X]")
+        handler = logging.StreamHandler(self.console.file)
+        where = " (%(filename)s:%(lineno)d)" if self.verbose else ""
+        handler.setFormatter(logging.Formatter(
+            f"[%(asctime)s] %(levelname)-7s %(message)s{where}", "%H:%M:%S"))
+        return handler
 
     def info(self, message: str) -> None:
         """A log line (shown unless --quiet)."""
