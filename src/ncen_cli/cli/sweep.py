@@ -23,13 +23,11 @@ from ncen_cli.cli.common import (
 )
 from ncen_cli.cli.config import ConfigFile, PrintConfig, command_settings, format_settings
 from ncen_cli.cli.options import (
-    Attacks,
     DataDir,
     Dataset,
     Device,
     Download,
     Dpi,
-    Eps,
     Figure,
     Json,
     NoProgress,
@@ -100,8 +98,12 @@ def sweep_command(
     double_backprop: DoubleBackprop = DEFAULT_DOUBLE_BACKPROP,
     fd_scale: FdScale = DEFAULT_FD_SCALE,
     download: Download = True,
-    attacks: Attacks = None,
-    eps: Eps = None,
+    attacks: Annotated[str | None, typer.Option(
+        "--attacks", help="Scoring attacks, comma list (default: the paper's fgsm,mifgsm,pgd,bim)."
+    )] = None,
+    eps: Annotated[str | None, typer.Option(
+        "--eps", help="Scoring radii, comma list (default: each attack's smaller paper radius)."
+    )] = None,
     attack_limit: Annotated[int | None, typer.Option(
         help="Score each cell by attacking the first N test images (default: all).")] = None,
     out: Annotated[Path | None, typer.Option(help="Sweep folder (re-run with the same --out to "
