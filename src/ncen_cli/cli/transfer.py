@@ -132,21 +132,14 @@ def transfer_command(
 
     One matrix per attack in --attacks and radius in --eps (default pgd at the paper's 0.05).
     """
+    names = parse_name_list(attacks or DEFAULT_ATTACKS, "--attacks")
     eps_values = parse_float_list(eps, "--eps") if eps is not None else [DEFAULT_EPS]
     check_eps(eps_values)
-    names = parse_name_list(attacks or DEFAULT_ATTACKS, "--attacks")
     for value, option in ((steps, "--steps"), (step_size, "--step-size"),
                           (restarts, "--restarts"), (test_limit, "--test-limit"),
                           (batch_size, "--batch-size")):
         require_positive(value, option)
-    if protocol not in (None, "authors"):
-        raise UsageError(f"--protocol must be authors (or omitted), got '{protocol}'")
-    if out is not None and out.suffix.lower() != ".json":
-        raise UsageError(f"--out {out}: the file name must end in .json")
-    if figure is not None:
-        from ncen_cli.plots import check_figure
-
-        check_figure(figure, dpi)  # fail before the slow part
+    _check_outputs(protocol, out, figure, dpi)
     claim_output(out, overwrite)
     claim_output(figure, overwrite, "--figure")
     results, meta, dataset_name, is_main = _run(
@@ -177,6 +170,19 @@ def transfer_command(
     for result in results:
         console.print(heat_table(result))
         console.print(summary_line(result))
+
+
+def _check_outputs(protocol: str | None, out: Path | None, figure: Path | None,
+                   dpi: int) -> None:
+    """``--protocol``, ``--out`` and ``--figure``/``--dpi``, before any slow work."""
+    if protocol not in (None, "authors"):
+        raise UsageError(f"--protocol must be authors (or omitted), got '{protocol}'")
+    if out is not None and out.suffix.lower() != ".json":
+        raise UsageError(f"--out {out}: the file name must end in .json")
+    if figure is not None:
+        from ncen_cli.plots import check_figure
+
+        check_figure(figure, dpi)
 
 
 def _run(checkpoint: Path, names: list[str], eps_values: list[float], *, attack: dict[str, Any],
