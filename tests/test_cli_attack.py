@@ -35,7 +35,7 @@ def run(*args: str):
 
 
 def base(ckpt, tmp_path):
-    return [ckpt, "--data-dir", tmp_path, "--device", "cpu", "--limit", "12", "--batch-size", "6"]
+    return [ckpt, "--data-dir", tmp_path, "--device", "cpu", "--test-limit", "12", "--batch-size", "6"]
 
 
 def test_json_schema_and_overrides(ckpt, tmp_path):
@@ -83,7 +83,7 @@ def test_protocol_filter_and_out_files(ckpt, tmp_path):
 
 @pytest.mark.parametrize("args", [
     ["--eps", "0"], ["--eps", "1.5"], ["--eps", "abc"], ["--steps", "0"], ["--restarts", "0"],
-    ["--attacks", "nope"], ["--protocol", "weird"], ["--objective", "hinge"], ["--limit", "0"],
+    ["--attacks", "nope"], ["--protocol", "weird"], ["--objective", "hinge"], ["--test-limit", "0"],
     ["--out", "results.txt"], ["--protocol", "paper", "--attacks", "square"],
 ])
 def test_bad_input_is_one_line_exit_2(ckpt, tmp_path, args):
@@ -103,12 +103,13 @@ def test_missing_checkpoint_and_dataset_mismatch(tmp_path):
 
 
 def test_strict_exits_1_on_a_failed_check(ckpt, tmp_path, monkeypatch):
-    import ncen_cli.cli.attack as attack_cli
+    import ncen_cli.evaluation
 
     def fake_evaluate(*args, **kwargs):
         return EvaluationReport(0.5, 6, 12, [], [Check("logits", False, "probabilities")])
 
-    monkeypatch.setattr(attack_cli, "evaluate", fake_evaluate)
+    # `ncen attack` imports evaluate when it runs (usage errors must not import torch)
+    monkeypatch.setattr(ncen_cli.evaluation, "evaluate", fake_evaluate)
     res = run(*base(ckpt, tmp_path), "--attacks", "fgsm", "--eps", "0.1", "--json")
     assert res.exit_code == 0 and "warning" in res.stderr
     res = run(*base(ckpt, tmp_path), "--attacks", "fgsm", "--eps", "0.1", "--json", "--strict")

@@ -93,7 +93,7 @@ def test_sweep_reads_and_prints_config_files(tmp_path):
                         "eval-limit = 8\n")
     printed = tomllib.loads(_ok(["sweep", "--config", str(settings), "--print-config"]))
     assert printed["lambda-cos"] == "0,0.02" and printed["lambda-norm"] == "0.04"
-    assert printed["eval-limit"] == 8 and printed["dataset"] == "synthetic"
+    assert printed["attack-limit"] == 8 and printed["dataset"] == "synthetic"  # eval-limit: old name
 
 
 @pytest.mark.parametrize("command", ["train", "sweep"])

@@ -43,7 +43,7 @@ runner = CliRunner()
 TINY = ["--members", "2xresnet20", "--epochs", "1", "--batch-size", "16", "--train-limit", "16",
         "--test-limit", "16", "--no-noise", "--device", "cpu", "--threads", "1"]
 SWEEP = ["sweep", "--dataset", "synthetic", *TINY, "--lambda-cos", "0", "--lambda-norm", "0",
-         "--attacks", "fgsm", "--eps", "0.1", "--eval-limit", "4"]
+         "--attacks", "fgsm", "--eps", "0.1", "--attack-limit", "4"]
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -141,7 +141,7 @@ def template(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _attack(path: Path) -> list[str]:
-    return ["attack", str(path), "--attacks", "fgsm", "--eps", "0.1", "--limit", "4",
+    return ["attack", str(path), "--attacks", "fgsm", "--eps", "0.1", "--test-limit", "4",
             "--device", "cpu", "--out", str(path.parent / "results.json")]
 
 

@@ -115,7 +115,7 @@ def ckpt(tmp_path_factory):
 
 
 def test_json_shape(ckpt):
-    res = runner.invoke(app, ["inspect", str(ckpt), "--json", "--limit", "12", "--batch-size",
+    res = runner.invoke(app, ["inspect", str(ckpt), "--json", "--test-limit", "12", "--batch-size",
                               "5", "--device", "cpu", "--seed", "3"])
     assert res.exit_code == 0, res.stderr
     out = json.loads(res.stdout)
@@ -129,7 +129,7 @@ def test_json_shape(ckpt):
     assert set(out["terms"]) == {"ncen.cos", "ncen.norm", "ncen-official.cos",
                                  "ncen-official.norm", "gal", "gpmr.div", "gpmr.eq"}
     assert out["norm_dispersion"] >= 0
-    table = runner.invoke(app, ["inspect", str(ckpt), "--limit", "12", "--device", "cpu"])
+    table = runner.invoke(app, ["inspect", str(ckpt), "--test-limit", "12", "--device", "cpu"])
     assert table.exit_code == 0 and "grad cosine mean" in table.stdout and "gpmr.eq" in table.stdout
 
 
@@ -144,8 +144,8 @@ def _bad_inputs(tmp_path, ckpt):
         "damaged": [damaged],
         "foreign": [foreign],
         "mismatch": [other],
-        "limit 0": [ckpt, "--limit", "0"],
-        "limit -3": [ckpt, "--limit", "-3"],
+        "limit 0": [ckpt, "--test-limit", "0"],
+        "limit -3": [ckpt, "--test-limit", "-3"],
         "batch 0": [ckpt, "--batch-size", "0"],
         "unknown dataset": [ckpt, "--dataset", "nope"],
         "data dir not a folder": [ckpt, "--data-dir", tmp_path / "nowhere"],

@@ -141,18 +141,18 @@ def test_attack_out_and_transfer_png_follow_the_same_rules(tmp_path):
     results = tmp_path / "results.json"
     results.write_text("{}")
     line = _one_error_line(runner.invoke(app, [
-        "attack", str(ckpt), "--attacks", "fgsm", "--eps", "0.1", "--limit", "4",
+        "attack", str(ckpt), "--attacks", "fgsm", "--eps", "0.1", "--test-limit", "4",
         "--device", "cpu", "--out", str(results)]), 2)
     assert "--overwrite" in line and results.read_text() == "{}"
-    ok = runner.invoke(app, ["attack", str(ckpt), "--attacks", "fgsm", "--eps", "0.1", "--limit",
+    ok = runner.invoke(app, ["attack", str(ckpt), "--attacks", "fgsm", "--eps", "0.1", "--test-limit",
                              "4", "--device", "cpu", "--out", str(results), "--overwrite"])
     assert ok.exit_code == 0, ok.output
     assert "results" in json.loads(results.read_text()) and not lock_path(results).exists()
     png = tmp_path / "t.png"
     png.write_bytes(b"mine")
     line = _one_error_line(runner.invoke(app, [
-        "transfer", str(ckpt), "--limit", "4", "--device", "cpu", "--png", str(png)]), 2)
-    assert "--png" in line and png.read_bytes() == b"mine"
+        "transfer", str(ckpt), "--test-limit", "4", "--device", "cpu", "--figure", str(png)]), 2)
+    assert "--figure" in line and png.read_bytes() == b"mine"
 
 
 # --- locks and stale files ------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_non_finite_checkpoint_is_refused_at_load(tmp_path, where):
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         load_ensemble(path)
     result = runner.invoke(app, ["attack", str(path), "--attacks", "fgsm", "--eps", "0.1",
-                                 "--limit", "4", "--device", "cpu", "--strict"])
+                                 "--test-limit", "4", "--device", "cpu", "--strict"])
     assert "NaN or infinite" in _one_error_line(result, 1)
 
 

@@ -228,7 +228,7 @@ def test_cli_refuses_a_checkpoint_with_nan_weights(tmp_path):
             "num_classes": 4, "defense": "baseline"}
     save_ensemble(nan_ensemble(), path, meta)
     res = runner.invoke(app, ["attack", str(path), "--data-dir", str(tmp_path), "--device", "cpu",
-                              "--limit", "8", "--attacks", "fgsm", "--eps", "0.1", "--json"])
+                              "--test-limit", "8", "--attacks", "fgsm", "--eps", "0.1", "--json"])
     assert res.exit_code == 1  # refused when the checkpoint is loaded, before any attack runs
     assert "NaN or infinite" in res.stderr and res.stdout == ""
     assert len(res.stderr.strip().splitlines()) == 1
@@ -241,7 +241,7 @@ def test_cli_authors_and_strong_json(tmp_path):
             "num_classes": 4, "defense": "baseline"}
     save_ensemble(build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4), path, meta)
     before = path.read_bytes()
-    base = [str(path), "--data-dir", str(tmp_path), "--device", "cpu", "--limit", "12",
+    base = [str(path), "--data-dir", str(tmp_path), "--device", "cpu", "--test-limit", "12",
             "--eps", "0.1", "--steps", "2", "--json"]
     res = runner.invoke(app, ["attack", *base, "--protocol", "authors", "--quirks",
                               "output-softmax,batchnorm-train,conditional", "--strict"])
@@ -297,7 +297,7 @@ def test_transfer_authors_crafts_on_softmax_members(tmp_path):
             "num_classes": 4, "defense": "baseline"}
     save_ensemble(ens, path, meta)
     res = runner.invoke(app, ["transfer", str(path), "--data-dir", str(tmp_path), "--device",
-                              "cpu", "--limit", "100", "--attack", "mifgsm", "--steps", "2",
+                              "cpu", "--test-limit", "100", "--attacks", "mifgsm", "--steps", "2",
                               "--protocol", "authors", "--json"])
     assert res.exit_code == 0, res.stderr
     params = json.loads(res.stdout)["params"]

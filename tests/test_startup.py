@@ -48,7 +48,7 @@ def test_help_version_and_typos_import_no_torch(args):
     assert result["heavy"] == [], result
     assert result["code"] in (0, 2, None)
     if not args or args[0] not in COMMANDS:  # no command module is imported for the listing
-        assert result["commands"] == ["ncen_cli.cli.common"], result
+        assert result["commands"] == ["ncen_cli.cli.common", "ncen_cli.cli.options"], result
 
 
 def test_version_prints_the_installed_version():

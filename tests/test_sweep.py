@@ -243,7 +243,7 @@ def test_cli_json_schema_and_rerun(tmp_path, data_dir_exists):
     (["--lambda-norm", "-1"], "--lambda-norm values must be finite and >= 0"),
     (["--eps", "2"], "--eps values must be in (0, 1]"),
     (["--attacks", "nope"], "unknown attack 'nope'"),
-    (["--png", "x.jpg"], "--png must end in .png"),
+    (["--figure", "x.jpg"], "--figure x.jpg: the file name must end in .png, .pdf or .svg"),
 ])
 def test_cli_bad_options_are_one_line(tmp_path, data_dir_exists, args, message):
     result = runner.invoke(app, ["sweep", *TINY, "--out", str(tmp_path / "s"), *args])

@@ -169,8 +169,8 @@ def checkpoint(tmp_path):
 
 
 def test_cli_json_matches_the_api(checkpoint):
-    result = CliRunner().invoke(app, ["transfer", str(checkpoint), "--attack", "test-fgsm",
-                                      "--eps", str(EPS), "--limit", "40", "--json",
+    result = CliRunner().invoke(app, ["transfer", str(checkpoint), "--attacks", "test-fgsm",
+                                      "--eps", str(EPS), "--test-limit", "40", "--json",
                                       "--batch-size", "16", "--device", "cpu",
                                       "--data-dir", str(checkpoint.parent)])
     assert result.exit_code == 0, result.output
@@ -183,9 +183,9 @@ def test_cli_json_matches_the_api(checkpoint):
 def test_cli_table_and_png(checkpoint, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "heat.png"
-    result = CliRunner().invoke(app, ["transfer", str(checkpoint), "--attack",
-                                      "test-fgsm,test-fgsm", "--eps", str(EPS), "--limit", "16",
-                                      "--png", str(png),
+    result = CliRunner().invoke(app, ["transfer", str(checkpoint), "--attacks",
+                                      "test-fgsm,test-fgsm", "--eps", str(EPS), "--test-limit", "16",
+                                      "--figure", str(png),
                                       "--device", "cpu", "--data-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "0:test-right" in result.stdout and "ensemble" in result.stdout
@@ -200,8 +200,8 @@ def test_cli_table_and_png(checkpoint, tmp_path):
         ["missing.safetensors"],
         ["{ckpt}", "--eps", "0"],
         ["{ckpt}", "--eps", "1.5"],
-        ["{ckpt}", "--attack", "no-such-attack"],
-        ["{ckpt}", "--limit", "0"],
+        ["{ckpt}", "--attacks", "no-such-attack"],
+        ["{ckpt}", "--test-limit", "0"],
         ["{ckpt}", "--steps", "-1"],
     ],
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ncen_cli.errors import UsageError
 
@@ -15,7 +15,32 @@ if TYPE_CHECKING:
     from ncen_cli.transfer import TransferResult
 
 
-def require_matplotlib() -> ModuleType:
+FIGURE_FORMATS = ("png", "pdf", "svg")  # the suffix of --figure picks one
+
+
+def figure_format(path: str | Path, option: str = "--figure") -> str:
+    """The format a figure file's suffix asks for (``png``, ``pdf`` or ``svg``); UsageError for
+    any other suffix (matplotlib would otherwise write PNG bytes under that name)."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in FIGURE_FORMATS:
+        raise UsageError(f"{option} {path}: the file name must end in "
+                         f"{', '.join('.' + f for f in FIGURE_FORMATS[:-1])} or "
+                         f".{FIGURE_FORMATS[-1]}")
+    return suffix
+
+
+def check_figure(path: str | Path, dpi: int = 110, option: str = "--figure") -> None:
+    """Fail before any slow work: the suffix is a known format, ``dpi`` is in [10, 2400] and
+    matplotlib is installed."""
+    figure_format(path, option)
+    if not 10 <= dpi <= 2400:
+        raise UsageError(f"--dpi must be in [10, 2400], got {dpi}")
+    if Path(path).is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name")
+    require_matplotlib(option)
+
+
+def require_matplotlib(option: str = "--figure") -> ModuleType:
     """Import matplotlib.pyplot with a headless backend, or raise a one-line install hint."""
     try:
         import matplotlib
@@ -24,24 +49,41 @@ def require_matplotlib() -> ModuleType:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError(
-            "--png needs matplotlib: pip install 'ncen[plot]' (or pipx inject ncen matplotlib)"
+            f"{option} needs matplotlib: pip install 'ncen[plot]' (or pipx inject ncen matplotlib)"
         ) from None
     return plt
 
 
-def transfer_heatmap(results: Sequence[TransferResult], path: str | Path, dpi: int = 110) -> Path:
-    """Save transferability matrices as a PNG heat map, one panel per attack, written atomically.
+def save_figure(fig: object, path: str | Path, dpi: int) -> Path:
+    """Write ``fig`` atomically in the format of ``path``'s suffix; closes the figure."""
+    from ncen_cli.atomic import atomic_write
+
+    plt = require_matplotlib()
+    fmt = figure_format(path)
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(  # type: ignore[attr-defined]
+            tmp, format=fmt, dpi=dpi))
+    finally:
+        plt.close(fig)
+
+
+def transfer_heatmap(results: Sequence[TransferResult], path: str | Path, dpi: int = 110,
+                     title: str = "") -> Path:
+    """Save :func:`transfer_figure` to ``path`` (format from the suffix), atomically."""
+    return save_figure(transfer_figure(results, title), path, dpi)
+
+
+def transfer_figure(results: Sequence[TransferResult], title: str = "") -> Any:
+    """Transferability matrices as a heat map, one panel per (attack, eps).
 
     Args:
         results: :class:`ncen_cli.transfer.TransferResult` objects (each a k x (k + 1) matrix:
             rows = member the examples were crafted on, columns = member evaluated, then the
             ensemble).
-        path: the PNG file to write.
+        title: the figure's title (the CLI names the members, the defense and the dataset).
     Returns:
-        ``path``. Raises UsageError when matplotlib is not installed.
+        the matplotlib figure. Raises UsageError when matplotlib is not installed.
     """
-    from ncen_cli.atomic import atomic_write
-
     plt = require_matplotlib()
     k = results[0].k
     width = 1.1 + 0.95 * (k + 1)
@@ -71,22 +113,26 @@ def transfer_heatmap(results: Sequence[TransferResult], path: str | Path, dpi: i
             fontsize=9,
         )
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy", shrink=0.9)
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
-    finally:
-        plt.close(fig)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
 
 
 def sweep_heatmap(result: SweepResult, path: str | Path, dpi: int = 110) -> Path:
-    """Save a lambda_cos x lambda_norm sweep as a PNG heat map of ACE x mean AAE (paper Fig. 4).
+    """Save :func:`sweep_figure` to ``path`` (format from the suffix), atomically."""
+    return save_figure(sweep_figure(result), path, dpi)
+
+
+def sweep_figure(result: SweepResult) -> Any:
+    """A lambda_cos x lambda_norm sweep as a heat map of ACE x mean AAE (paper Fig. 4).
 
     Rows are lambda_cos (bottom to top), columns lambda_norm; each cell shows its score, failed
-    cells stay blank, the best cell is outlined and starred, and contour lines are drawn when the
-    grid is at least 2 x 2 and complete. Written atomically. Raises UsageError without matplotlib.
+    cells stay blank, the best cell is outlined and starred. When the grid is at least 2 x 2 and
+    complete, contour lines are drawn and their levels are marked on the colour bar (not on the
+    plot, where labels would cover the cells' values). Returns the matplotlib figure; raises
+    UsageError without matplotlib.
     """
     import math
-
-    from ncen_cli.atomic import atomic_write
 
     plt = require_matplotlib()
     rows, cols = result.lambda_cos, result.lambda_norm
@@ -96,9 +142,9 @@ def sweep_heatmap(result: SweepResult, path: str | Path, dpi: int = 110) -> Path
     fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 1.1 * len(cols)), 1.6 + 0.8 * len(rows)),
                            constrained_layout=True)
     image = ax.imshow(values, origin="lower", cmap="viridis", aspect="auto")
+    lines = None
     if len(rows) >= 2 and len(cols) >= 2 and all(v is not None for row in grid for v in row):
         lines = ax.contour(values, levels=6, colors="white", linewidths=0.7, alpha=0.6)
-        ax.clabel(lines, fontsize=7, fmt="%.3g")
     best = result.best
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
@@ -118,8 +164,7 @@ def sweep_heatmap(result: SweepResult, path: str | Path, dpi: int = 110) -> Path
     ax.set_ylabel("lambda_cos")
     attacks = ", ".join(f"{s['attack']}@{s['eps']:g}" for s in result.attack_settings)
     ax.set_title(f"score = ACE x mean AAE\n{attacks}", fontsize=9)
-    fig.colorbar(image, ax=ax, label="score")
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
-    finally:
-        plt.close(fig)
+    bar = fig.colorbar(image, ax=ax, label="score (white ticks: contour levels)")
+    if lines is not None:
+        bar.add_lines(lines)
+    return fig

@@ -312,7 +312,7 @@ def _run_sweep(
         raise UsageError(f"defense '{defense.name}' has no {', '.join(missing)}; "
                          "sweep ncen or ncen-official")
     if eval_limit is not None and eval_limit < 1:
-        raise UsageError(f"--eval-limit must be >= 1, got {eval_limit}")
+        raise UsageError(f"--attack-limit must be >= 1, got {eval_limit}")
     cells = expand_grid(lambda_cos, lambda_norm)
     out_dir = Path(out_dir)
     if arrays is None:

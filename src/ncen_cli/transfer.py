@@ -232,6 +232,8 @@ def transfer_matrix(
     adv_correct = torch.zeros(k, k + 1, dtype=torch.int64, device=device)
     clean_correct = torch.zeros(k + 1, dtype=torch.int64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
+    if progress is not None:  # the total is known before the first (slow) pass
+        progress(0, total)
 
     for start in starts:
         local = slice(start - share.start, start - share.start + batch_size)
@@ -257,7 +259,7 @@ def transfer_matrix(
     clean_correct = all_reduce_sum(clean_correct).cpu()
     if count == 0:
         why = " that every member classifies correctly" if only_correct else ""
-        raise NcenError(f"no test example{why} to evaluate; use more examples (--limit)")
+        raise NcenError(f"no test example{why} to evaluate; use more examples (--test-limit)")
     params = {**asdict(settings), "seed": seed, "only_correct": only_correct}
     if member_softmax:
         params["authors.member_softmax"] = True

@@ -8,13 +8,21 @@ only when its command runs (or its own ``--help`` is asked for): ``ncen --help``
 from __future__ import annotations
 
 import importlib
+import re
+import sys
 from typing import Annotated, Any
 
 import typer
 import typer.main
 from typer.core import TyperCommand, TyperGroup
 
+try:  # typer >= 0.2x vendors Click as typer._click; older ones use Click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
 from ncen_cli.cli.common import app
+from ncen_cli.cli.options import rewrite_deprecated
 
 # name: (module that registers it, one-line help shown by `ncen --help`), in listing order;
 # test_startup checks each line against the command's own docstring
@@ -36,9 +44,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class NcenCommand(TyperCommand):
+    """A command whose flags (``--json``, ``--help``) show no ``<bool>`` type in the help."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return flags_without_metavar(super().get_params(ctx))
+
+
 class LazyGroup(TyperGroup):
     """The ``ncen`` group: lists every command from :data:`COMMANDS` and imports a command's
     module only when that command is resolved to run."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return flags_without_metavar(super().get_params(ctx))
 
     def list_commands(self, ctx: Any) -> list[str]:
         return list(COMMANDS)
@@ -52,7 +70,36 @@ class LazyGroup(TyperGroup):
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         if args and args[0] in COMMANDS and args[0] not in self.commands:
             self.commands[args[0]] = load_command(args[0])
-        return super().resolve_command(ctx, args)
+        name, command, rest = super().resolve_command(ctx, args)
+        if name is not None and not ctx.resilient_parsing:  # not while completing a word
+            rest = rewrite_deprecated(name, rest)
+        return name, command, rest
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Click's main, with usage errors as one ``error:`` line and exit code 2 (as ncen's own
+        errors: src/ncen_cli/errors.py), instead of Click's boxed message."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.ClickException as exc:
+            sys.stderr.write(f"error: {usage_error_line(exc)}\n")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.stderr.write("error: interrupted\n")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)  # an Exit's code, else success
+
+
+def usage_error_line(exc: click_errors.ClickException) -> str:
+    """One line for a Click error: the message (lower-case start), the command and its help."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    message = re.sub(r"\.\s+([A-Z])", lambda m: "; " + m[1].lower(), message)  # one sentence
+    message = message[:1].lower() + message[1:]
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None or not isinstance(exc, click_errors.UsageError):
+        return message
+    return f"{ctx.command_path}: {message} (see {ctx.command_path} --help)"
 
 
 def load_command(name: str) -> Any:
@@ -60,12 +107,22 @@ def load_command(name: str) -> Any:
     importlib.import_module(COMMANDS[name][0])
     for info in app.registered_commands:
         if info.name == name:
+            if info.cls in (None, TyperCommand):
+                info.cls = NcenCommand
             return typer.main.get_command_from_info(
                 info,
                 pretty_exceptions_short=app.pretty_exceptions_short,
                 rich_markup_mode=app.rich_markup_mode,
             )
     raise RuntimeError(f"{COMMANDS[name][0]} registers no command '{name}'")
+
+
+def flags_without_metavar(params: list[Any]) -> list[Any]:
+    """A flag takes no value: show no ``<bool>`` type for it in the help."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
 
 
 def _print_version(value: bool) -> None:

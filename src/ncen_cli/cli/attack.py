@@ -7,22 +7,17 @@ import csv
 import io
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from rich.text import Text
 
-from ncen_cli import distributed
 from ncen_cli.atomic import atomic_write_json, atomic_write_text
-from ncen_cli.authors_protocol import AUTHORS_BATCH_SIZE, AuthorsQuirks
 from ncen_cli.cli.common import (
     app,
     check_eps,
     checkpoint_test_data,
     claim_output,
-    err_console,
     fail,
     handle_errors,
     out_console,
@@ -31,27 +26,30 @@ from ncen_cli.cli.common import (
     print_json,
     require_positive,
 )
-from ncen_cli.errors import UsageError
-from ncen_cli.evaluation import (
-    WORST_CASE,
-    AttackRun,
-    EvaluationReport,
-    authors_protocol,
-    custom_runs,
-    evaluate,
-    override_runs,
-    paper_protocol,
-    strong_protocol,
-    validate_runs,
+from ncen_cli.cli.options import (
+    Attacks,
+    CheckpointDataDir,
+    CheckpointDataset,
+    Device,
+    Download,
+    Eps,
+    Json,
+    NoProgress,
+    Overwrite,
+    Quiet,
+    TestLimit,
+    Threads,
+    Verbose,
 )
+from ncen_cli.cli.reporting import Reporter
+from ncen_cli.errors import UsageError
 
+if TYPE_CHECKING:  # torch-backed: imported when the command runs (usage errors stay instant)
+    from ncen_cli.authors_protocol import AuthorsQuirks
+    from ncen_cli.evaluation import AttackRun, EvaluationReport
+
+WORST_CASE = "worst-case"  # ncen_cli.evaluation.WORST_CASE (test_cli_vocabulary holds them equal)
 PROTOCOLS = ("paper", "strong", "authors")
-
-
-class ImagesPerSecond(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} img/s" if speed else "", style="progress.data.speed")
 
 
 def build_runs(
@@ -64,6 +62,15 @@ def build_runs(
     ``--steps/--step-size/--restarts``; or, with ``--attacks``/``--eps`` and no protocol, those
     attacks with their defaults. ``objective`` None: the protocol's (mean-ce; strong: every
     objective of :func:`~ncen_cli.evaluation.strong_objectives` for ``combine``)."""
+    from ncen_cli.evaluation import (
+        authors_protocol,
+        custom_runs,
+        override_runs,
+        paper_protocol,
+        strong_protocol,
+        validate_runs,
+    )
+
     if protocol is not None and protocol not in PROTOCOLS:
         raise UsageError(f"--protocol must be {', '.join(PROTOCOLS)}, got '{protocol}'")
     if protocol == "authors" and objective is not None:
@@ -107,6 +114,8 @@ def protocol_options(protocol: str | None, quirks: str | None,
     require_positive(batch_size, "--batch-size")
     if quirks is not None and protocol != "authors":
         raise UsageError("--quirks applies only to --protocol authors")
+    from ncen_cli.authors_protocol import AUTHORS_BATCH_SIZE, AuthorsQuirks
+
     authors_quirks = AuthorsQuirks.parse(quirks) if protocol == "authors" else None
     if batch_size is None:
         batch_size = AUTHORS_BATCH_SIZE if protocol == "authors" else 500
@@ -189,10 +198,8 @@ def attack_command(
                                                "(default), none, or a comma list of "
                                                "member-softmax, output-softmax, batchnorm-train, "
                                                "conditional, advertorch-iterations.")] = None,
-    attacks: Annotated[str | None, typer.Option(
-        help="Comma list: fgsm, mifgsm, pgd, bim, apgd-ce, apgd-dlr, square (or plugins).")] = None,
-    eps: Annotated[str | None, typer.Option(help="Comma list of L-inf radii in (0, 1], "
-                                            "e.g. 0.05,0.3.")] = None,
+    attacks: Attacks = None,
+    eps: Eps = None,
     steps: Annotated[int | None, typer.Option(help="Iterations (Square: queries).")] = None,
     step_size: Annotated[float | None, typer.Option(help="Step size (alpha).")] = None,
     restarts: Annotated[int | None, typer.Option(help="Random restarts, counted worst-case "
@@ -201,57 +208,63 @@ def attack_command(
         help="mean-ce (the paper: mean of the members' CE; the default), logits (CE of combined "
              "logits) or prob (NLL of the mean probability). The strong protocol runs every "
              "objective unless one is given.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Seeded subset of N test images.")] = None,
+    test_limit: TestLimit = None,
     batch_size: Annotated[int | None, typer.Option(
         help="Images per attack batch (default 500; authors: 64, which matters with BatchNorm "
              "in train mode).")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Default: the checkpoint's dataset.")] = None,
-    data_dir: Annotated[Path | None, typer.Option(envvar="NCEN_DATA_DIR", help="Read the dataset "
-                                                  "from this folder.")] = None,
-    download: Annotated[bool, typer.Option(help="Download a missing dataset into the "
-                                           "cache.")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dataset: CheckpointDataset = None,
+    data_dir: CheckpointDataDir = None,
+    download: Download = True,
+    device: Device = "auto",
+    threads: Threads = None,
     seed: Annotated[int, typer.Option(help="Seeds the subset and every random start.")] = 0,
-    strict: Annotated[bool, typer.Option(help="Exit 1 when a self-check fails.")] = False,
-    check_large_eps: Annotated[bool, typer.Option(help="Also check that PGD at eps 0.5 drives "
-                                                  "accuracy to about 0.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a self-check fails.")
+                      ] = False,
+    check_large_eps: Annotated[bool, typer.Option(
+        "--check-large-eps", help="Also check that PGD at eps 0.5 drives accuracy to about 0.")
+    ] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the results to FILE (.json or "
                                              ".csv).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    overwrite: Overwrite = False,
+    json_output: Json = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
 ) -> None:
     """Attack an ensemble checkpoint and report accuracy under each attack, with self-checks."""
-    from ncen_cli.checkpoint import load_ensemble
-    from ncen_cli.device import Runtime
-
-    require_positive(limit, "--limit")
-    authors_quirks, batch_size = protocol_options(protocol, quirks, batch_size)
+    require_positive(test_limit, "--test-limit")
+    if eps is not None:
+        check_eps(parse_float_list(eps, "--eps"))
     if out is not None and out.suffix.lower() not in (".json", ".csv"):
         raise UsageError(f"--out {out}: the file name must end in .json or .csv")
+    authors_quirks, batch_size = protocol_options(protocol, quirks, batch_size)
+    from ncen_cli import distributed
+    from ncen_cli.checkpoint import load_ensemble
+    from ncen_cli.device import Runtime
+    from ncen_cli.evaluation import evaluate
+
     claim_output(out, overwrite)
-    meta, arrays = checkpoint_test_data(checkpoint, dataset, data_dir, download, limit, seed)
+    meta, arrays = checkpoint_test_data(checkpoint, dataset, data_dir, download, test_limit, seed)
     family = meta.get("family")
     runs_family = family if family in ("fashionmnist", "cifar10") else None
     dist = distributed.context(device)  # under torchrun: each rank attacks its share
-    runtime = Runtime.create(device=device, seed=seed)
+    runtime = Runtime.create(device=device, seed=seed, threads=threads)
     runs = build_runs(runs_family or arrays.family, protocol, attacks, eps, steps, step_size,
                       restarts, objective, meta.get("combine", "mean-logits"), authors_quirks)
     ensemble = load_ensemble(checkpoint, device=runtime.device)
 
-    console = err_console()
     started = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), ImagesPerSecond(),
-                  TimeElapsedColumn(), console=console, transient=True,
-                  disable=not (dist.is_main and console.is_terminal)) as bars:
+    with Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose,
+                  main=dist.is_main) as reporter:
+        console = reporter.console
         tasks: dict[str, Any] = {}
 
         def progress(label: str, done: int, total: int) -> None:
             if label not in tasks:
-                tasks[label] = bars.add_task(label, total=total)
-            bars.update(tasks[label], completed=done)
+                tasks[label] = reporter.start(label, total=total)
+            reporter.update(tasks[label], done, total)
             if done >= total:
-                bars.remove_task(tasks.pop(label))
+                reporter.stop(tasks.pop(label))
 
         report = evaluate(ensemble, arrays.test_x, arrays.test_y, runs, batch_size=batch_size,
                           device=runtime.device, seed=seed, check_large_eps=check_large_eps,

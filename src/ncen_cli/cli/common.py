@@ -25,7 +25,7 @@ app = typer.Typer(
     "ensemble defenses.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -201,7 +201,7 @@ def checkpoint_test_data(
     from ncen_cli.checkpoint import read_metadata
     from ncen_cli.data import load_dataset
 
-    require_positive(limit, "--limit")
+    require_positive(limit, "--test-limit")
     meta = read_metadata(checkpoint)
     name = (dataset or meta.get("dataset") or "").lower()
     if not name:
@@ -216,10 +216,38 @@ def checkpoint_test_data(
                 "pass --data-dir"
             )
     arrays = load_dataset(name, data_dir, download=download, test_limit=limit, seed=seed)
+    check_dataset_fits(arrays, meta, checkpoint)
+    return meta, arrays
+
+
+def check_dataset_fits(arrays: Any, meta: dict[str, Any], checkpoint: Path) -> None:
+    """The one dataset-vs-checkpoint check of attack, transfer and inspect: the images' shape
+    (C, H, W) and the number of classes must be those the checkpoint records; else a UsageError
+    naming both."""
     if (tuple(arrays.input_shape) != tuple(meta["input_shape"])
             or arrays.num_classes != int(meta["num_classes"])):
         raise UsageError(
-            f"dataset '{name}' has {arrays.num_classes} classes of shape "
+            f"dataset '{arrays.name}' has {arrays.num_classes} classes of shape "
             f"{tuple(arrays.input_shape)}, the checkpoint expects {meta['num_classes']} of "
-            f"{tuple(meta['input_shape'])}")
-    return meta, arrays
+            f"{tuple(meta['input_shape'])} ({checkpoint}); pass the --dataset it was trained on")
+
+
+# viridis at 0, 0.25, 0.5, 0.75, 1: dark violet -> blue -> teal -> green -> yellow. Lightness rises
+# monotonically, so the order reads the same with red-green colour blindness (unlike red->green).
+_VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+
+
+def heat_rgb(value: float) -> tuple[int, int, int]:
+    """``value`` in [0, 1] (clipped) -> an (r, g, b) of the viridis colour map."""
+    v = min(max(value, 0.0), 1.0) * (len(_VIRIDIS) - 1)
+    i = min(int(v), len(_VIRIDIS) - 2)
+    t = v - i
+    a, b = _VIRIDIS[i], _VIRIDIS[i + 1]
+    return (round(a[0] + (b[0] - a[0]) * t), round(a[1] + (b[1] - a[1]) * t),
+            round(a[2] + (b[2] - a[2]) * t))
+
+
+def heat_colour(value: float) -> str:
+    """``value`` in [0, 1] -> a Rich colour (``rgb(r,g,b)``) of the viridis map."""
+    r, g, b = heat_rgb(value)
+    return f"rgb({r},{g},{b})"

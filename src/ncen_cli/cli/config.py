@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,11 +18,12 @@ from typing import Annotated, Any
 import typer
 
 from ncen_cli.cli.common import app, fail, handle_errors
+from ncen_cli.cli.options import DEPRECATED_SPELLINGS, deprecation_warning
 
 # Parameters that are not settings of the run: never read from or written to a settings file
 NOT_SETTINGS = frozenset({
-    "config_file", "print_config", "json_output", "out", "resume", "run", "overwrite", "png",
-    "help", "quiet", "no_progress",
+    "config_file", "print_config", "json_output", "out", "resume", "run", "overwrite", "figure",
+    "dpi", "help", "quiet", "verbose", "no_progress",
 })
 # Recorded TrainConfig fields that `ncen train` takes as options of the same name
 _RECORDED_OPTIONS = (
@@ -58,7 +60,12 @@ def read_settings(path: Path, command: Any) -> dict[str, Any]:
     keys = setting_keys(command)
     multiple = {p.name for p in command.params if getattr(p, "multiple", False)}
     settings: dict[str, Any] = {}
+    renamed = {old[2:]: new[2:] for old, new in DEPRECATED_SPELLINGS.get(command.name, {}).items()}
+    renamed.update({old.replace("-", "_"): new for old, new in renamed.items()})
     for key, value in table.items():
+        if key in renamed and renamed[key] in keys:  # a spelling of the previous release
+            sys.stderr.write(deprecation_warning(key, renamed[key], command.name) + "\n")
+            key = renamed[key]
         if key not in keys:
             raise fail(f"--config {path}: unknown key '{key}' (not an option of "
                        f"`ncen {command.name}`)", 2)
@@ -91,7 +98,8 @@ ConfigFile = Annotated[
     ),
 ]
 PrintConfig = Annotated[
-    bool, typer.Option(help="Print the resolved settings as a TOML file and exit.")
+    bool,
+    typer.Option("--print-config", help="Print the resolved settings as a TOML file and exit."),
 ]
 
 

@@ -97,6 +97,7 @@ def env_command(
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
+        **{name: package_version(name) for name in VERSIONED},
         "cuda_available": torch.cuda.is_available(),
         "devices": available_devices(),
         "data_dir": os.environ.get("NCEN_DATA_DIR"),
@@ -109,5 +110,42 @@ def env_command(
         return
     table = Table(title="ncen environment", show_header=False)
     for key, value in info.items():
-        table.add_row(key, str(value))
+        if key == "devices":
+            value = "\n".join(device_line(d) for d in value)
+        elif isinstance(value, list):
+            value = ", ".join(str(v) for v in value) or "none"
+        elif value is None:
+            value = "not set" if key == "data_dir" else "not installed"
+        table.add_row(key, escape(str(value)))
     out_console().print(table)
+
+
+# distributions whose versions `ncen env` reports (besides python and torch)
+VERSIONED = ("torchvision", "typer", "rich", "safetensors", "torchattacks", "numpy", "matplotlib")
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of distribution ``name`` (None when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def device_line(device: dict[str, object]) -> str:
+    """``cpu: 2 threads, native bf16`` / ``cuda:0: NVIDIA H100, 79.1 GiB``."""
+    details = []
+    for key, value in device.items():
+        if key == "device":
+            continue
+        if key == "threads":
+            details.append(f"{value} threads")
+        elif key == "native_bf16":
+            details.append("native bf16" if value else "no native bf16")
+        elif key == "memory_gib" and isinstance(value, float):
+            details.append(f"{value:.1f} GiB")
+        else:
+            details.append(str(value))
+    return f"{device['device']}: {', '.join(details)}" if details else str(device["device"])

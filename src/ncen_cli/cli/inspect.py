@@ -4,22 +4,39 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ncen_cli.atomic import atomic_write_json
 from ncen_cli.cli.common import (
     app,
     checkpoint_test_data,
-    err_console,
+    claim_output,
     handle_errors,
     out_console,
     print_json,
     require_positive,
 )
-from ncen_cli.diagnostics import Diagnostics
+from ncen_cli.cli.options import (
+    CheckpointDataDir,
+    CheckpointDataset,
+    Device,
+    Download,
+    Json,
+    NoProgress,
+    Overwrite,
+    Quiet,
+    TestLimit,
+    Threads,
+    Verbose,
+)
+from ncen_cli.cli.reporting import Reporter
+from ncen_cli.errors import UsageError
+
+if TYPE_CHECKING:  # torch-backed: imported when the command runs (usage errors stay instant)
+    from ncen_cli.diagnostics import Diagnostics
 
 
 def _number(value: float | None) -> str:
@@ -57,42 +74,50 @@ def summary_table(result: Diagnostics) -> Table:
 @handle_errors
 def inspect_command(
     checkpoint: Annotated[Path, typer.Argument(help="An ensemble checkpoint (.safetensors).")],
-    limit: Annotated[int | None, typer.Option(help="Seeded subset of N test images.")] = None,
+    test_limit: TestLimit = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch; the regularizer terms are "
                                             "computed per batch, as in training.")] = 64,
-    dataset: Annotated[str | None, typer.Option(help="Default: the checkpoint's dataset.")] = None,
-    data_dir: Annotated[Path | None, typer.Option(envvar="NCEN_DATA_DIR", help="Read the dataset "
-                                                  "from this folder (default: the checkpoint's "
-                                                  "recorded one).")] = None,
-    download: Annotated[bool, typer.Option(help="Download a missing dataset into the "
-                                           "cache.")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dataset: CheckpointDataset = None,
+    data_dir: CheckpointDataDir = None,
+    download: Download = True,
+    device: Device = "auto",
+    threads: Threads = None,
     seed: Annotated[int, typer.Option(help="Seeds the subset of test images.")] = 0,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the results to FILE (.json).")]
+    = None,
+    overwrite: Overwrite = False,
+    json_output: Json = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
 ) -> None:
     """Measure input-gradient diversity and member agreement of a checkpoint on test data."""
+    require_positive(batch_size, "--batch-size")
+    require_positive(test_limit, "--test-limit")
+    if out is not None and out.suffix.lower() != ".json":
+        raise UsageError(f"--out {out}: the file name must end in .json")
     from ncen_cli.checkpoint import load_ensemble
     from ncen_cli.device import Runtime
     from ncen_cli.diagnostics import gradient_diversity
 
-    require_positive(batch_size, "--batch-size")
-    _, arrays = checkpoint_test_data(checkpoint, dataset, data_dir, download, limit, seed)
-    runtime = Runtime.create(device=device, seed=seed)
+    claim_output(out, overwrite)
+    _, arrays = checkpoint_test_data(checkpoint, dataset, data_dir, download, test_limit, seed)
+    runtime = Runtime.create(device=device, seed=seed, threads=threads)
     ensemble = load_ensemble(checkpoint, device=runtime.device)
     started = time.perf_counter()
-    console = err_console()
-    with Progress(TextColumn("inspect"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True,
-                  disable=not console.is_terminal) as bars:
-        task = bars.add_task("inspect", total=len(arrays.test_x))
+    with Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose) as reporter:
+        task = reporter.start("inspect (images)", total=len(arrays.test_x))
         result = gradient_diversity(
             ensemble, arrays.test_x, arrays.test_y, batch_size=batch_size, device=runtime.device,
-            progress=lambda done, total: bars.update(task, completed=done),
+            progress=lambda done, total: reporter.update(task, done, total),
         )
+        reporter.stop(task)
     seconds = time.perf_counter() - started
     payload = {**result.to_json(), "checkpoint": str(checkpoint), "dataset": arrays.name,
                "combine": ensemble.combine, "device": str(runtime.device), "seed": seed,
                "seconds": seconds}
+    if out is not None:
+        atomic_write_json(out, payload)
     if json_output:
         print_json(payload)
         return

@@ -2,37 +2,50 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from ncen_cli.cli.common import (
     app,
     check_eps,
-    err_console,
+    claim_output,
     handle_errors,
+    heat_colour,
     out_console,
     parse_float_list,
     parse_name_list,
     print_json,
 )
 from ncen_cli.cli.config import ConfigFile, PrintConfig, command_settings, format_settings
+from ncen_cli.cli.options import (
+    DataDir,
+    Dataset,
+    Device,
+    Download,
+    Dpi,
+    Figure,
+    Json,
+    NoProgress,
+    Overwrite,
+    Quiet,
+    TestLimit,
+    Threads,
+    Verbose,
+)
+from ncen_cli.cli.reporting import Reporter
 from ncen_cli.cli.train import (
     DEFAULT_DOUBLE_BACKPROP,
     DEFAULT_FD_SCALE,
     Activation,
     Augment,
     Combine,
-    DataDir,
-    Dataset,
     Deterministic,
-    Device,
     DoubleBackprop,
-    Download,
     Epochs,
     FdScale,
     Members,
@@ -42,12 +55,9 @@ from ncen_cli.cli.train import (
     NoiseEps,
     Param,
     Precision,
-    TestLimit,
-    Threads,
     TrainLimit,
     build_config,
 )
-from ncen_cli.errors import UsageError
 from ncen_cli.paths import runs_dir
 from ncen_cli.registry import DATASETS
 
@@ -88,24 +98,34 @@ def sweep_command(
     double_backprop: DoubleBackprop = DEFAULT_DOUBLE_BACKPROP,
     fd_scale: FdScale = DEFAULT_FD_SCALE,
     download: Download = True,
-    attacks: Annotated[str | None, typer.Option(help="Scoring attacks, comma list (default: the "
-                                                "paper's fgsm,mifgsm,pgd,bim).")] = None,
-    eps: Annotated[str | None, typer.Option(help="Scoring epsilons, comma list (default: each "
-                                            "attack's smaller paper epsilon).")] = None,
-    eval_limit: Annotated[int | None, typer.Option(help="Score on the first N test images "
-                                                   "(default: the whole test split).")] = None,
+    attacks: Annotated[str | None, typer.Option(
+        "--attacks", help="Scoring attacks, comma list (default: the paper's fgsm,mifgsm,pgd,bim)."
+    )] = None,
+    eps: Annotated[str | None, typer.Option(
+        "--eps", help="Scoring radii, comma list (default: each attack's smaller paper radius)."
+    )] = None,
+    attack_limit: Annotated[int | None, typer.Option(
+        help="Score each cell by attacking the first N test images (default: all).")] = None,
     out: Annotated[Path | None, typer.Option(help="Sweep folder (re-run with the same --out to "
                                              "resume); default a new run folder.")] = None,
-    png: Annotated[Path | None, typer.Option(help="Write a heat map of the score (Fig. 4).")]
-    = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    figure: Figure = None,
+    dpi: Dpi = 110,
+    overwrite: Overwrite = False,
+    json_output: Json = False,
     config_file: ConfigFile = None,
     print_config: PrintConfig = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
 ) -> None:
     """Train and score one NCEn ensemble per (lambda_cos, lambda_norm) cell; resumable."""
     if print_config:
         typer.echo(format_settings(command_settings(ctx)), nl=False)  # never wrapped
         return
+    if figure is not None:
+        from ncen_cli.plots import check_figure
+
+        check_figure(figure, dpi)  # fail before hours of training, not after
     from ncen_cli import distributed
     from ncen_cli.sweep import run_sweep, score_runs_for
 
@@ -128,67 +148,63 @@ def sweep_command(
     if attack_names is not None or eps_values is not None:
         runs = score_runs_for(DATASETS.get(config.dataset).family, attack_names, eps_values,
                               combine=config.combine)
-    if png is not None and png.suffix.lower() != ".png":
-        raise UsageError(f"--png must end in .png, got {png}")
-    if png is not None:
-        from ncen_cli.plots import require_matplotlib
-
-        require_matplotlib()  # fail before hours of training, not after
+    claim_output(figure, overwrite, "--figure")
     main = distributed.is_main_process()
-    console = err_console()
-    if out is None:
-        out = _new_sweep_dir(config.dataset)
-        if main:
-            console.log(f"sweep folder {out} (to resume, re-run with --out {out})")
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total}"), TimeElapsedColumn(), console=console, transient=True,
-                  disable=not (main and console.is_terminal)) as bars:
-        task = bars.add_task("sweep", total=None)
-        current = ["sweep"]
-
-        def on_cell_start(cell: Cell, position: int, total: int) -> None:
-            current[0] = f"cell {position}/{total} {cell.id}"
-            bars.update(task, description=current[0], completed=0, total=None)
-
-        def on_batch(done: int, total: int) -> None:
-            bars.update(task, completed=done, total=total)
-
-        def on_eval(label: str, done: int, total: int) -> None:
-            bars.update(task, description=f"{current[0]}: {label}", completed=done, total=total)
-
-        def on_epoch(record: EpochRecord) -> None:
-            console.log(f"  epoch {record.epoch}: ce={record.ce:.4f} "
-                        f"test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s")
-
-        def on_cell_done(result: CellResult) -> None:
-            if result.skipped:
-                console.log(f"cell {result.cell.id}: finished earlier, skipped")
-            elif result.error:
-                console.log(f"cell {result.cell.id}: [red]failed[/red] ({result.error})")
-            else:
-                console.log(f"cell {result.cell.id}: ACE {result.clean_accuracy:.4f} mean AAE "
-                            f"{result.mean_adversarial_accuracy:.4f} score {result.score:.4f} "
-                            f"({result.seconds:.1f} s)")
-            if result.failed_checks:
-                console.log(f"[yellow]warning[/yellow]: cell {result.cell.id}: evaluation checks "
-                            f"failed: {', '.join(result.failed_checks)}")
-
+    with Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose, main=main) as reporter:
+        if out is None:
+            out = _new_sweep_dir(config.dataset)
+            reporter.info(f"sweep folder {out} (to resume, re-run with --out {out})")
         result = run_sweep(config, cos_values, norm_values, out, score_runs=runs,
-                           eval_limit=eval_limit, on_cell_start=on_cell_start,
-                           on_cell_done=on_cell_done, on_epoch=on_epoch, on_batch=on_batch,
-                           on_eval=on_eval)
+                           eval_limit=attack_limit, **_progress_callbacks(reporter))
     if not main:
         return
-    if png is not None:
+    if figure is not None:
         from ncen_cli.plots import sweep_heatmap
 
-        sweep_heatmap(result, png)
-        console.log(f"wrote {png}")
+        sweep_heatmap(result, figure, dpi=dpi)
+        if not quiet:
+            sys.stderr.write(f"wrote {figure}\n")
     if json_output:
         print_json(result.to_json())
     else:
         out_console().print(render_grid(result))
+
+
+def _progress_callbacks(reporter: Reporter) -> dict[str, Any]:
+    """run_sweep's callbacks: a task per cell (its epochs' batches, then its scoring attacks)
+    and one log line per epoch and per finished cell."""
+    task = reporter.start("sweep")
+    current = ["sweep"]
+
+    def on_cell_start(cell: Cell, position: int, total: int) -> None:
+        current[0] = f"cell {position}/{total} {cell.id}"
+        reporter.restart(task, current[0])
+
+    def on_batch(done: int, total: int) -> None:
+        reporter.update(task, done, total)
+
+    def on_eval(label: str, done: int, total: int) -> None:
+        reporter.update(task, done, total, label=f"{current[0]}: {label}")
+
+    def on_epoch(record: EpochRecord) -> None:
+        reporter.info(f"  {current[0]} epoch {record.epoch}: ce={record.ce:.4f} "
+                      f"test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s")
+
+    def on_cell_done(result: CellResult) -> None:
+        if result.skipped:
+            reporter.info(f"cell {result.cell.id}: finished earlier, skipped")
+        elif result.error:
+            reporter.warning(f"cell {result.cell.id}: failed ({result.error})")
+        else:
+            reporter.info(f"cell {result.cell.id}: ACE {result.clean_accuracy:.4f} mean AAE "
+                          f"{result.mean_adversarial_accuracy:.4f} score {result.score:.4f} "
+                          f"({result.seconds:.1f} s)")
+        if result.failed_checks:
+            reporter.warning(f"cell {result.cell.id}: evaluation checks failed: "
+                             f"{', '.join(result.failed_checks)}")
+
+    return {"on_cell_start": on_cell_start, "on_cell_done": on_cell_done,
+            "on_epoch": on_epoch, "on_batch": on_batch, "on_eval": on_eval}
 
 
 def _new_sweep_dir(dataset: str) -> Path:
@@ -205,11 +221,11 @@ def _new_sweep_dir(dataset: str) -> Path:
 
 
 def _colour(score: float, low: float, high: float) -> str:
-    """Red (low) -> yellow -> green (high) as an ``rgb(...)`` style."""
+    """The score's place between the grid's ``low`` and ``high`` as a viridis colour (violet ->
+    teal -> yellow: readable with red-green colour blindness); lifted off the darkest end so the
+    text stays readable on a dark terminal."""
     t = 0.5 if high <= low else (score - low) / (high - low)
-    red = 220 if t < 0.5 else int(220 - (t - 0.5) * 2 * 180)
-    green = int(60 + t * 2 * 140) if t < 0.5 else 200
-    return f"rgb({red},{green},60)"
+    return heat_colour(0.2 + 0.8 * t)
 
 
 def render_grid(result: SweepResult) -> Table:

@@ -8,17 +8,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ncen_cli.cli.common import (
     app,
-    err_console,
     handle_errors,
     out_console,
     parse_key_values,
     print_json,
 )
 from ncen_cli.cli.config import ConfigFile, PrintConfig, format_settings, options_from_record
+from ncen_cli.cli.options import (
+    DataDir,
+    Dataset,
+    Device,
+    Download,
+    Json,
+    NoProgress,
+    Overwrite,
+    Quiet,
+    TestLimit,
+    Threads,
+    Verbose,
+)
+from ncen_cli.cli.reporting import Reporter
 from ncen_cli.errors import CheckpointError, NcenError, UsageError
 from ncen_cli.paths import new_run_path
 
@@ -39,15 +51,6 @@ Members = Annotated[
         "or a paper shorthand ensemble1..ensemble4[-kK]."
     ),
 ]
-Dataset = Annotated[
-    str, typer.Option(help="fashionmnist, cifar10, digits, npz, synthetic, or a plugin's.")
-]
-DataDir = Annotated[
-    Path | None,
-    typer.Option(
-        envvar="NCEN_DATA_DIR", help="Read the dataset from this folder (never downloads into it)."
-    ),
-]
 NcenForm = Annotated[str, typer.Option(help="paper (eqs. 9-10) or official (authors' code).")]
 Param = Annotated[
     list[str] | None,
@@ -62,8 +65,6 @@ NoiseEps = Annotated[
     float | None, typer.Option(help="D_noise epsilon (sigma = eps/2); default 0.3 / 0.09.")
 ]
 TrainLimit = Annotated[int | None, typer.Option(help="Seeded subset of N training images.")]
-TestLimit = Annotated[int | None, typer.Option(help="Seeded subset of N test images.")]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Precision = Annotated[
     str,
     typer.Option(
@@ -71,7 +72,6 @@ Precision = Annotated[
         "or a CPU with native bf16: `ncen env` tells). Evaluation stays fp32."
     ),
 ]
-Threads = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
 MemberThreads = Annotated[
     int | None,
     typer.Option(
@@ -88,7 +88,6 @@ DoubleBackprop = Annotated[
     ),
 ]
 FdScale = Annotated[float, typer.Option(help="Deprecated and ignored (finite-diff is retired).")]
-Download = Annotated[bool, typer.Option(help="Download missing datasets into the cache.")]
 
 
 def build_config(
@@ -288,6 +287,7 @@ def train_command(
     resume: Annotated[
         bool,
         typer.Option(
+            "--resume",
             help="Continue the interrupted run RUN (or --out) with its recorded settings; only "
             "runtime options (device, threads, data folder, download) may be added.",
         ),
@@ -299,18 +299,13 @@ def train_command(
             show_default=False,
         ),
     ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing --out (otherwise refused).")
-    ] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    overwrite: Overwrite = False,
+    json_output: Json = False,
     config_file: ConfigFile = None,
     print_config: PrintConfig = False,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bar, no per-epoch lines.")
-    ] = False,
-    no_progress: Annotated[
-        bool, typer.Option("--no-progress", help="No progress bar (per-epoch lines stay).")
-    ] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
 ) -> None:
     """Train an ensemble and write it to a safetensors checkpoint."""
     options = {name: ctx.params[name] for name in CONFIG_OPTIONS}
@@ -332,41 +327,32 @@ def train_command(
     from ncen_cli import distributed
     from ncen_cli.training import train
 
-    console = err_console()
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=quiet or no_progress
-        or not (distributed.is_main_process() and console.is_terminal),
-    ) as bars:
-        task = bars.add_task("epoch 1", total=None)
+    with Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose,
+                  main=distributed.is_main_process()) as reporter:
+        task = reporter.start("epoch 1 (batches)")
         planned = [0]  # epochs in all, known once train() has resolved the dataset's default
 
         def on_start(done: int, epochs: int) -> None:
             planned[0] = epochs
-            bars.update(task, description=f"epoch {done + 1}/{epochs}")
+            reporter.restart(task, f"epoch {done + 1}/{epochs} (batches)")
 
         def on_batch(done: int, total: int) -> None:
-            bars.update(task, completed=done, total=total)
+            reporter.update(task, done, total)
 
         def on_epoch(record: EpochRecord) -> None:
             terms = " ".join(f"{k}={v:.4f}" for k, v in record.terms.items())
-            if not quiet:
-                console.log(
-                    f"epoch {record.epoch}/{planned[0]}: lr={record.lr:.0e} ce={record.ce:.4f} "
-                    f"{terms} test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s"
-                )
-            bars.update(task, description=f"epoch {record.epoch + 1}/{planned[0]}", completed=0)
+            reporter.info(
+                f"epoch {record.epoch}/{planned[0]}: lr={record.lr:.0e} ce={record.ce:.4f} "
+                f"{terms} test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s"
+            )
+            if record.epoch < planned[0]:
+                reporter.restart(task, f"epoch {record.epoch + 1}/{planned[0]} (batches)")
 
         result = train(
             config, out, resume=resume, on_epoch=on_epoch, on_batch=on_batch,
             overwrite=overwrite, on_start=on_start,
         )
+        reporter.stop(task)
     if not distributed.is_main_process():  # under torchrun, rank 0 alone reports
         return
 

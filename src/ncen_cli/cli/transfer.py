@@ -4,47 +4,58 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.color import Color
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from ncen_cli.authors_protocol import ADVERTORCH_L1_FLOOR
-from ncen_cli.checkpoint import load_ensemble, read_metadata
+from ncen_cli.atomic import atomic_write_json
 from ncen_cli.cli.common import (
     app,
     check_eps,
+    checkpoint_test_data,
     claim_output,
     err_console,
     handle_errors,
+    heat_colour,
     out_console,
+    parse_float_list,
     parse_name_list,
     print_json,
     require_positive,
 )
-from ncen_cli.data import load_dataset
-from ncen_cli.device import resolve_device, seed_everything
-from ncen_cli.distributed import context
+from ncen_cli.cli.options import (
+    Attacks,
+    CheckpointDataDir,
+    CheckpointDataset,
+    Device,
+    Download,
+    Dpi,
+    Eps,
+    Figure,
+    Json,
+    NoProgress,
+    Overwrite,
+    Quiet,
+    TestLimit,
+    Threads,
+    Verbose,
+)
+from ncen_cli.cli.reporting import Reporter
 from ncen_cli.errors import UsageError
-from ncen_cli.registry import ATTACKS
-from ncen_cli.transfer import DEFAULT_EPS, TransferResult, resolve_settings, transfer_matrix
 
+if TYPE_CHECKING:  # torch-backed: imported when the command runs (usage errors stay instant)
+    from ncen_cli.transfer import TransferResult
 
-def heat_color(value: float) -> Color:
-    """Accuracy in [0, 1] -> a red (0) - amber (0.5) - green (1) background colour."""
-    v = min(max(value, 0.0), 1.0)
-    low, mid, high = (178, 34, 34), (218, 165, 32), (34, 139, 34)
-    a, b, t = (low, mid, v * 2) if v < 0.5 else (mid, high, (v - 0.5) * 2)
-    r, g, bl = (round(a[c] + (b[c] - a[c]) * t) for c in range(3))
-    return Color.from_rgb(r, g, bl)
+DEFAULT_ATTACKS = "pgd"
+DEFAULT_EPS = 0.05  # the paper's; = ncen_cli.transfer.DEFAULT_EPS (test_cli_vocabulary checks)
 
 
 def heat_table(result: TransferResult) -> Table:
-    """A Rich table of the matrix, each cell's background coloured by its accuracy."""
+    """A Rich table of the matrix, each cell's background coloured by its accuracy (viridis:
+    dark = low, yellow = high; readable with red-green colour blindness)."""
     eps = result.params.get("eps")
     table = Table(
         title=f"{result.attack} transfer, eps={eps:g}, n={result.n} (accuracy; row = crafted on)",
@@ -56,7 +67,8 @@ def heat_table(result: TransferResult) -> Table:
     for i, (label, row) in enumerate(zip(result.members, result.matrix, strict=True)):
         cells = []
         for j, value in enumerate(row):
-            style = Style(bgcolor=heat_color(value), color="white", bold=i == j, underline=i == j)
+            style = Style(bgcolor=heat_colour(value), color="black" if value > 0.55 else "white",
+                          bold=i == j, underline=i == j)
             cells.append(Text(f" {value:.3f} ", style=style))
         table.add_row(label, *cells)
     table.add_section()
@@ -74,101 +86,144 @@ def summary_line(result: TransferResult) -> str:
     )
 
 
+def figure_title(meta: dict[str, Any], dataset: str) -> str:
+    """``resnet20, resnet26, resnet32 | ncen | fashionmnist`` for the heat map."""
+    members = ", ".join(str(m) for m in meta.get("members", []))
+    return f"{members} | {meta.get('defense', 'unknown defense')} | {dataset}"
+
+
 @app.command("transfer")
 @handle_errors
 def transfer_command(
     checkpoint: Annotated[Path, typer.Argument(help="Ensemble checkpoint (.safetensors).")],
-    attack: Annotated[str, typer.Option(help="Attack, or a comma list for one matrix each "
-                                        "(paper: pgd,mifgsm).")] = "pgd",
-    eps: Annotated[float, typer.Option(help="L-inf radius in (0, 1] (paper: 0.05).")] = DEFAULT_EPS,
+    attacks: Attacks = None,
+    eps: Eps = None,
     steps: Annotated[int | None, typer.Option(help="Iterations (default: the attack's).")] = None,
     step_size: Annotated[float | None, typer.Option(help="Step size (default: the attack's "
                                                    "for --eps).")] = None,
     restarts: Annotated[int | None, typer.Option(help="Random restarts (worst case).")] = None,
-    limit: Annotated[int | None, typer.Option(help="Seeded subset of N test images.")] = None,
-    only_correct: Annotated[bool, typer.Option(help="Only test images every member classifies "
-                                               "correctly (as DVERGE).")] = False,
+    test_limit: TestLimit = None,
+    only_correct: Annotated[bool, typer.Option(
+        "--only-correct", help="Only test images every member classifies correctly (as DVERGE).")
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="Images crafted at once.")] = 500,
-    data_dir: Annotated[Path | None, typer.Option(envvar="NCEN_DATA_DIR", help="Read the dataset "
-                                                  "from this folder.")] = None,
-    download: Annotated[bool, typer.Option(help="Download a missing dataset.")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seeds the --limit subset and random starts.")] = 0,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON (a list "
-                                              "when several attacks are given).")] = False,
-    png: Annotated[Path | None, typer.Option(help="Also save a heat map PNG (needs matplotlib).")]
-    = None,
+    dataset: CheckpointDataset = None,
+    data_dir: CheckpointDataDir = None,
+    download: Download = True,
+    device: Device = "auto",
+    threads: Threads = None,
+    seed: Annotated[int, typer.Option(help="Seeds the --test-limit subset and random starts.")]
+    = 0,
     protocol: Annotated[str | None, typer.Option(
         help="authors: craft as the authors' code does (CE on each member's softmax output, "
              "only examples every member classifies correctly, advertorch's MI-FGSM "
              "normalisation); not an honest evaluation.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --png.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the results to FILE (.json).")]
+    = None,
+    figure: Figure = None,
+    dpi: Dpi = 110,
+    overwrite: Overwrite = False,
+    json_output: Json = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+    no_progress: NoProgress = False,
 ) -> None:
-    """Craft adversarial examples on each member; evaluate them on every member and the ensemble."""
-    check_eps([eps])
-    require_positive(steps, "--steps")
-    require_positive(step_size, "--step-size")
-    require_positive(restarts, "--restarts")
-    require_positive(limit, "--limit")
-    require_positive(batch_size, "--batch-size")
-    if png is not None:
-        from ncen_cli.plots import require_matplotlib
+    """Craft adversarial examples on each member; evaluate them on every member and the ensemble.
 
-        require_matplotlib()  # fail before the slow part
-        if png.is_dir():
-            raise UsageError(f"--png {png} is a folder; give a file name")
-        claim_output(png, overwrite, "--png")
-    if protocol not in (None, "authors"):
-        raise UsageError(f"--protocol must be authors (or omitted), got '{protocol}'")
-    authors = protocol == "authors"
-    only_correct = only_correct or authors
-    names = parse_name_list(attack, "--attack")
-    attacks = {name: ATTACKS.get(name) for name in names}
-    settings = {name: resolve_settings(obj, eps, steps, step_size, restarts)
-                for name, obj in attacks.items()}
-    if authors and "mifgsm" in settings:
-        settings["mifgsm"] = replace(settings["mifgsm"], extra={
-            **settings["mifgsm"].extra, "momentum_l1_floor": ADVERTORCH_L1_FLOOR})
-
-    meta = read_metadata(checkpoint)
-    dist = context(device)
-    torch_device = resolve_device(device)
-    seed_everything(seed)
-    ensemble = load_ensemble(checkpoint, device=torch_device)
-    arrays = load_dataset(meta.get("dataset", ""), data_dir, download=download,
-                          test_limit=limit, seed=seed)
-    if tuple(arrays.input_shape) != tuple(meta["input_shape"]):
-        raise UsageError(f"dataset '{arrays.name}' has images {tuple(arrays.input_shape)}, the "
-                         f"checkpoint expects {tuple(meta['input_shape'])}")
-
-    console = err_console()
-    results: list[TransferResult] = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total}"), TimeElapsedColumn(), console=console, transient=True,
-                  disable=not (dist.is_main and console.is_terminal)) as bars:
-        for name in names:
-            task = bars.add_task(f"{name} on each member", total=None)
-
-            def on_step(done: int, total: int, task: int = task) -> None:
-                bars.update(task, completed=done, total=total)
-
-            results.append(transfer_matrix(
-                ensemble, arrays.test_x, arrays.test_y, attack=name, settings=settings[name],
-                batch_size=batch_size, device=torch_device, seed=seed, only_correct=only_correct,
-                progress=on_step, member_softmax=authors,
-            ))
-    if not dist.is_main:
+    One matrix per attack in --attacks and radius in --eps (default pgd at the paper's 0.05).
+    """
+    names = parse_name_list(attacks or DEFAULT_ATTACKS, "--attacks")
+    eps_values = parse_float_list(eps, "--eps") if eps is not None else [DEFAULT_EPS]
+    check_eps(eps_values)
+    for value, option in ((steps, "--steps"), (step_size, "--step-size"),
+                          (restarts, "--restarts"), (test_limit, "--test-limit"),
+                          (batch_size, "--batch-size")):
+        require_positive(value, option)
+    _check_outputs(protocol, out, figure, dpi)
+    claim_output(out, overwrite)
+    claim_output(figure, overwrite, "--figure")
+    results, meta, dataset_name, is_main = _run(
+        checkpoint, names, eps_values,
+        attack={"steps": steps, "step_size": step_size, "restarts": restarts,
+                "authors": protocol == "authors"},
+        data={"test_limit": test_limit, "only_correct": only_correct, "batch_size": batch_size,
+              "dataset": dataset, "data_dir": data_dir, "download": download,
+              "device": device, "threads": threads, "seed": seed},
+        reporting={"quiet": quiet, "no_progress": no_progress, "verbose": verbose},
+    )
+    if not is_main:
         return
-    if png is not None:
+    payloads = [r.to_json() for r in results]
+    payload: Any = payloads[0] if len(payloads) == 1 else payloads
+    if out is not None:
+        atomic_write_json(out, payload)
+    if figure is not None:
         from ncen_cli.plots import transfer_heatmap
 
-        transfer_heatmap(results, png)
-        console.print(f"wrote {png}")
+        transfer_heatmap(results, figure, dpi=dpi, title=figure_title(meta, dataset_name))
+        if not quiet:
+            err_console().print(f"wrote {figure}")
     if json_output:
-        payloads = [r.to_json() for r in results]
-        print_json(payloads[0] if len(payloads) == 1 else payloads)
+        print_json(payload)
         return
-    out = out_console()
+    console = out_console()
     for result in results:
-        out.print(heat_table(result))
-        out.print(summary_line(result))
+        console.print(heat_table(result))
+        console.print(summary_line(result))
+
+
+def _check_outputs(protocol: str | None, out: Path | None, figure: Path | None,
+                   dpi: int) -> None:
+    """``--protocol``, ``--out`` and ``--figure``/``--dpi``, before any slow work."""
+    if protocol not in (None, "authors"):
+        raise UsageError(f"--protocol must be authors (or omitted), got '{protocol}'")
+    if out is not None and out.suffix.lower() != ".json":
+        raise UsageError(f"--out {out}: the file name must end in .json")
+    if figure is not None:
+        from ncen_cli.plots import check_figure
+
+        check_figure(figure, dpi)
+
+
+def _run(checkpoint: Path, names: list[str], eps_values: list[float], *, attack: dict[str, Any],
+         data: dict[str, Any], reporting: dict[str, bool],
+         ) -> tuple[list[TransferResult], dict[str, Any], str, bool]:
+    """Load the checkpoint and its test data, then one matrix per (attack, eps); ``attack``,
+    ``data`` and ``reporting`` hold the command's options of that kind, by name.
+    Returns (results, checkpoint metadata, dataset name, whether this is rank 0)."""
+    from ncen_cli.authors_protocol import ADVERTORCH_L1_FLOOR
+    from ncen_cli.checkpoint import load_ensemble
+    from ncen_cli.device import Runtime
+    from ncen_cli.distributed import context
+    from ncen_cli.registry import ATTACKS
+    from ncen_cli.transfer import resolve_settings, transfer_matrix
+
+    attack_objs = [(name, ATTACKS.get(name)) for name in names]  # a repeated name: one matrix each
+    meta, arrays = checkpoint_test_data(checkpoint, data["dataset"], data["data_dir"],
+                                        data["download"], data["test_limit"], data["seed"])
+    dist = context(data["device"])
+    runtime = Runtime.create(device=data["device"], seed=data["seed"], threads=data["threads"])
+    ensemble = load_ensemble(checkpoint, device=runtime.device)
+    authors = attack["authors"]
+    results: list[TransferResult] = []
+    with Reporter(main=dist.is_main, **reporting) as reporter:
+        for name, attack_obj in attack_objs:
+            for eps in eps_values:
+                settings = resolve_settings(attack_obj, eps, attack["steps"],
+                                            attack["step_size"], attack["restarts"])
+                if authors and name == "mifgsm":
+                    settings = replace(settings, extra={
+                        **settings.extra, "momentum_l1_floor": ADVERTORCH_L1_FLOOR})
+                task = reporter.start(f"{name} eps={eps:g}: crafting on each member (batches)")
+
+                def on_step(done: int, total: int, task: Any = task) -> None:
+                    reporter.update(task, done, total)
+
+                results.append(transfer_matrix(
+                    ensemble, arrays.test_x, arrays.test_y, attack=name, settings=settings,
+                    batch_size=data["batch_size"], device=runtime.device, seed=data["seed"],
+                    only_correct=data["only_correct"] or authors, progress=on_step,
+                    member_softmax=authors,
+                ))
+                reporter.stop(task)
+    return results, meta, arrays.name, dist.is_main
