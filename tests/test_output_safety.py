@@ -396,3 +396,4 @@ def test_ctrl_c_at_any_moment_of_start_up_exits_130_with_one_line(tmp_path, dela
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: interrupted"), err
     assert "Traceback" not in err and "terminate called" not in err
+    assert not lock_path(tmp_path / "r.safetensors").exists()  # released, even mid-import

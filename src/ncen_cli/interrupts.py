@@ -2,9 +2,13 @@
 
 Start-up (importing the command line and torch) and the moments around a command have nothing to
 save, so SIGINT ends the process at once (:func:`install_startup_handler`). While a command runs,
-:func:`ncen_cli.cli.common.handle_errors` lets SIGINT raise KeyboardInterrupt, so training can save
-its last completed epoch, and turns it into exit 130. :func:`noticing_sigint` lets code that must
-survive anything a plugin raises (KeyboardInterrupt included) still give way to the user's Ctrl-C.
+:func:`ncen_cli.cli.common.handle_errors` installs :func:`interrupt_command`: SIGINT raises
+KeyboardInterrupt, so training can save its last completed epoch, and handle_errors turns it into
+exit 130; but in the middle of an import (torch's own lazy imports included) it exits at once,
+releasing what :func:`released_on_exit` registered (output locks), since a KeyboardInterrupt raised
+inside an import can be swallowed by the imported code or surface as a C++ abort.
+:func:`noticing_sigint` lets code that must survive anything a plugin raises (KeyboardInterrupt
+included) still give way to the user's Ctrl-C.
 """
 
 from __future__ import annotations
@@ -13,19 +17,38 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
 INTERRUPTED_EXIT = 130
 
 
+# callbacks that release what the process holds (output locks), run by exit_interrupted
+_RELEASE_ON_EXIT: list[Callable[[], None]] = []
+
+
 def exit_interrupted(_signum: int = signal.SIGINT, _frame: FrameType | None = None) -> None:
-    """SIGINT handler for moments with nothing to save: one line on stderr, exit 130 now."""
+    """SIGINT handler for moments with nothing to save: release what :func:`released_on_exit`
+    holds, one line on stderr, exit 130 now."""
     try:
+        for release in reversed(_RELEASE_ON_EXIT):
+            with contextlib.suppress(Exception):
+                release()
         sys.stderr.write("error: interrupted\n")
     finally:
         exit_now(INTERRUPTED_EXIT)
+
+
+@contextlib.contextmanager
+def released_on_exit(release: Callable[[], None]) -> Iterator[None]:
+    """Within the block, an immediate exit on Ctrl-C calls ``release`` first (e.g. to remove a
+    lock file); ``release`` must be quick and safe to call at any moment."""
+    _RELEASE_ON_EXIT.append(release)
+    try:
+        yield
+    finally:
+        _RELEASE_ON_EXIT.remove(release)
 
 
 def exit_now(code: int) -> None:
@@ -39,6 +62,19 @@ def exit_now(code: int) -> None:
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     os._exit(code)
+
+
+def interrupt_command(signum: int, frame: FrameType | None) -> None:
+    """SIGINT handler while a command runs: KeyboardInterrupt, or exit 130 at once mid-import."""
+    if importing():
+        exit_interrupted(signum, frame)
+    raise KeyboardInterrupt
+
+
+def importing() -> bool:
+    """Whether a module is being imported right now (importlib marks its spec while it runs)."""
+    return any(getattr(getattr(module, "__spec__", None), "_initializing", False) is True
+               for module in list(sys.modules.values()))
 
 
 def install_startup_handler() -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ncen_cli.atomic import TEMP_SUFFIX, current_umask, temp_prefix
 from ncen_cli.errors import NcenError, UsageError
+from ncen_cli.interrupts import released_on_exit
 
 try:
     import fcntl
@@ -142,7 +143,8 @@ def output_lock(output: str | Path, option: str = "--out") -> Iterator[Path]:
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
         remove_stale_temps(output)
-        yield lock
+        with released_on_exit(lambda: lock.unlink(missing_ok=True)):
+            yield lock
     finally:
         with contextlib.suppress(OSError):
             lock.unlink()

@@ -58,16 +58,15 @@ def handle_errors(func: F) -> F:
     """Turn NcenError into one line on stderr and its exit code; Ctrl-C into exit 130.
 
     While the command runs, Ctrl-C raises KeyboardInterrupt (so training can save its last
-    epoch); before and after it, :mod:`ncen_cli.launcher`'s handler exits 130 at once. torch is
-    imported before the switch, still under the launcher's handler: a KeyboardInterrupt raised
-    inside torch's import can be swallowed by its import machinery or surface as a C++ abort.
+    epoch), except in the middle of an import (:func:`ncen_cli.interrupts.interrupt_command`);
+    before and after it, :mod:`ncen_cli.launcher`'s handler exits 130 at once.
     """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import torch  # noqa: F401  (every command needs it; see the docstring)
+        from ncen_cli.interrupts import interrupt_command
 
-        previous = _set_sigint(signal.default_int_handler)
+        previous = _set_sigint(interrupt_command)
         resources = contextlib.ExitStack()
         token = _COMMAND_RESOURCES.set(resources)
         try:
