@@ -32,18 +32,7 @@ from ncen_cli.cli.common import (
     require_positive,
 )
 from ncen_cli.errors import UsageError
-from ncen_cli.evaluation import (
-    WORST_CASE,
-    AttackRun,
-    EvaluationReport,
-    authors_protocol,
-    custom_runs,
-    evaluate,
-    override_runs,
-    paper_protocol,
-    strong_protocol,
-    validate_runs,
-)
+from ncen_cli.evaluation import WORST_CASE, AttackRun, EvaluationReport, evaluate, runs_for
 
 PROTOCOLS = ("paper", "strong", "authors")
 
@@ -66,9 +55,6 @@ def build_runs(
     objective of :func:`~ncen_cli.evaluation.strong_objectives` for ``combine``)."""
     if protocol is not None and protocol not in PROTOCOLS:
         raise UsageError(f"--protocol must be {', '.join(PROTOCOLS)}, got '{protocol}'")
-    if protocol == "authors" and objective is not None:
-        raise UsageError("--objective does not apply to --protocol authors (its objective is "
-                         "advertorch's CE on the authors' ensemble output)")
     eps_values = parse_float_list(eps, "--eps") if eps is not None else None
     if eps_values is not None:
         check_eps(eps_values)
@@ -76,29 +62,10 @@ def build_runs(
     require_positive(steps, "--steps")
     require_positive(step_size, "--step-size")
     require_positive(restarts, "--restarts")
-    if protocol is None and (names is not None or eps_values is not None):
-        runs = custom_runs(names or ["fgsm", "mifgsm", "pgd", "bim"], eps_values, family,
-                           objective or "mean-ce")
-    elif protocol == "strong":
-        runs = strong_protocol(family, restarts or 2, objective, eps_values, combine)
-    elif protocol == "authors":
-        runs = authors_protocol(family, eps_values, quirks)
-    else:
-        runs = paper_protocol(family, objective or "mean-ce", eps_values)
-    if protocol is not None and names is not None:
-        from ncen_cli.registry import ATTACKS
-
-        for name in names:
-            ATTACKS.get(name)
-        missing = [n for n in names if n not in {r.attack for r in runs}]
-        if missing:
-            raise UsageError(f"--attacks {','.join(missing)} not in the {protocol} protocol "
-                             f"({', '.join(dict.fromkeys(r.attack for r in runs))}); "
-                             "drop --protocol to run any attack")
-        runs = [r for r in runs if r.attack in names]
-    runs = override_runs(runs, steps=steps, step_size=step_size, restarts=restarts)
-    validate_runs(runs)
-    return runs
+    custom = protocol is None and (names is not None or eps_values is not None)
+    return runs_for(family, "custom" if custom else protocol or "paper", attacks=names,
+                    eps=eps_values, objective=objective, combine=combine, steps=steps,
+                    step_size=step_size, restarts=restarts, quirks=quirks)
 
 
 def protocol_options(protocol: str | None, quirks: str | None,
@@ -232,7 +199,7 @@ def attack_command(
     meta, arrays = checkpoint_test_data(checkpoint, dataset, data_dir, download, limit, seed)
     family = meta.get("family")
     runs_family = family if family in ("fashionmnist", "cifar10") else None
-    dist = distributed.context(device)  # under torchrun: each rank attacks its share
+    dist = distributed.initialize(device)  # under torchrun: each rank attacks its share
     runtime = Runtime.create(device=device, seed=seed)
     runs = build_runs(runs_family or arrays.family, protocol, attacks, eps, steps, step_size,
                       restarts, objective, meta.get("combine", "mean-logits"), authors_quirks)
@@ -240,7 +207,7 @@ def attack_command(
 
     console = err_console()
     started = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(),
+    with runtime.applied(), Progress(TextColumn("{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), ImagesPerSecond(),
                   TimeElapsedColumn(), console=console, transient=True,
                   disable=not (dist.is_main and console.is_terminal)) as bars:
@@ -256,7 +223,7 @@ def attack_command(
         report = evaluate(ensemble, arrays.test_x, arrays.test_y, runs, batch_size=batch_size,
                           device=runtime.device, seed=seed, check_large_eps=check_large_eps,
                           progress=progress, worst_case=protocol == "strong",
-                          quirks=authors_quirks)
+                          quirks=authors_quirks, dist=dist)
     seconds = time.perf_counter() - started
     if not dist.is_main:  # the counts are already summed over ranks; rank 0 reports
         return

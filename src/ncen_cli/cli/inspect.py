@@ -81,9 +81,10 @@ def inspect_command(
     ensemble = load_ensemble(checkpoint, device=runtime.device)
     started = time.perf_counter()
     console = err_console()
-    with Progress(TextColumn("inspect"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True,
-                  disable=not console.is_terminal) as bars:
+    with runtime.applied(), Progress(TextColumn("inspect"), BarColumn(),
+                                     TextColumn("{task.completed}/{task.total}"),
+                                     TimeElapsedColumn(), console=console, transient=True,
+                                     disable=not console.is_terminal) as bars:
         task = bars.add_task("inspect", total=len(arrays.test_x))
         result = gradient_diversity(
             ensemble, arrays.test_x, arrays.test_y, batch_size=batch_size, device=runtime.device,

@@ -107,7 +107,8 @@ def sweep_command(
         typer.echo(format_settings(command_settings(ctx)), nl=False)  # never wrapped
         return
     from ncen_cli import distributed
-    from ncen_cli.sweep import run_sweep, score_runs_for
+    from ncen_cli.evaluation import runs_for
+    from ncen_cli.sweep import run_sweep
 
     config = build_config(
         members=members, dataset=dataset, data_dir=data_dir, defense="ncen", ncen_form=ncen_form,
@@ -126,8 +127,8 @@ def sweep_command(
         check_eps(eps_values)
     runs = None
     if attack_names is not None or eps_values is not None:
-        runs = score_runs_for(DATASETS.get(config.dataset).family, attack_names, eps_values,
-                              combine=config.combine)
+        runs = runs_for(DATASETS.get(config.dataset).family, "score", attacks=attack_names,
+                        eps=eps_values, combine=config.combine)
     if png is not None and png.suffix.lower() != ".png":
         raise UsageError(f"--png must end in .png, got {png}")
     if png is not None:
@@ -177,7 +178,7 @@ def sweep_command(
         result = run_sweep(config, cos_values, norm_values, out, score_runs=runs,
                            eval_limit=eval_limit, on_cell_start=on_cell_start,
                            on_cell_done=on_cell_done, on_epoch=on_epoch, on_batch=on_batch,
-                           on_eval=on_eval)
+                           on_eval=on_eval, dist=distributed.initialize(config.device))
     if not main:
         return
     if png is not None:

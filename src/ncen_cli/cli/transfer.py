@@ -28,10 +28,9 @@ from ncen_cli.cli.common import (
 )
 from ncen_cli.data import load_dataset
 from ncen_cli.device import resolve_device, seed_everything
-from ncen_cli.distributed import context
+from ncen_cli.distributed import initialize
 from ncen_cli.errors import UsageError
-from ncen_cli.registry import ATTACKS
-from ncen_cli.transfer import DEFAULT_EPS, TransferResult, resolve_settings, transfer_matrix
+from ncen_cli.transfer import DEFAULT_EPS, TransferResult, run_settings, transfer_matrix
 
 
 def heat_color(value: float) -> Color:
@@ -123,15 +122,13 @@ def transfer_command(
     authors = protocol == "authors"
     only_correct = only_correct or authors
     names = parse_name_list(attack, "--attack")
-    attacks = {name: ATTACKS.get(name) for name in names}
-    settings = {name: resolve_settings(obj, eps, steps, step_size, restarts)
-                for name, obj in attacks.items()}
+    settings = {name: run_settings(name, eps, steps, step_size, restarts) for name in names}
     if authors and "mifgsm" in settings:
         settings["mifgsm"] = replace(settings["mifgsm"], extra={
             **settings["mifgsm"].extra, "momentum_l1_floor": ADVERTORCH_L1_FLOOR})
 
     meta = read_metadata(checkpoint)
-    dist = context(device)
+    dist = initialize(device)
     torch_device = resolve_device(device)
     seed_everything(seed)
     ensemble = load_ensemble(checkpoint, device=torch_device)
@@ -155,7 +152,7 @@ def transfer_command(
             results.append(transfer_matrix(
                 ensemble, arrays.test_x, arrays.test_y, attack=name, settings=settings[name],
                 batch_size=batch_size, device=torch_device, seed=seed, only_correct=only_correct,
-                progress=on_step, member_softmax=authors,
+                progress=on_step, member_softmax=authors, dist=dist,
             ))
     if not dist.is_main:
         return
