@@ -502,8 +502,8 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
         epoch,
         run.augment,
         run.runtime.device,
-        dist.rank,
-        dist.world_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
     )
     for step, (xb, yb) in enumerate(batches):
         optimizer.zero_grad(set_to_none=True)
