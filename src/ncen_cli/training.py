@@ -32,7 +32,7 @@ from ncen_cli.data.base import FAMILY_DEFAULTS
 from ncen_cli.data.pipeline import iterate_eval_batches
 from ncen_cli.defenses.base import CraftContext, Defense
 from ncen_cli.device import Runtime, check_seed
-from ncen_cli.ensemble import Ensemble, build_ensemble, parse_members
+from ncen_cli.ensemble import Ensemble, build_ensemble, check_member_count, parse_members
 from ncen_cli.errors import (
     CheckpointError,
     InterruptedRun,
@@ -52,8 +52,8 @@ from ncen_cli.resume_state import (
 from ncen_cli.train_step import (
     DEFAULT_DOUBLE_BACKPROP,
     DEFAULT_FD_SCALE,
-    DOUBLE_BACKPROP_MODES,
     StepOutput,
+    resolve_double_backprop,
     training_step,
 )
 
@@ -98,8 +98,7 @@ class TrainConfig:
     download: bool = True
 
     def validate(self) -> None:
-        if len(self.members) < 2:
-            raise UsageError(f"an ensemble needs at least 2 members, got {len(self.members)}")
+        check_member_count(len(self.members))
         for name, value in (
             ("--batch-size", self.batch_size),
             ("--eval-batch-size", self.eval_batch_size),
@@ -123,11 +122,7 @@ class TrainConfig:
             check_int_range(name, count, 1, MAX_COUNT)
         if self.noise_eps is not None and not 0 <= self.noise_eps <= 1:
             raise UsageError(f"--noise-eps must be in [0, 1], got {self.noise_eps}")
-        if self.double_backprop not in DOUBLE_BACKPROP_MODES:
-            raise UsageError(
-                f"unknown --double-backprop '{self.double_backprop}'; "
-                f"choose {', '.join(DOUBLE_BACKPROP_MODES)}"
-            )
+        resolve_double_backprop(self.double_backprop)  # UsageError for an unknown mode
         if not (self.fd_scale > 0 and math.isfinite(self.fd_scale)):
             raise UsageError(f"--fd-scale must be a finite number > 0, got {self.fd_scale}")
         for key, value in self.hyperparameters.items():
