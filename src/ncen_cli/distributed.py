@@ -241,16 +241,19 @@ def initialize(device: str | None = None) -> DistContext:
 
 
 def _timeout_seconds() -> float | None:
+    """NCEN_DIST_TIMEOUT in seconds (None when unset); UsageError unless in (0, 1e7]."""
     text = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not (math.isfinite(seconds) and 0 < seconds <= 10**7):
+    seconds = _float_or_nan(text) if text else None
+    if seconds is not None and not (math.isfinite(seconds) and 0 < seconds <= 10**7):
         raise UsageError(f"environment variable {TIMEOUT_ENV}={text[:40]!r} must be seconds > 0")
     return seconds
+
+
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def shutdown() -> None:

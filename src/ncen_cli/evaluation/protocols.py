@@ -235,22 +235,20 @@ def override_runs(
 
 
 def validate_runs(runs: Sequence[AttackRun]) -> None:
-    """UsageError for an unknown attack or an out-of-range setting (before any work is done)."""
+    """UsageError for an unknown attack or an out-of-range setting (before any work is done;
+    the settings' ranges are :func:`~ncen_cli.attacks.core.check_settings`'s, which the attacks
+    apply too), naming the attack."""
+    from ncen_cli.attacks.core import check_settings
     from ncen_cli.registry import ATTACKS
 
     if not runs:
         raise UsageError("no attack runs to evaluate")
     for run in runs:
         ATTACKS.get(run.attack)
-        s = run.settings
-        if not 0 < s.eps <= 1:
-            raise UsageError(f"eps must be in (0, 1] for images in [0, 1], got {s.eps}")
-        if s.steps < 1:
-            raise UsageError(f"--steps must be >= 1, got {s.steps} ({run.attack})")
-        if s.restarts < 1:
-            raise UsageError(f"--restarts must be >= 1, got {s.restarts} ({run.attack})")
-        if s.step_size is not None and not s.step_size > 0:
-            raise UsageError(f"--step-size must be > 0, got {s.step_size} ({run.attack})")
+        try:
+            check_settings(run.settings)
+        except UsageError as exc:
+            raise UsageError(f"{exc} ({run.attack})") from None
 
 
 def _select(runs: list[AttackRun], names: Sequence[str], protocol: str) -> list[AttackRun]:
