@@ -5,8 +5,11 @@ After every epoch a *resume state* (weights, optimizer, epoch, RNG state) is wri
 resumes (``resume=True``) from the last completed epoch and, on the CPU with the same seed, ends
 with weights identical to an uninterrupted run: data order and augmentation are drawn from
 generators seeded by (seed, epoch), and the learning rate is a pure function of the epoch.
-The resume state records the run's config (:func:`recorded_run_config`), so a run resumes from
+The resume state (:mod:`ncen_cli.resume_state`) records the run's config, so a run resumes from
 its path alone; it is deleted once the run finishes.
+
+:func:`train` is :func:`plan_run` (resolve the config, data, defense, schedule and resume; trains
+nothing) followed by :func:`fit` (build or restore the ensemble, run the epochs, write the files).
 """
 
 from __future__ import annotations
