@@ -78,24 +78,26 @@ def _step(name: str, overrides: dict, runtime: Runtime, x: torch.Tensor, y: torc
 def measure(args) -> dict[str, dict[str, float]]:
     """Median wall / CPU seconds per step of every available method, interleaved."""
     runtime = Runtime.create("cpu", args.precision, args.threads, False, 0)
-    x, y = _batch(args.data_dir, args.batch)
-    available = [m for m, (d, _) in METHODS.items() if d.split("+")[-1] in DEFENSES.names()]
-    steps = {m: _step(METHODS[m][0], METHODS[m][1], runtime, x, y) for m in available}
-    times: dict[str, list[tuple[float, float]]] = {m: [] for m in available}
-    for rep in range(args.reps + 1):
-        for m in available:
-            wall, cpu = time.perf_counter(), time.process_time()
-            steps[m]()
-            if rep > 0:  # round 0 warms up
-                times[m].append((time.perf_counter() - wall, time.process_time() - cpu))
-    med = {
-        m: {"wall": statistics.median(t[0] for t in ts), "cpu": statistics.median(t[1] for t in ts)}
-        for m, ts in times.items()
-    }
-    for m in med:
-        med[m]["wall_ratio"] = med[m]["wall"] / med["plain"]["wall"]
-        med[m]["cpu_ratio"] = med[m]["cpu"] / med["plain"]["cpu"]
-    return med
+    with runtime.applied():  # --threads for the measurement only
+        x, y = _batch(args.data_dir, args.batch)
+        available = [m for m, (d, _) in METHODS.items() if d.split("+")[-1] in DEFENSES.names()]
+        steps = {m: _step(METHODS[m][0], METHODS[m][1], runtime, x, y) for m in available}
+        times: dict[str, list[tuple[float, float]]] = {m: [] for m in available}
+        for rep in range(args.reps + 1):
+            for m in available:
+                wall, cpu = time.perf_counter(), time.process_time()
+                steps[m]()
+                if rep > 0:  # round 0 warms up
+                    times[m].append((time.perf_counter() - wall, time.process_time() - cpu))
+        med = {
+            m: {"wall": statistics.median(t[0] for t in ts),
+                "cpu": statistics.median(t[1] for t in ts)}
+            for m, ts in times.items()
+        }
+        for m in med:
+            med[m]["wall_ratio"] = med[m]["wall"] / med["plain"]["wall"]
+            med[m]["cpu_ratio"] = med[m]["cpu"] / med["plain"]["cpu"]
+        return med
 
 
 def main(argv: list[str] | None = None) -> None:

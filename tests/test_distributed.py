@@ -28,12 +28,15 @@ from torch import nn
 
 from ncen_cli import distributed
 from ncen_cli.archs.base import Architecture
+from ncen_cli.attacks.base import AttackSettings
 from ncen_cli.checkpoint import read_metadata
 from ncen_cli.data.synthetic import make_arrays
 from ncen_cli.ensemble import build_ensemble
+from ncen_cli.evaluation import AttackRun, evaluate
 from ncen_cli.registry import ARCHS, DEFENSES
 from ncen_cli.train_step import training_step
 from ncen_cli.training import TrainConfig, clean_accuracy, resume_path, train
+from ncen_cli.transfer import transfer_matrix
 
 WORLD = 2
 DEADLINE_S = 150
@@ -74,8 +77,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), NCEN_DIST_TIMEOUT="60",
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    ctx = distributed.context("cpu")
+    assert distributed.context() == distributed.SINGLE  # a pure query: nothing started yet
+    ctx = distributed.initialize("cpu")
     assert (ctx.rank, ctx.world_size, ctx.enabled) == (rank, WORLD, True)
+    assert distributed.context() == ctx
     results: dict[str, object] = {"rank": rank}
     defense = DEFENSES.get("ncen")
 
@@ -88,7 +93,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         if len(share):
             training_step(ensemble, defense, HYPER, x[share], y[share])
             results[f"local_{name}"] = _grads(ensemble)
-        distributed.average_gradients(ensemble, weight=len(share))
+        ctx.average_gradients(ensemble, weight=len(share))
         results[f"grads_{name}"] = _grads(ensemble)
 
     # 2. sharded clean accuracy and the shards themselves
@@ -96,20 +101,28 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     arrays = make_arrays(8, 16, seed=3)
     for n in ACCURACY_SIZES:
         results[f"accuracy_{n}"] = clean_accuracy(ensemble, arrays.test_x[:n], arrays.test_y[:n],
-                                                  4, torch.device("cpu"))
-        results[f"shards_{n}"] = distributed.gather_objects(distributed.shard_slice(n))
+                                                  4, torch.device("cpu"), dist=ctx)
+        results[f"shards_{n}"] = ctx.gather_objects(ctx.shard(n))
 
     # 3. small helpers
-    results["all_true_mixed"] = distributed.all_true(rank == 0)
-    results["all_true_all"] = distributed.all_true(True)
-    results["broadcast"] = distributed.broadcast_object(f"from-{rank}")
+    results["all_true_mixed"] = ctx.all_true(rank == 0)
+    results["all_true_all"] = ctx.all_true(True)
+    results["broadcast"] = ctx.broadcast_object(f"from-{rank}")
     bn = nn.BatchNorm1d(3)
     bn.running_mean.fill_(float(rank))
-    distributed.sync_buffers(bn)
+    ctx.sync_buffers(bn)
     results["bn_mean"] = bn.running_mean.clone()
-    with distributed.local_only():
-        results["local_ctx"] = distributed.context("cpu").world_size
-        results["local_shard"] = distributed.shard_slice(5)
+    results["single_shard"] = distributed.SINGLE.shard(5)
+
+    # 3b. a process group alone changes nothing: without dist= evaluate, transfer_matrix and
+    # clean_accuracy see every example (no double sharding in a user's own DDP script)
+    runs = [AttackRun("fgsm", AttackSettings(eps=0.1, steps=1, step_size=0.1))]
+    x, y = arrays.test_x[:ACCURACY_SIZES[0]], arrays.test_y[:ACCURACY_SIZES[0]]
+    plain = evaluate(ensemble, x, y, runs, batch_size=4, checks=False)
+    sharded = evaluate(ensemble, x, y, runs, batch_size=4, checks=False, dist=ctx)
+    results["evaluate"] = {"plain": plain.to_json(), "sharded": sharded.to_json()}
+    results["transfer_n"] = transfer_matrix(ensemble, x, y, "fgsm", runs[0].settings, 4).n
+    results["accuracy_plain"] = clean_accuracy(ensemble, x, y, 4, torch.device("cpu"))
 
     # 4. train() end to end: 40 images + 40 noisy copies in global batches of 79 -> the last
     # global batch has 1 image, so rank 1 gets an empty share; then a resume of the finished run
@@ -117,12 +130,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                          eval_batch_size=4, device="cpu", seed=0)
     out = Path(out_dir) / "tiny.safetensors"
     saved_state = Path(out_dir) / "state-after-epoch-1"
-    first = train(config, out, arrays=make_arrays(40, 11, seed=2),
+    first = train(config, out, arrays=make_arrays(40, 11, seed=2), dist=ctx,
                   on_epoch=lambda _: shutil.copyfile(resume_path(out), saved_state))
     if rank == 0:  # the finished run deleted its resume state: restore the epoch-1 one
         shutil.copyfile(saved_state, resume_path(out))
-    distributed.barrier()
-    again = train(config, out, resume=True, arrays=make_arrays(40, 11, seed=2))
+    ctx.barrier()
+    again = train(config, out, resume=True, arrays=make_arrays(40, 11, seed=2), dist=ctx)
     results["train"] = {"world_size": first.metadata["world_size"],
                         "accuracy": first.history[-1].test_accuracy,
                         "resumed_from": again.resumed_from_epoch,
@@ -189,7 +202,24 @@ def test_helpers_agree_across_ranks(ranks):
         assert r["all_true_mixed"] is False and r["all_true_all"] is True
         assert r["broadcast"] == "from-0"
         torch.testing.assert_close(r["bn_mean"], torch.full((3,), 0.5))
-        assert r["local_ctx"] == 1 and r["local_shard"] == slice(0, 5)
+        assert r["single_shard"] == slice(0, 5)
+
+
+def test_evaluate_shards_only_when_given_the_context(ranks):
+    """Without ``dist=`` every rank evaluates all 11 examples (a user's DDP script is not
+    sharded behind its back); with the context the shares' counts add up to the same report."""
+    arrays = make_arrays(8, 16, seed=3)
+    x, y = arrays.test_x[:ACCURACY_SIZES[0]], arrays.test_y[:ACCURACY_SIZES[0]]
+    runs = [AttackRun("fgsm", AttackSettings(eps=0.1, steps=1, step_size=0.1))]
+    single = evaluate(_ensemble(seed=1).eval(), x, y, runs, batch_size=4, checks=False).to_json()
+    for r in ranks:
+        assert r["evaluate"]["plain"]["n"] == len(x) == r["evaluate"]["sharded"]["n"]
+        for report in (r["evaluate"]["plain"], r["evaluate"]["sharded"]):
+            assert report["clean_correct"] == single["clean_correct"]
+            assert [res["correct"] for res in report["results"]] == [
+                res["correct"] for res in single["results"]]
+        assert r["transfer_n"] == len(x)
+        assert r["accuracy_plain"] == r["accuracy_11"]
 
 
 def test_train_with_empty_share_and_resume(ranks, tmp_path):

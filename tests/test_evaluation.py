@@ -14,11 +14,11 @@ from ncen_cli.errors import UsageError
 from ncen_cli.evaluation import (
     AttackResult,
     AttackRun,
-    _result_checks,
     custom_runs,
     evaluate,
     override_runs,
     paper_protocol,
+    result_checks,
     strong_protocol,
     wilson_interval,
 )
@@ -216,10 +216,10 @@ def test_result_checks_flag_masking_signs():
             AttackRun("square", AttackSettings(eps=0.1, steps=10))]
     good = [result("fgsm", 0.1, 0.5), result("pgd", 0.1, 0.3), result("pgd", 0.3, 0.0),
             result("square", 0.1, 0.4)]
-    assert all(c.passed for c in _result_checks(good, runs))
+    assert all(c.passed for c in result_checks(good, runs))
     bad = [result("fgsm", 0.1, 0.2), result("pgd", 0.1, 0.3), result("pgd", 0.3, 0.5),
            result("square", 0.1, 0.1)]
-    checks = {c.name: c for c in _result_checks(bad, runs)}
+    checks = {c.name: c for c in result_checks(bad, runs)}
     assert checks["iterative-vs-fgsm"].passed is False
     assert checks["monotone-in-eps"].passed is False and "pgd" in checks["monotone-in-eps"].detail
     assert checks["black-box-weaker"].passed is False
@@ -230,13 +230,13 @@ def test_step_budget_check_flags_attacks_that_cannot_reach_eps():
              AttackRun("bim", AttackSettings(eps=0.1, steps=10, step_size=0.01))]  # exactly eps
     short = reach + [AttackRun("pgd", AttackSettings(eps=0.3, steps=10, step_size=0.0125))]
     results = [result(r.attack, r.settings.eps, 0.1) for r in short]
-    ok = {c.name: c for c in _result_checks(results[:2], reach)}["step-budget"]
+    ok = {c.name: c for c in result_checks(results[:2], reach)}["step-budget"]
     assert ok.passed is True
-    check = {c.name: c for c in _result_checks(results, short)}["step-budget"]
+    check = {c.name: c for c in result_checks(results, short)}["step-budget"]
     assert check.passed is False
     assert "pgd@0.3: 10 x 0.0125 = 0.125 < eps" in check.detail
     apgd = [AttackRun("apgd-ce", AttackSettings(eps=0.3, steps=100))]  # adaptive step: n/a
-    assert {c.name: c for c in _result_checks([result("apgd-ce", 0.3, 0.0)], apgd)}[
+    assert {c.name: c for c in result_checks([result("apgd-ce", 0.3, 0.0)], apgd)}[
         "step-budget"].passed is None
 
 

@@ -45,8 +45,19 @@ def test_parse_members():
     assert parse_members("ensemble2-k4") == ["resnet26"] * 4
     assert parse_members("ensemble4") == ["resnet20", "resnet26", "resnet32"]
     assert paper_ensemble(4, 5) == ["resnet20"] * 2 + ["resnet26"] * 2 + ["resnet32"]
-    with pytest.raises(UsageError):
-        parse_members("resnet20")
+    assert parse_members("resnet20") == ["resnet20"]  # the count is the run spec's to check
+    assert paper_ensemble(4, 0) == []
+
+
+@pytest.mark.parametrize("members", ["resnet20", "ensemble1-k1", "ensemble4-k0"])
+def test_one_member_count_check_at_the_run_spec_and_the_ensemble(members):
+    from ncen_cli.training import train_from_names
+
+    config = train_from_names(members)
+    with pytest.raises(UsageError, match=f"at least 2 members, got {len(config.members)}$"):
+        config.validate()
+    with pytest.raises(UsageError, match="at least 2 members"):
+        build_ensemble(config.members, (1, 12, 12), 4)
 
 
 def test_unknown_member_is_a_usage_error():

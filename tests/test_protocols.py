@@ -263,13 +263,12 @@ def test_cli_authors_and_strong_json(tmp_path):
 
 
 def test_sweep_strong_scoring_runs_every_objective_and_scores_the_worst():
-    from ncen_cli.evaluation import worst_over_objectives
-    from ncen_cli.sweep import score_runs_for
+    from ncen_cli.evaluation import runs_for, worst_over_objectives
 
-    runs = score_runs_for("fashionmnist", ["apgd-ce", "apgd-dlr", "pgd"], [0.1])
+    runs = runs_for("fashionmnist", "score", attacks=["apgd-ce", "apgd-dlr", "pgd"], eps=[0.1])
     assert [(r.attack, r.settings.objective) for r in runs] == [
         ("apgd-ce", "mean-ce"), ("apgd-ce", "logits"), ("apgd-dlr", "dlr"), ("pgd", "mean-ce")]
-    prob = score_runs_for("fashionmnist", ["apgd-ce"], [0.1], combine="mean-prob")
+    prob = runs_for("fashionmnist", "score", attacks=["apgd-ce"], eps=[0.1], combine="mean-prob")
     assert [r.settings.objective for r in prob] == ["mean-ce", "prob"]
     rs = [result("apgd-ce", 0.1, [1, 1, 0, 1]), result("apgd-ce", 0.1, [1, 0, 1, 1], "logits"),
           result("apgd-dlr", 0.1, [0, 1, 1, 1], "dlr")]

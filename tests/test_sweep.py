@@ -14,16 +14,14 @@ import ncen_cli.sweep as sweep_mod
 from ncen_cli.attacks.base import AttackSettings
 from ncen_cli.cli import app
 from ncen_cli.errors import InterruptedRun, UsageError
-from ncen_cli.evaluation import AttackResult, AttackRun, EvaluationReport
+from ncen_cli.evaluation import AttackResult, AttackRun, EvaluationReport, runs_for
 from ncen_cli.sweep import (
     CellResult,
     SweepResult,
-    default_score_runs,
     expand_grid,
     format_value,
     run_settings,
     run_sweep,
-    score_runs_for,
 )
 from ncen_cli.training import TrainConfig
 
@@ -95,17 +93,17 @@ def test_format_value_is_exact():
 
 
 def test_default_battery_is_the_paper_attacks_at_the_smaller_eps():
-    runs = default_score_runs("cifar10")
+    runs = runs_for("cifar10", "score")
     assert {r.attack: r.settings.eps for r in runs} == {
         "fgsm": 0.03, "mifgsm": 0.03, "pgd": 0.01, "bim": 0.01}
     pgd = next(r for r in runs if r.attack == "pgd")
     assert pgd.settings.steps == 40 and pgd.settings.random_start
-    mixed = score_runs_for("fashionmnist", ["pgd", "apgd-ce"], [0.05])
+    mixed = runs_for("fashionmnist", "score", attacks=["pgd", "apgd-ce"], eps=[0.05])
     assert [(r.attack, r.settings.eps, r.settings.objective) for r in mixed] == [
         ("pgd", 0.05, "mean-ce"), ("apgd-ce", 0.05, "mean-ce"), ("apgd-ce", 0.05, "logits")]
     assert mixed[0].settings.step_size == 0.05  # paper settings kept for a paper attack
     with pytest.raises(UsageError, match="unknown attack"):
-        score_runs_for("fashionmnist", ["nope"], None)
+        runs_for("fashionmnist", "score", attacks=["nope"])
 
 
 def test_second_run_skips_finished_cells(tmp_path, counted_train):

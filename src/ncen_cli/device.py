@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import random
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -118,7 +119,8 @@ class Runtime:
         deterministic: bool = False,
         seed: int = 0,
     ) -> Runtime:
-        """Resolve the device, apply thread/precision/determinism settings and seed everything."""
+        """Resolve the device and check the settings; nothing is applied until
+        :meth:`applied`."""
         if precision not in PRECISIONS:
             raise UsageError(f"unknown --precision '{precision}'; choose {', '.join(PRECISIONS)}")
         if threads is not None and threads < 1:
@@ -129,21 +131,30 @@ class Runtime:
                 "--precision bf16 on the CPU needs native bfloat16 (AVX512-BF16 or AMX), which "
                 "this CPU lacks (bf16 would be slower than fp32 here); use --precision fp32"
             )
-        runtime.apply()
         return runtime
 
-    def apply(self) -> None:
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        if self.device.type == "cuda":
-            allow_tf32 = self.precision in ("tf32", "bf16")
-            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-            torch.backends.cudnn.allow_tf32 = allow_tf32
-            torch.backends.cudnn.benchmark = not self.deterministic
-        if self.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        seed_everything(self.seed)
+    @contextmanager
+    def applied(self) -> Iterator[Runtime]:
+        """Within this block torch computes as the runtime says: its CPU threads, TF32 and cuDNN
+        autotuning on CUDA, deterministic algorithms; python, numpy and torch are seeded with
+        ``seed`` on entry. On exit torch's previous settings are restored (the random number
+        generators are not: seeding them is the point)."""
+        saved = _torch_settings()
+        try:
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
+            if self.device.type == "cuda":
+                allow_tf32 = self.precision in ("tf32", "bf16")
+                torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+                torch.backends.cudnn.allow_tf32 = allow_tf32
+                torch.backends.cudnn.benchmark = not self.deterministic
+            if self.deterministic:
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            seed_everything(self.seed)
+            yield self
+        finally:
+            _restore_torch_settings(saved)
 
     def autocast(self) -> AbstractContextManager:
         """Autocast context for the training step (bf16 on CUDA and CPU; otherwise a no-op)."""
@@ -159,6 +170,28 @@ class Runtime:
             "deterministic": self.deterministic,
             "seed": self.seed,
         }
+
+
+def _torch_settings() -> dict[str, object]:
+    """The process-wide torch settings :meth:`Runtime.applied` may change."""
+    return {
+        "threads": torch.get_num_threads(),
+        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+    }
+
+
+def _restore_torch_settings(saved: dict[str, object]) -> None:
+    if torch.get_num_threads() != saved["threads"]:
+        torch.set_num_threads(int(saved["threads"]))  # type: ignore[call-overload]
+    torch.backends.cuda.matmul.allow_tf32 = bool(saved["matmul_tf32"])
+    torch.backends.cudnn.allow_tf32 = bool(saved["cudnn_tf32"])
+    torch.backends.cudnn.benchmark = bool(saved["cudnn_benchmark"])
+    torch.use_deterministic_algorithms(bool(saved["deterministic"]),
+                                       warn_only=bool(saved["deterministic_warn_only"]))
 
 
 def available_devices() -> list[dict[str, object]]:

@@ -1,4 +1,11 @@
-"""torch.distributed helpers for ``torchrun``. Without it (no WORLD_SIZE) every helper is a no-op.
+"""The distributed context: where a process stands in a ``torchrun`` job, and its collectives.
+
+Nothing in ncen shards or all-reduces unless it is handed a :class:`DistContext` of more than one
+process: :func:`~ncen_cli.evaluation.evaluate`, :func:`~ncen_cli.transfer.transfer_matrix`,
+:func:`~ncen_cli.training.clean_accuracy` and the training loop take ``dist`` (default
+:data:`SINGLE`, one process), so a library user's own DDP script keeps full control of its data.
+The CLI entry points start the process group explicitly with :func:`initialize` and pass its
+context on; :func:`context` only reads the current state.
 
 Data parallelism in ncen is hand-rolled instead of wrapping the ensemble in
 ``DistributedDataParallel``. The training step takes the members' input gradients with
@@ -6,12 +13,9 @@ Data parallelism in ncen is hand-rolled instead of wrapping the ensemble in
 documentation states that it does not work with ``torch.autograd.grad()`` (its reducer only
 handles gradients accumulated into ``.grad`` by one backward pass), and DDP averages the ranks'
 gradients with equal weights even when their shares differ in size. So every rank runs the
-ordinary step on its share, then :func:`average_gradients` all-reduces all ``.grad`` tensors in
-ONE flat buffer, weighted by each rank's number of samples, so the result equals the gradient of
-the global-batch mean loss whatever the share sizes are.
-
-Inside :func:`local_only` every helper behaves as in a single process (``ncen sweep`` trains whole
-grid cells per rank that way).
+ordinary step on its share, then :meth:`DistContext.average_gradients` all-reduces all ``.grad``
+tensors in ONE flat buffer, weighted by each rank's number of samples, so the result equals the
+gradient of the global-batch mean loss whatever the share sizes are.
 """
 
 from __future__ import annotations
@@ -20,8 +24,6 @@ import atexit
 import logging
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -37,7 +39,12 @@ TIMEOUT_ENV = "NCEN_DIST_TIMEOUT"  # seconds a collective may wait for the other
 
 @dataclass(frozen=True)
 class DistContext:
-    """This process's place in the job (rank 0 of 1 outside torchrun)."""
+    """This process's place in a job, and the collectives over the job's processes.
+
+    With ``world_size == 1`` (:data:`SINGLE`) every method acts as in one process and touches no
+    process group; with more, the default process group must be initialised
+    (:func:`initialize`) and every rank must call the same methods in the same order.
+    """
 
     rank: int = 0
     world_size: int = 1
@@ -51,28 +58,103 @@ class DistContext:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` evaluation examples (everything in one process).
 
-_local_only = False
+        Shares are balanced (sizes differ by at most one; a share may be empty when n < world
+        size) and together cover ``range(n)`` once, in rank order.
+        """
+        return slice(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks (a copy; returns it unchanged in a single process).
+
+        The result is on the input's device whatever the backend needs for the transfer.
+        """
+        if not self.enabled:
+            return tensor
+        out = tensor.to(_comm_device(), copy=True)
+        dist.all_reduce(out)
+        return out.to(tensor.device)
+
+    def sum_counts(self, *counts: int) -> tuple[int, ...]:
+        """Integer counts summed over ranks (exact: carried as float64)."""
+        total = self.all_reduce_sum(torch.tensor(counts, dtype=torch.float64))
+        return tuple(int(v) for v in total.tolist())
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank (so all ranks can raise the same error)."""
+        if not self.enabled:
+            return flag
+        return bool(self.all_reduce_sum(torch.tensor([0.0 if flag else 1.0]))[0] == 0)
+
+    def average_gradients(self, module: nn.Module, weight: float | None = None) -> None:
+        """Replace every ``.grad`` of ``module`` by its weighted mean over ranks, in place.
+
+        Args:
+            weight: this rank's weight, normally its number of samples in the global batch. If
+                each rank's ``.grad`` is the gradient of the MEAN loss over its own share,
+                weighting by the share size makes the result the gradient of the mean loss over
+                the global batch (a rank with a smaller or empty share is not over-weighted).
+                None: equal weights.
+
+        A rank with an empty share passes ``weight=0`` and may have ``.grad`` None. A parameter
+        whose gradient is None on every rank keeps None (the optimizer then skips it, as in one
+        process). All gradients travel in one flat buffer: one all-reduce per step.
+        """
+        if not self.enabled:
+            return
+        params = [p for p in module.parameters() if p.requires_grad]
+        if params:
+            _average_flat(self, params, 1.0 if weight is None else float(weight))
+
+    def broadcast_parameters(self, module: nn.Module) -> None:
+        """Make every rank start from rank 0's parameters and buffers."""
+        if not self.enabled:
+            return
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        """Average floating-point buffers (BatchNorm running statistics) over ranks; others from
+        rank 0.
+
+        Each rank updates its BatchNorm running statistics from its own share during an epoch;
+        after this call every rank holds the same model, so sharded evaluation and rank 0's
+        checkpoint describe one and the same network.
+        """
+        if not self.enabled:
+            return
+        for buf in module.buffers():
+            if buf.dtype.is_floating_point:
+                buf.data.copy_(self.all_reduce_sum(buf.data) / self.world_size)
+            else:
+                dist.broadcast(buf.data, src=0)
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in one process)."""
+        if self.enabled:
+            dist.barrier()
+
+    def gather_objects(self, obj: object) -> list[object]:
+        """Every rank's ``obj`` in rank order (a one-element list in a single process)."""
+        if not self.enabled:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: object, src: int = 0) -> object:
+        """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a single process)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
 
 
-@contextmanager
-def local_only() -> Iterator[None]:
-    """Within this block every helper acts as in a single process, even under torchrun.
-
-    ``ncen sweep`` uses it so that each rank trains and evaluates whole grid cells on its own
-    (no gradient averaging, no sharded evaluation, no barriers inside a cell).
-    """
-    global _local_only
-    previous, _local_only = _local_only, True
-    try:
-        yield
-    finally:
-        _local_only = previous
-
-
-def _active() -> bool:
-    return (not _local_only and dist.is_available() and dist.is_initialized()
-            and dist.get_world_size() > 1)
+SINGLE = DistContext()
+"""One process: no sharding, no collectives (the default everywhere)."""
 
 
 MAX_WORLD_SIZE = 1 << 20
@@ -121,19 +203,29 @@ def backend_for(device: str | None = None) -> str:
     return "nccl"
 
 
-def context(device: str | None = None) -> DistContext:
-    """The current process group's rank and size, initialising it under torchrun if needed.
+def context() -> DistContext:
+    """The current process group as a :class:`DistContext` (:data:`SINGLE` when none is
+    initialised or it has one process). A pure query: it starts nothing."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return SINGLE
+    world = dist.get_world_size()
+    return DistContext(dist.get_rank(), world, env_int("LOCAL_RANK", 0, 0, world - 1))
+
+
+def initialize(device: str | None = None) -> DistContext:
+    """Start the process group under ``torchrun`` (no-op without it, or when already started)
+    and return :func:`context`. The CLI's entry points call it; a library user who wants
+    ncen's collectives calls it (or builds their own group) and passes the context on.
 
     Args:
         device: the run's ``--device`` (picks the backend: gloo for cpu, nccl for CUDA).
 
     On first initialisation the process group is registered for destruction at exit, and the
     ``ncen`` loggers of ranks other than 0 are limited to errors (logs come from rank 0 only).
-    Inside :func:`local_only` this is a single-process context (rank 0 of 1).
     """
     world = launched_world_size()
-    if world <= 1 or _local_only:
-        return DistContext()
+    if world <= 1:
+        return context()
     launched_rank()  # a bad RANK is one line, not a failure inside torch
     local_rank = env_int("LOCAL_RANK", 0, 0, world - 1)
     if not dist.is_initialized():
@@ -145,24 +237,27 @@ def context(device: str | None = None) -> DistContext:
         atexit.register(shutdown)
         if dist.get_rank() != 0:
             logging.getLogger("ncen").setLevel(logging.ERROR)
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
+    return context()
 
 
 def _timeout_seconds() -> float | None:
+    """NCEN_DIST_TIMEOUT in seconds (None when unset); UsageError unless in (0, 1e7]."""
     text = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not (math.isfinite(seconds) and 0 < seconds <= 10**7):
+    seconds = _float_or_nan(text) if text else None
+    if seconds is not None and not (math.isfinite(seconds) and 0 < seconds <= 10**7):
         raise UsageError(f"environment variable {TIMEOUT_ENV}={text[:40]!r} must be seconds > 0")
     return seconds
 
 
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def shutdown() -> None:
-    """Destroy the process group (registered with atexit by :func:`context`)."""
+    """Destroy the process group (registered with atexit by :func:`initialize`)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -174,44 +269,8 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (a copy; returns it unchanged in a single process).
-
-    The result is on the input's device whatever the backend needs for the transfer.
-    """
-    if not _active():
-        return tensor
-    out = tensor.to(_comm_device(), copy=True)
-    dist.all_reduce(out)
-    return out.to(tensor.device)
-
-
-def all_true(flag: bool) -> bool:
-    """Whether ``flag`` holds on every rank (so all ranks can raise the same error together)."""
-    if not _active():
-        return flag
-    return bool(all_reduce_sum(torch.tensor([0.0 if flag else 1.0]))[0] == 0)
-
-
-def average_gradients(module: nn.Module, weight: float | None = None) -> None:
-    """Replace every ``.grad`` of ``module`` by its weighted mean over ranks, in place.
-
-    Args:
-        weight: this rank's weight, normally its number of samples in the global batch. If each
-            rank's ``.grad`` is the gradient of the MEAN loss over its own share, weighting by
-            the share size makes the result the gradient of the mean loss over the global batch
-            (a rank with a smaller or empty share is not over-weighted). None: equal weights.
-
-    A rank with an empty share passes ``weight=0`` and may have ``.grad`` None. A parameter whose
-    gradient is None on every rank keeps None (the optimizer then skips it, as in one process).
-    All gradients travel in one flat buffer: one all-reduce per step.
-    """
-    if not _active():
-        return
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        return
-    w = 1.0 if weight is None else float(weight)
+def _average_flat(ctx: DistContext, params: list[nn.Parameter], w: float) -> None:
+    """:meth:`DistContext.average_gradients` on ``params`` (one flat buffer, weight ``w``)."""
     ref = next((p.grad for p in params if p.grad is not None), params[0])
     dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
     pieces = [(p.grad.detach().to(dtype) * w if p.grad is not None
@@ -219,7 +278,7 @@ def average_gradients(module: nn.Module, weight: float | None = None) -> None:
               for p in params]
     present = torch.tensor([float(p.grad is not None) for p in params] + [w],
                            dtype=dtype, device=ref.device)
-    flat = all_reduce_sum(torch.cat([*pieces, present]))
+    flat = ctx.all_reduce_sum(torch.cat([*pieces, present]))
     total_weight = float(flat[-1])
     counts = flat[len(flat) - len(params) - 1 : -1]
     offset = 0
@@ -230,64 +289,3 @@ def average_gradients(module: nn.Module, weight: float | None = None) -> None:
         else:
             p.grad = None
         offset += n
-
-
-def broadcast_parameters(module: nn.Module) -> None:
-    """Make every rank start from rank 0's parameters and buffers."""
-    if not _active():
-        return
-    for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src=0)
-
-
-def sync_buffers(module: nn.Module) -> None:
-    """Average floating-point buffers (BatchNorm running statistics) over ranks; others from rank 0.
-
-    Each rank updates its BatchNorm running statistics from its own share during an epoch; after
-    this call every rank holds the same model, so sharded evaluation and rank 0's checkpoint
-    describe one and the same network.
-    """
-    if not _active():
-        return
-    world = dist.get_world_size()
-    for buf in module.buffers():
-        if buf.dtype.is_floating_point:
-            buf.data.copy_(all_reduce_sum(buf.data) / world)
-        else:
-            dist.broadcast(buf.data, src=0)
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op in one process)."""
-    if _active():
-        dist.barrier()
-
-
-def shard_slice(n: int) -> slice:
-    """This rank's contiguous share of ``n`` evaluation examples (everything in one process).
-
-    Shares are balanced (sizes differ by at most one; a share may be empty when n < world size)
-    and together cover ``range(n)`` once, in rank order.
-    """
-    if not _active():
-        return slice(0, n)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return slice(rank * n // world, (rank + 1) * n // world)
-
-
-def gather_objects(obj: object) -> list[object]:
-    """Every rank's ``obj`` in rank order (a one-element list in a single process)."""
-    if not _active():
-        return [obj]
-    out: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a single process)."""
-    if not _active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

@@ -15,6 +15,7 @@ from ncen_cli.errors import UsageError
 COMBINE_RULES = ("mean-logits", "mean-prob")
 # More members than this is a typo (99999999999xresnet20), not an experiment; the paper uses <= 8.
 MAX_MEMBERS = 64
+MIN_MEMBERS = 2  # diversity needs a pair
 
 
 def paper_ensemble(index: int, k: int) -> list[str]:
@@ -25,6 +26,8 @@ def paper_ensemble(index: int, k: int) -> list[str]:
     1 x resnet32, which adds up to k + 1 members; we keep its resnet26 and resnet32 counts and fill
     up to k with resnet20 (k = 3 gives resnet20, resnet26, resnet32).
     """
+    if k < 1:
+        return []
     if index in (1, 2, 3):
         return [("resnet20", "resnet26", "resnet32")[index - 1]] * k
     n26 = (k - 1) // 2
@@ -36,14 +39,14 @@ def parse_members(spec: str) -> list[str]:
 
     Accepts a comma list (``resnet20,resnet26,resnet32``), counts (``3xresnet20``), or a Table I
     shorthand ``ensemble1``..``ensemble4`` (k = 3) with an optional size, e.g. ``ensemble4-k5``.
+    How many members an ensemble needs is :func:`check_member_count`'s to say (the run spec,
+    :class:`~ncen_cli.training.TrainConfig`, and :class:`Ensemble` call it).
     """
     spec = spec.strip().lower()
     shorthand = re.fullmatch(r"ensemble([1-4])(?:[-_]?k(\d+))?", spec)
     if shorthand:
         k = int(shorthand.group(2) or 3)
         _check_count(k, spec)
-        if k < 2:
-            raise UsageError(f"an ensemble needs at least 2 members, got k={k} in '{spec}'")
         return paper_ensemble(int(shorthand.group(1)), k)
     names: list[str] = []
     for item in spec.split(","):
@@ -57,9 +60,15 @@ def parse_members(spec: str) -> list[str]:
         else:
             names.append(item)
         _check_count(len(names), spec)
-    if len(names) < 2:
-        raise UsageError(f"an ensemble needs at least 2 members, got {len(names)} from '{spec}'")
     return names
+
+
+def check_member_count(count: int) -> None:
+    """UsageError unless ``count`` members make an ensemble (at least :data:`MIN_MEMBERS`): the
+    one member-count check, made by :class:`Ensemble` and by the run spec
+    (:meth:`~ncen_cli.training.TrainConfig.validate`, before any data is loaded)."""
+    if count < MIN_MEMBERS:
+        raise UsageError(f"an ensemble needs at least {MIN_MEMBERS} members, got {count}")
 
 
 def _check_count(count: int, spec: str) -> None:
@@ -88,8 +97,7 @@ class Ensemble(nn.Module):
             raise UsageError(
                 f"unknown combination rule '{combine}'; choose {', '.join(COMBINE_RULES)}"
             )
-        if len(members) < 2:
-            raise UsageError(f"an ensemble needs at least 2 members, got {len(members)}")
+        check_member_count(len(members))
         self.members = nn.ModuleList(members)
         self.combine = combine
         self.metadata: dict[str, Any] = dict(metadata or {})
@@ -121,7 +129,5 @@ def build_ensemble(
     combine: str = "mean-logits",
 ) -> Ensemble:
     """Build a fresh ensemble from architecture names (initialised from torch's current RNG)."""
-    if len(members) < 2:
-        raise UsageError(f"an ensemble needs at least 2 members, got {len(members)}")
     modules = [build_member(name, input_shape, num_classes, activation) for name in members]
     return Ensemble(modules, combine=combine, metadata={"members": list(members)})

@@ -33,26 +33,22 @@ from typing import Any
 
 import torch
 
-from ncen_cli import distributed
 from ncen_cli.atomic import atomic_write_json
 from ncen_cli.checkpoint import parse_json
 from ncen_cli.crafting import get_defense
 from ncen_cli.data import ImageArrays, load_dataset
+from ncen_cli.device import Runtime
+from ncen_cli.distributed import SINGLE, DistContext
 from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
 from ncen_cli.evaluation import (
-    PAPER_SETTINGS,
     AttackRun,
     Progress,
-    custom_runs,
     evaluate,
-    paper_protocol,
-    protocol_eps,
-    strong_objectives,
+    runs_for,
     validate_runs,
     worst_over_objectives,
 )
 from ncen_cli.output_safety import check_writable_folder, output_lock
-from ncen_cli.registry import ATTACKS
 from ncen_cli.training import RUNTIME_ONLY_FIELDS, EpochRecord, TrainConfig, resume_path, train
 
 log = logging.getLogger("ncen.sweep")
@@ -184,41 +180,6 @@ def _axis(values: Sequence[float], option: str) -> list[float]:
     return out
 
 
-def default_score_runs(family: str, objective: str = "mean-ce") -> list[AttackRun]:
-    """The paper's four attacks, each at the dataset's smaller epsilon (the Fig. 4 battery)."""
-    smallest: dict[str, AttackRun] = {}
-    for run in paper_protocol(family, objective):
-        if run.attack not in smallest or run.settings.eps < smallest[run.attack].settings.eps:
-            smallest[run.attack] = run
-    return list(smallest.values())
-
-
-def score_runs_for(family: str, attacks: Sequence[str] | None, eps: Sequence[float] | None,
-                   objective: str = "mean-ce", combine: str = "mean-logits") -> list[AttackRun]:
-    """The scoring battery for ``--attacks`` / ``--eps`` (None: the default for that option).
-
-    Attacks of the paper's protocol (fgsm, mifgsm, pgd, bim; the default) keep the paper's
-    settings and objective; other attacks (the strong ones: apgd-ce, ...) use their registered
-    defaults and, when they ascend a CE objective, run on every objective of
-    :func:`~ncen_cli.evaluation.strong_objectives` for ``combine``; a cell scores each attack by
-    its per-example worst case over those objectives. Each runs at every ``eps``, or without
-    ``eps`` at its smaller paper epsilon (other attacks: the family's smallest paper epsilon).
-    """
-    smaller = {run.attack: run.settings.eps for run in default_score_runs(family, objective)}
-    runs: list[AttackRun] = []
-    for name in attacks if attacks is not None else list(smaller):
-        ATTACKS.get(name)  # unknown names: UsageError listing the known ones
-        values = list(eps) if eps is not None else [smaller.get(name, min(protocol_eps(family)))]
-        if name in PAPER_SETTINGS:
-            runs += [r for r in paper_protocol(family, objective, values) if r.attack == name]
-        else:
-            for o in strong_objectives(combine):
-                extra = custom_runs([name], values, family, o)
-                runs += [r for r in extra if r.settings.objective == o
-                         or o == strong_objectives(combine)[0]]  # a fixed loss (dlr) runs once
-    return runs
-
-
 def attack_key(attack: str, eps: float) -> str:
     return f"{attack}@{eps:g}"
 
@@ -253,19 +214,35 @@ def cell_dir(out_dir: Path, cell: Cell) -> Path:
 
 
 def run_sweep(base_config: TrainConfig, lambda_cos: Sequence[float],
-              lambda_norm: Sequence[float], out_dir: str | Path, *args: Any,
-              **kwargs: Any) -> SweepResult:
-    """Hold the sweep folder's lock (:mod:`ncen_cli.output_safety`; rank 0 under torchrun) and
+              lambda_norm: Sequence[float], out_dir: str | Path, **kwargs: Any) -> SweepResult:
+    """Hold the sweep folder's lock (:mod:`ncen_cli.output_safety`; rank 0 of ``dist``) and
     run :func:`_run_sweep`, whose arguments it takes. A second sweep into the same folder fails at
     once naming the holder; temporary files of a killed sweep are removed."""
     out_dir = Path(out_dir)
-    if not distributed.is_main_process():
-        return _run_sweep(base_config, lambda_cos, lambda_norm, out_dir, *args, **kwargs)
+    if not kwargs.get("dist", SINGLE).is_main:
+        return _run_sweep(base_config, lambda_cos, lambda_norm, out_dir, **kwargs)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} is a file; give a folder for the sweep")
     check_writable_folder(out_dir / MANIFEST)
     with output_lock(out_dir):
-        return _run_sweep(base_config, lambda_cos, lambda_norm, out_dir, *args, **kwargs)
+        return _run_sweep(base_config, lambda_cos, lambda_norm, out_dir, **kwargs)
+
+
+@dataclass
+class _CellJob:
+    """What every cell of one sweep shares (built by :func:`_run_sweep`)."""
+
+    base_config: TrainConfig
+    out_dir: Path
+    shared: dict[str, Any]
+    arrays: ImageArrays
+    x: torch.Tensor  # (N, C, H, W) uint8 scoring images
+    y: torch.Tensor  # (N,) labels
+    runs: list[AttackRun]
+    on_epoch: Callable[[EpochRecord], None] | None
+    on_batch: Callable[[int, int], None] | None
+    on_eval: Progress | None
+    evaluator: Evaluator
 
 
 def _run_sweep(
@@ -273,6 +250,7 @@ def _run_sweep(
     lambda_cos: Sequence[float],
     lambda_norm: Sequence[float],
     out_dir: str | Path,
+    *,
     score_runs: Sequence[AttackRun] | None = None,
     eval_limit: int | None = None,
     arrays: ImageArrays | None = None,
@@ -283,13 +261,15 @@ def _run_sweep(
     on_eval: Progress | None = None,
     evaluator: Evaluator = evaluate,
     poll_seconds: float = 2.0,
+    dist: DistContext = SINGLE,
 ) -> SweepResult:
     """Train and score every cell of the lambda_cos x lambda_norm grid into ``out_dir``.
 
     Args:
         base_config: shared training settings; its defense must have ``lambda_cos`` and
             ``lambda_norm`` (ncen or ncen-official). Every cell uses its seed and data.
-        score_runs: the attack battery (default :func:`default_score_runs` for the dataset).
+        score_runs: the attack battery (default ``runs_for(family, "score")``: the paper's four
+            attacks at the dataset's smaller eps).
         eval_limit: score on the first N examples of the test split (default: all of it; the test
             split itself is ``base_config.test_limit`` seeded examples).
         arrays: use these images instead of loading ``base_config.dataset`` (tests).
@@ -298,8 +278,10 @@ def _run_sweep(
         on_epoch, on_batch: passed to :func:`ncen_cli.training.train` for every cell.
         on_eval: ``progress(label, done, total)`` passed to the evaluator.
         evaluator: :func:`ncen_cli.evaluation.evaluate` or a stand-in with its signature.
+        dist: the processes that share the grid (default: this one alone): cell ``i`` runs on
+            rank ``i % world_size``, which trains and scores it on its own.
     Returns:
-        The assembled :class:`SweepResult` (the same on every rank under torchrun).
+        The assembled :class:`SweepResult` (the same on every rank of ``dist``).
     Raises:
         UsageError: bad grid, a defense without both lambdas, or an ``out_dir`` that holds a sweep
             with other shared settings.
@@ -314,55 +296,59 @@ def _run_sweep(
     if eval_limit is not None and eval_limit < 1:
         raise UsageError(f"--attack-limit must be >= 1, got {eval_limit}")
     cells = expand_grid(lambda_cos, lambda_norm)
-    out_dir = Path(out_dir)
     if arrays is None:
         arrays = load_dataset(base_config.dataset, base_config.data_dir, base_config.download,
                               base_config.train_limit, base_config.test_limit, base_config.seed)
-    runs = list(score_runs) if score_runs is not None else default_score_runs(arrays.family)
+    runs = list(score_runs) if score_runs is not None else runs_for(arrays.family, "score")
     validate_runs(runs)  # before any training
     shared = shared_settings(base_config, runs, eval_limit)
     grid = {"lambda_cos": sorted({float(v) for v in lambda_cos}),
             "lambda_norm": sorted({float(v) for v in lambda_norm})}
 
-    ctx = distributed.context(base_config.device)
-    if ctx.enabled:  # every rank must use rank 0's folder (a default name holds a timestamp)
-        out_dir = Path(str(distributed.broadcast_object(str(out_dir))))
+    # every rank must use rank 0's folder (a default name holds a timestamp)
+    out_dir = Path(str(dist.broadcast_object(str(out_dir))))
     _check_manifest(out_dir, shared)
     finished_before = {c.id for c in cells if _finished(out_dir, c, shared) is not None}
-    if ctx.is_main:
+    if dist.is_main:
         atomic_write_json(out_dir / MANIFEST, _manifest(out_dir, shared, grid))
-    distributed.barrier()
+    dist.barrier()
 
-    x, y = arrays.test_x[:eval_limit], arrays.test_y[:eval_limit]  # uint8 (N, C, H, W), (N,)
-    mine = [c for c in cells if c.index % ctx.world_size == ctx.rank]
-    todo = [c for c in mine if c.id not in finished_before]
-    position = 0
-    with distributed.local_only():
-        for cell in mine:
-            done = _finished(out_dir, cell, shared) if cell.id in finished_before else None
-            if done is not None:
-                done.skipped = True
-                log.info("cell %s finished earlier; skipped", cell.id)
-            else:
-                position += 1
-                if on_cell_start is not None:
-                    on_cell_start(cell, position, len(todo))
-                try:
-                    done = _run_cell(base_config, cell, out_dir, shared, arrays, x, y, runs,
-                                     on_epoch, on_batch, on_eval, evaluator)
-                except (KeyboardInterrupt, InterruptedRun):
-                    raise InterruptedRun(
-                        f"sweep interrupted in cell {cell.id}; finished cells and epochs are "
-                        f"saved: run the same command again (--out {out_dir}) to resume"
-                    ) from None
-            if on_cell_done is not None:
-                on_cell_done(done)
-
-    results = _collect(out_dir, cells, shared, ctx.world_size > 1, poll_seconds)
+    job = _CellJob(base_config, out_dir, shared, arrays, arrays.test_x[:eval_limit],
+                   arrays.test_y[:eval_limit], runs, on_epoch, on_batch, on_eval, evaluator)
+    mine = [c for c in cells if c.index % dist.world_size == dist.rank]
+    _run_cells(job, mine, finished_before, on_cell_start, on_cell_done)
+    results = _collect(out_dir, cells, shared, dist.enabled, poll_seconds)
     for result in results:
         result.skipped = result.cell.id in finished_before
     return SweepResult(out_dir, grid["lambda_cos"], grid["lambda_norm"], results,
                        shared["scoring"]["runs"], time.perf_counter() - started)
+
+
+def _run_cells(job: _CellJob, mine: list[Cell], finished_before: set[str],
+               on_cell_start: Callable[[Cell, int, int], None] | None,
+               on_cell_done: Callable[[CellResult], None] | None) -> None:
+    """Train and score this rank's cells in this process alone (cells finished before are
+    skipped)."""
+    todo = [c for c in mine if c.id not in finished_before]
+    position = 0
+    for cell in mine:
+        done = _finished(job.out_dir, cell, job.shared) if cell.id in finished_before else None
+        if done is not None:
+            done.skipped = True
+            log.info("cell %s finished earlier; skipped", cell.id)
+        else:
+            position += 1
+            if on_cell_start is not None:
+                on_cell_start(cell, position, len(todo))
+            try:
+                done = _run_cell(job, cell)
+            except (KeyboardInterrupt, InterruptedRun):
+                raise InterruptedRun(
+                    f"sweep interrupted in cell {cell.id}; finished cells and epochs are "
+                    f"saved: run the same command again (--out {job.out_dir}) to resume"
+                ) from None
+        if on_cell_done is not None:
+            on_cell_done(done)
 
 
 def _manifest(out_dir: Path, shared: dict[str, Any], grid: dict[str, list[float]]
@@ -498,20 +484,17 @@ def _finished(out_dir: Path, cell: Cell, shared: dict[str, Any]) -> CellResult |
     )
 
 
-def _run_cell(base_config: TrainConfig, cell: Cell, out_dir: Path, shared: dict[str, Any],
-              arrays: ImageArrays, x: torch.Tensor, y: torch.Tensor, runs: list[AttackRun],
-              on_epoch: Callable[[EpochRecord], None] | None,
-              on_batch: Callable[[int, int], None] | None, on_eval: Progress | None,
-              evaluator: Evaluator) -> CellResult:
+def _run_cell(job: _CellJob, cell: Cell) -> CellResult:
     """Train (resuming from the last completed epoch) and score one cell; write its result."""
-    config = cell_config(base_config, cell)
+    out_dir, shared = job.out_dir, job.shared
+    config = cell_config(job.base_config, cell)
     checkpoint = cell_dir(out_dir, cell) / "ensemble.safetensors"
     payload: dict[str, Any] = {"id": cell.id, "lambda_cos": cell.lambda_cos,
                                "lambda_norm": cell.lambda_norm, "shared": shared,
                                "checkpoint": checkpoint.name}
     try:
-        trained = train(config, checkpoint, resume=True, on_epoch=on_epoch, on_batch=on_batch,
-                        arrays=arrays)
+        trained = train(config, checkpoint, resume=True, on_epoch=job.on_epoch,
+                        on_batch=job.on_batch, arrays=job.arrays)
     except NonFiniteLossError as exc:  # a property of the cell (same seed: same failure)
         log.warning("cell %s: %s", cell.id, exc)
         payload.update(clean_accuracy=None, mean_adversarial_accuracy=None, score=None,
@@ -521,9 +504,13 @@ def _run_cell(base_config: TrainConfig, cell: Cell, out_dir: Path, shared: dict[
         return _finished(out_dir, cell, shared)  # type: ignore[return-value]
     train_seconds = sum(r.seconds for r in trained.history)
     started = time.perf_counter()
-    report = evaluator(trained.ensemble, x, y, runs, batch_size=config.eval_batch_size,
-                       device=next(trained.ensemble.parameters()).device, seed=config.seed,
-                       progress=on_eval)
+    runtime = Runtime.create(config.device, config.precision, config.threads,
+                             config.deterministic, config.seed)
+    with runtime.applied():  # score with the cell's threads, as it trained
+        report = job.evaluator(trained.ensemble, job.x, job.y, job.runs,
+                               batch_size=config.eval_batch_size,
+                               device=next(trained.ensemble.parameters()).device,
+                               seed=config.seed, progress=job.on_eval)
     eval_seconds = time.perf_counter() - started
     for check in getattr(report, "checks", []):
         if check.passed is False:

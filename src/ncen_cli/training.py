@@ -5,8 +5,11 @@ After every epoch a *resume state* (weights, optimizer, epoch, RNG state) is wri
 resumes (``resume=True``) from the last completed epoch and, on the CPU with the same seed, ends
 with weights identical to an uninterrupted run: data order and augmentation are drawn from
 generators seeded by (seed, epoch), and the learning rate is a pure function of the epoch.
-The resume state records the run's config (:func:`recorded_run_config`), so a run resumes from
+The resume state (:mod:`ncen_cli.resume_state`) records the run's config, so a run resumes from
 its path alone; it is deleted once the run finishes.
+
+:func:`train` is :func:`plan_run` (resolve the config, data, defense, schedule and resume; trains
+nothing) followed by :func:`fit` (build or restore the ensemble, run the epochs, write the files).
 """
 
 from __future__ import annotations
@@ -23,25 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ncen_cli import distributed
-from ncen_cli.atomic import atomic_write
-from ncen_cli.checkpoint import (
-    first_non_finite,
-    parse_json,
-    read_metadata,
-    require_regular_file,
-    save_ensemble,
-)
+from ncen_cli.checkpoint import first_non_finite, save_ensemble
 from ncen_cli.crafting import craft_batch, crafting_generator, get_defense
 from ncen_cli.data import AugmentConfig, ImageArrays, iterate_batches, load_dataset
 from ncen_cli.data.base import FAMILY_DEFAULTS
 from ncen_cli.data.pipeline import iterate_eval_batches
 from ncen_cli.defenses.base import CraftContext, Defense
 from ncen_cli.device import Runtime, check_seed
-from ncen_cli.ensemble import Ensemble, build_ensemble, parse_members
+from ncen_cli.ensemble import Ensemble, build_ensemble, check_member_count, parse_members
 from ncen_cli.errors import (
     CheckpointError,
     InterruptedRun,
@@ -51,23 +45,23 @@ from ncen_cli.errors import (
 )
 from ncen_cli.member_parallel import MemberExecutor, plan_threads
 from ncen_cli.output_safety import check_output, output_lock
+from ncen_cli.resume_state import (
+    RUNTIME_ONLY_FIELDS,
+    EpochRecord,
+    load_resume_state,
+    resume_path,
+    save_resume_state,
+)
 from ncen_cli.train_step import (
     DEFAULT_DOUBLE_BACKPROP,
     DEFAULT_FD_SCALE,
-    DOUBLE_BACKPROP_MODES,
+    StepOutput,
+    resolve_double_backprop,
     training_step,
 )
 
 log = logging.getLogger("ncen.train")
-RESUME_SUFFIX = ".resume.safetensors"
 LR_FLOOR_RATIO = 1e-2  # the paper: 1e-3 decays x0.1 every 15 epochs down to 1e-5
-# TrainConfig fields that say where and how a run computes (and whether it may download), not what
-# it trains: left out of the recorded config (so a run resumes on another device or thread count)
-# and of sweep manifests
-RUNTIME_ONLY_FIELDS = ("device", "threads", "member_threads", "download")
-# Recorded (for reference) but free to change when a run resumes: where the data is read from and
-# how large the evaluation batches are change nothing that is trained
-RESUME_RUNTIME_FIELDS = (*RUNTIME_ONLY_FIELDS, "data_dir", "eval_batch_size")
 
 
 @dataclass
@@ -107,8 +101,7 @@ class TrainConfig:
     download: bool = True
 
     def validate(self) -> None:
-        if len(self.members) < 2:
-            raise UsageError(f"an ensemble needs at least 2 members, got {len(self.members)}")
+        check_member_count(len(self.members))
         for name, value in (
             ("--batch-size", self.batch_size),
             ("--eval-batch-size", self.eval_batch_size),
@@ -132,11 +125,7 @@ class TrainConfig:
             check_int_range(name, count, 1, MAX_COUNT)
         if self.noise_eps is not None and not 0 <= self.noise_eps <= 1:
             raise UsageError(f"--noise-eps must be in [0, 1], got {self.noise_eps}")
-        if self.double_backprop not in DOUBLE_BACKPROP_MODES:
-            raise UsageError(
-                f"unknown --double-backprop '{self.double_backprop}'; "
-                f"choose {', '.join(DOUBLE_BACKPROP_MODES)}"
-            )
+        resolve_double_backprop(self.double_backprop)  # UsageError for an unknown mode
         if not (self.fd_scale > 0 and math.isfinite(self.fd_scale)):
             raise UsageError(f"--fd-scale must be a finite number > 0, got {self.fd_scale}")
         for key, value in self.hyperparameters.items():
@@ -156,20 +145,6 @@ def check_int_range(option: str, value: int | None, low: int, high: int) -> None
     """UsageError unless ``value`` (None: not given) is an integer in ``[low, high]``."""
     if value is not None and not low <= value <= high:
         raise UsageError(f"{option} must be in [{low}, {high}], got {value}")
-
-
-@dataclass
-class EpochRecord:
-    """What one epoch produced (logged, and kept in the checkpoint's metrics history)."""
-
-    epoch: int
-    lr: float
-    ce: float
-    terms: dict[str, float]
-    loss: float
-    test_accuracy: float
-    images_per_s: float
-    seconds: float
 
 
 @dataclass
@@ -199,180 +174,29 @@ def clean_accuracy(
     arrays_y: torch.Tensor,
     batch_size: int,
     device: torch.device,
+    *,
+    dist: distributed.DistContext = distributed.SINGLE,
 ) -> float:
     """Accuracy of the combined prediction on uint8 images, in eval mode (mode restored after).
 
-    Under torchrun each rank scores its contiguous share and the counts are summed over ranks
-    (sum of correct / sum of n: exactly the single-process accuracy).
+    With a ``dist`` of several processes each rank scores its contiguous share and the counts
+    are summed over ranks (sum of correct / sum of n: exactly the single-process accuracy).
     """
     was_training = ensemble.training
     ensemble.eval()
-    share = distributed.shard_slice(len(arrays_x))
+    share = dist.shard(len(arrays_x))
     arrays_x, arrays_y = arrays_x[share], arrays_y[share]
     correct = 0
     for xb, yb in iterate_eval_batches(arrays_x, arrays_y, batch_size, device):
         correct += int((ensemble(xb).argmax(1) == yb).sum())
     ensemble.train(was_training)
-    total = distributed.all_reduce_sum(torch.tensor([correct, len(arrays_x)], dtype=torch.float64))
+    total = dist.all_reduce_sum(torch.tensor([correct, len(arrays_x)], dtype=torch.float64))
     return float(total[0] / max(total[1], 1))
 
 
 def resolve_defense(config: TrainConfig, family: str) -> tuple[Defense, dict[str, float]]:
     defense: Defense = get_defense(config.defense)  # a name or REGULARIZER+CRAFTER
     return defense, defense.resolve(family, config.hyperparameters)
-
-
-def resume_path(out: Path) -> Path:
-    return out.with_name(out.name + RESUME_SUFFIX)
-
-
-def _save_resume_state(
-    path: Path,
-    ensemble: Ensemble,
-    optimizer: torch.optim.Optimizer,
-    epochs_done: int,
-    config_json: str,
-    history: list[EpochRecord],
-) -> None:
-    tensors = {
-        f"members.{k}": v.detach().cpu().contiguous()
-        for k, v in ensemble.members.state_dict().items()
-    }
-    state = optimizer.state_dict()
-    for index, param_state in state["state"].items():
-        for key, value in param_state.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {
-        "epochs_done": str(epochs_done),
-        "config": config_json,
-        "param_groups": json.dumps(state["param_groups"]),
-        "history": json.dumps([dataclasses.asdict(r) for r in history]),
-    }
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
-def _load_resume_state(
-    path: Path, ensemble: Ensemble, optimizer: torch.optim.Optimizer, config_json: str
-) -> tuple[int, list[EpochRecord]]:
-    """Restore weights, Adam state and RNG from the resume state at ``path``; returns (epochs
-    done, history). Everything is validated before anything is restored: a state of the wrong
-    shape is one CheckpointError that says which file to delete; other settings a UsageError."""
-    require_regular_file(path, "resume state")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            _check_resume_config(path, meta, json.loads(config_json))
-            names = set(f.keys())
-            _check_resume_names(path, names, ensemble, optimizer)
-            tensors = {k: f.get_tensor(k) for k in names}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"resume state {path} is unreadable ({exc}); delete it to restart"
-        ) from None
-    wanted = json.loads(config_json)
-    epochs_done, groups, history = _resume_fields(path, meta, int(wanted.get("epochs") or 0))
-    members = {k.removeprefix("members."): v for k, v in tensors.items()
-               if k.startswith("members.")}
-    for name, ref in ensemble.members.state_dict().items():
-        if members[name].shape != ref.shape or members[name].dtype != ref.dtype:
-            raise _bad_resume(path, f"tensor members.{name} is {members[name].dtype} "
-                              f"{tuple(members[name].shape)}, expected {tuple(ref.shape)}")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            ref = params[int(index)]
-            expected = ((), torch.float32) if name == "step" else (ref.shape, ref.dtype)
-            if (value.shape, value.dtype) != expected:
-                raise _bad_resume(path, f"tensor {key} is {value.dtype} {tuple(value.shape)}, "
-                                  f"expected {expected[1]} {tuple(expected[0])}")
-            opt_state.setdefault(int(index), {})[name] = value
-    rng = tensors["rng.torch"]
-    if rng.dtype != torch.uint8 or rng.ndim != 1:
-        raise _bad_resume(path, "rng.torch is not a torch RNG state")
-    try:
-        ensemble.members.load_state_dict(members)
-        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-        torch.set_rng_state(rng)
-    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-        raise _bad_resume(path, str(exc).splitlines()[0] if str(exc) else "state") from None
-    bad = first_non_finite(ensemble)
-    if bad is not None:
-        raise _bad_resume(path, f"tensor members.{bad} holds NaN or infinite values")
-    return epochs_done, history
-
-
-def _bad_resume(path: Path, why: str) -> CheckpointError:
-    return CheckpointError(
-        f"resume state {path} is invalid ({why}); delete it to restart the run from epoch 0"
-    )
-
-
-def _check_resume_config(path: Path, meta: dict[str, str], wanted: dict[str, Any]) -> None:
-    """The resume state's recorded config must be this run's (UsageError naming the cause)."""
-    saved = _resume_json(path, meta, "config", "null")
-    if not isinstance(saved, dict):
-        raise _bad_resume(path, "its config is not a JSON object")
-    if saved.get("world_size", 1) != wanted.get("world_size", 1):
-        raise UsageError(
-            f"{path} was trained by {saved.get('world_size', 1)} process(es), this run has "
-            f"{wanted.get('world_size', 1)}; resume with the same torchrun world size"
-        )
-    changes = config_changes(saved, wanted)
-    if changes:
-        raise UsageError(
-            f"{path} belongs to a run with other settings ({'; '.join(changes)}); resume with "
-            "the recorded settings (`ncen train --resume RUN` alone uses them) or choose another "
-            "--out"
-        )
-
-
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The recorded settings that differ between two recorded configs, as ``field: old -> new``
-    (hyperparameters key by key); fields in :data:`RESUME_RUNTIME_FIELDS` are ignored."""
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        if key in RESUME_RUNTIME_FIELDS:
-            continue
-        before, after = old.get(key), new.get(key)
-        if key == "hyperparameters" and isinstance(before, dict) and isinstance(after, dict):
-            changes += [f"hyperparameters.{name}: {before.get(name)} -> {after.get(name)}"
-                        for name in sorted(set(before) | set(after))
-                        if before.get(name) != after.get(name)]
-        elif before != after:
-            changes.append(f"{key}: {_short(before)} -> {_short(after)}")
-    return changes
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def recorded_run_config(out: Path) -> dict[str, Any]:
-    """The recorded config of the run at ``out``: its resume state's if there is one, else its
-    checkpoint's. UsageError when ``out`` holds no run; CheckpointError when it is unreadable."""
-    state = resume_path(out)
-    if state.exists():
-        require_regular_file(state, "resume state")
-        try:
-            with safe_open(str(state), framework="pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as exc:
-            why = str(exc).splitlines()[0] if str(exc) else "unreadable"
-            raise _bad_resume(state, why) from None
-        saved = _resume_json(state, meta, "config", "null")
-        if not isinstance(saved, dict):
-            raise _bad_resume(state, "its config is not a JSON object")
-        return saved
-    if out.exists():
-        saved = read_metadata(out).get("config")
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"{out} records no training config")
-        return saved
-    raise UsageError(f"--resume: there is no run at {out} (no checkpoint, no resume state)")
 
 
 def config_from_record(saved: dict[str, Any]) -> TrainConfig:
@@ -385,64 +209,56 @@ def config_from_record(saved: dict[str, Any]) -> TrainConfig:
         raise CheckpointError(f"the recorded config is invalid ({exc})") from None
 
 
-def _check_resume_names(
-    path: Path, names: set[str], ensemble: Ensemble, optimizer: torch.optim.Optimizer
-) -> None:
-    """Tensor names: exactly the members' state, ``optim.<i>.<field>`` for existing parameters,
-    and ``rng.torch``."""
-    members = {f"members.{k}" for k in ensemble.members.state_dict()}
-    if not members <= names:
-        raise _bad_resume(path, f"{len(members - names)} member tensors are missing")
-    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
-    fields: dict[int, set[str]] = {}
-    for name in names - members - {"rng.torch"}:
-        parts = name.split(".", 2)
-        if len(parts) != 3 or parts[0] != "optim" or not parts[1].isdigit() \
-                or int(parts[1]) >= n_params:
-            raise _bad_resume(path, f"unexpected tensor {name[:60]!r}")
-        fields.setdefault(int(parts[1]), set()).add(parts[2])
-    if fields and (len(fields) != n_params or len({frozenset(f) for f in fields.values()}) != 1):
-        raise _bad_resume(path, "the optimizer state does not cover every parameter alike")
-    if "rng.torch" not in names:
-        raise _bad_resume(path, "rng.torch is missing")
+@dataclass
+class Callbacks:
+    """What :func:`train` reports as it runs (rank 0 only; each may be None).
+
+    Attributes:
+        on_start: (epochs already done, epochs in all) before the first epoch trains.
+        on_epoch: each finished :class:`EpochRecord`.
+        on_batch: (batches done, batches per epoch), for progress display.
+    """
+
+    on_start: Callable[[int, int], None] | None = None
+    on_epoch: Callable[[EpochRecord], None] | None = None
+    on_batch: Callable[[int, int], None] | None = None
 
 
-def _resume_json(path: Path, meta: dict[str, str], key: str, default: str) -> Any:
-    try:
-        return parse_json(meta.get(key, default), key)
-    except CheckpointError as exc:
-        raise _bad_resume(path, str(exc)) from None
+@dataclass(frozen=True)
+class TrainPlan:
+    """A run resolved from its config before anything trains (see :func:`plan_run`).
 
+    Attributes:
+        out: the checkpoint path; ``state_file`` its resume state.
+        epochs: the epochs in all (the config's or the family's default).
+        augment: crop, flip and noise of the training batches.
+        recorded: the config as the checkpoint and the resume state record it (defaults
+            resolved; runtime-only fields left out); ``config_json`` its canonical JSON.
+        metadata: the checkpoint metadata that does not change during the run.
+        resume: whether the run continues from ``state_file``.
+    """
 
-def _is_record(raw: Any) -> bool:
-    """Whether ``raw`` is an :class:`EpochRecord` as JSON: its fields, numbers, terms a dict."""
-    fields = {f.name for f in dataclasses.fields(EpochRecord)}
-    if not isinstance(raw, dict) or set(raw) != fields or not isinstance(raw["terms"], dict):
-        return False
-    numbers = [v for k, v in raw.items() if k != "terms"] + list(raw["terms"].values())
-    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers)
+    config: TrainConfig
+    out: Path
+    runtime: Runtime
+    arrays: ImageArrays
+    epochs: int
+    augment: AugmentConfig
+    defense: Defense
+    hyperparameters: dict[str, float]
+    recorded: dict[str, Any]
+    config_json: str
+    metadata: dict[str, Any]
+    resume: bool
 
+    @property
+    def state_file(self) -> Path:
+        return resume_path(self.out)
 
-def _resume_fields(
-    path: Path, meta: dict[str, str], epochs: int
-) -> tuple[int, list[dict[str, Any]], list[EpochRecord]]:
-    """``epochs_done`` (in [0, epochs]), Adam's ``param_groups`` and the epoch ``history``."""
-    text = meta.get("epochs_done", "")
-    if not text.isdigit() or not 0 <= int(text) <= epochs:
-        raise _bad_resume(path, f"epochs_done {text[:20]!r} is not in [0, {epochs}]")
-    groups = _resume_json(path, meta, "param_groups", "null")
-    if not isinstance(groups, list) or not all(
-        isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
-    ):
-        raise _bad_resume(path, "param_groups is not a list of Adam parameter groups")
-    raw = _resume_json(path, meta, "history", "[]")
-    if not isinstance(raw, list) or len(raw) != int(text) or not all(map(_is_record, raw)):
-        raise _bad_resume(path, f"history does not hold {text} epoch records")
-    try:
-        history = [EpochRecord(**r) for r in raw]
-    except TypeError as exc:
-        raise _bad_resume(path, str(exc)) from None
-    return int(text), groups, history
+    @property
+    def batches_per_epoch(self) -> int:
+        copies = 2 if self.augment.noise_sigma > 0 else 1
+        return math.ceil(len(self.arrays.train_x) * copies / self.config.batch_size)
 
 
 def train(
@@ -454,6 +270,8 @@ def train(
     arrays: ImageArrays | None = None,
     overwrite: bool = False,
     on_start: Callable[[int, int], None] | None = None,
+    *,
+    dist: distributed.DistContext = distributed.SINGLE,
 ) -> TrainResult:
     """Train an ensemble as ``config`` says and write it to ``out`` (.safetensors).
 
@@ -471,6 +289,9 @@ def train(
         arrays: use these images instead of loading ``config.dataset`` (tests, benchmarks).
         on_start: called with (epochs already done, epochs in all) before the first epoch trains
             (rank 0 only), e.g. to show ``epoch m/N``.
+        dist: the processes that train together (default: this one alone); with several (from
+            :func:`ncen_cli.distributed.initialize`), each rank trains on its share of every
+            batch, gradients are averaged, and rank 0 writes the files.
     """
     config.validate()
     out = Path(out)
@@ -480,16 +301,16 @@ def train(
         raise UsageError(f"--out {out} is a folder; give a file name ending in .safetensors")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    dist = distributed.context(config.device)
-    if dist.enabled:  # every rank writes (rank 0) and resumes from rank 0's path
-        out = Path(str(distributed.broadcast_object(str(out))))
+    # every rank writes (rank 0) and resumes from rank 0's path
+    out = Path(str(dist.broadcast_object(str(out))))
+    callbacks = Callbacks(on_start, on_epoch, on_batch)
     if not dist.is_main:
-        return _train(config, out, resume, (on_start, on_epoch, on_batch), arrays, dist)
+        return fit(plan_run(config, out, resume, arrays, dist), callbacks, dist)
     _check_out(out, resume, overwrite)
     with output_lock(out):
         if overwrite:
             resume_path(out).unlink(missing_ok=True)
-        return _train(config, out, resume, (on_start, on_epoch, on_batch), arrays, dist)
+        return fit(plan_run(config, out, resume, arrays, dist), callbacks, dist)
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -510,34 +331,19 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     check_output(out, overwrite, "--out", resumable=resume)
 
 
-def _train(
-    config: TrainConfig,
-    out: Path,
-    resume: bool,
-    callbacks: tuple[
-        Callable[[int, int], None] | None,
-        Callable[[EpochRecord], None] | None,
-        Callable[[int, int], None] | None,
-    ],
-    arrays: ImageArrays | None,
-    dist: distributed.DistContext,
-) -> TrainResult:
-    """The body of :func:`train` once ``out`` is checked and locked; ``callbacks`` are train()'s
-    (on_start, on_epoch, on_batch)."""
-    on_start, on_epoch, on_batch = callbacks
+def plan_run(config: TrainConfig, out: Path, resume: bool = False,
+             arrays: ImageArrays | None = None,
+             dist: distributed.DistContext = distributed.SINGLE) -> TrainPlan:
+    """Resolve a run: the runtime, the data (``arrays``, else ``config.dataset`` loaded), the
+    family's defaults (epochs, noise, crop), the defense and its hyperparameters, the recorded
+    config and metadata, and whether it resumes (``resume`` and a resume state visible to every
+    rank of ``dist``). Trains nothing and changes no torch setting."""
     runtime = Runtime.create(
         config.device, config.precision, config.threads, config.deterministic, config.seed
     )
-    plan = plan_threads(runtime.device, len(config.members), config.threads, config.member_threads)
     if arrays is None:
-        arrays = load_dataset(
-            config.dataset,
-            config.data_dir,
-            config.download,
-            config.train_limit,
-            config.test_limit,
-            config.seed,
-        )
+        arrays = load_dataset(config.dataset, config.data_dir, config.download,
+                              config.train_limit, config.test_limit, config.seed)
     family = arrays.family
     defaults = FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["fashionmnist"])
     epochs = config.epochs or int(defaults["epochs"])
@@ -548,113 +354,107 @@ def _train(
         noise_sigma=noise_eps / 2 if config.noise else 0.0,
     )
     defense, hyperparameters = resolve_defense(config, family)
-
-    recorded = {
-        **dataclasses.asdict(config),
-        "epochs": epochs,
-        "noise_eps": noise_eps,
-        "lr_min": lr_floor(config),
-        "hyperparameters": hyperparameters,
-        "world_size": dist.world_size,
-    }
+    recorded = {**dataclasses.asdict(config), "epochs": epochs, "noise_eps": noise_eps,
+                "lr_min": lr_floor(config), "hyperparameters": hyperparameters,
+                "world_size": dist.world_size}
     for key in RUNTIME_ONLY_FIELDS:  # where and how fast it ran does not change what was trained
         recorded.pop(key)
-    config_json = json.dumps(recorded, sort_keys=True)
-
-    torch.manual_seed(config.seed)
-    ensemble = build_ensemble(
-        list(config.members),
-        arrays.input_shape,
-        arrays.num_classes,
-        config.activation,
-        config.combine,
-    ).to(runtime.device)
-    optimizer = torch.optim.Adam(ensemble.parameters(), lr=learning_rate(config, 0))
-
-    state_file = resume_path(out)
-    start_epoch, history = 0, []
-    has_state = resume and state_file.exists()
-    if not distributed.all_true(has_state) and not distributed.all_true(not has_state):
-        raise UsageError(
-            f"{state_file} is visible to some ranks only; under torchrun on several "
-            "nodes put --out on a filesystem that every node shares"
-        )
-    if has_state:
-        start_epoch, history = _load_resume_state(state_file, ensemble, optimizer, config_json)
-        log.info("resuming %s from epoch %d", out, start_epoch)
-    if on_start is not None and dist.is_main:
-        on_start(start_epoch, epochs)
-
     metadata = {
-        "members": list(config.members),
-        "activation": config.activation,
-        "dataset": arrays.name,
-        "family": family,
-        "input_shape": list(arrays.input_shape),
-        "num_classes": arrays.num_classes,
-        "classes": list(arrays.classes),
-        "defense": defense.name,
-        "hyperparameters": hyperparameters,
-        "config": recorded,
+        "members": list(config.members), "activation": config.activation,
+        "dataset": arrays.name, "family": family, "input_shape": list(arrays.input_shape),
+        "num_classes": arrays.num_classes, "classes": list(arrays.classes),
+        "defense": defense.name, "hyperparameters": hyperparameters, "config": recorded,
         "world_size": dist.world_size,
     }
-    distributed.broadcast_parameters(ensemble)
-    batches_per_epoch = math.ceil(
-        len(arrays.train_x) * (2 if augment.noise_sigma > 0 else 1) / config.batch_size
-    )
-    run = _EpochContext(
-        ensemble,
-        optimizer,
-        defense,
-        hyperparameters,
-        arrays,
-        config,
-        augment,
-        runtime,
-        dist,
-        MemberExecutor(plan.member_threads, plan.intra_op_threads),
-        batches_per_epoch,
-        on_batch,
-    )
+    has_state = resume and resume_path(out).exists()
+    if not dist.all_true(has_state) and not dist.all_true(not has_state):
+        raise UsageError(
+            f"{resume_path(out)} is visible to some ranks only; under torchrun on several "
+            "nodes put --out on a filesystem that every node shares"
+        )
+    return TrainPlan(config, out, runtime, arrays, epochs, augment, defense, hyperparameters,
+                     recorded, json.dumps(recorded, sort_keys=True), metadata, has_state)
+
+
+def fit(plan: TrainPlan, callbacks: Callbacks | None = None,
+        dist: distributed.DistContext = distributed.SINGLE) -> TrainResult:
+    """Run a planned run: build the ensemble (or restore it from the resume state), train the
+    remaining epochs writing the resume state and the checkpoint after each (rank 0), and delete
+    the resume state at the end. Torch's settings are :meth:`Runtime.applied` for the run only."""
+    callbacks = callbacks or Callbacks()
+    config = plan.config
+    with plan.runtime.applied():
+        torch.manual_seed(config.seed)
+        ensemble = build_ensemble(list(config.members), plan.arrays.input_shape,
+                                  plan.arrays.num_classes, config.activation,
+                                  config.combine).to(plan.runtime.device)
+        optimizer = torch.optim.Adam(ensemble.parameters(), lr=learning_rate(config, 0))
+        start_epoch, history = 0, []
+        if plan.resume:
+            start_epoch, history = load_resume_state(plan.state_file, ensemble, optimizer,
+                                                     plan.config_json)
+            log.info("resuming %s from epoch %d", plan.out, start_epoch)
+        if callbacks.on_start is not None and dist.is_main:
+            callbacks.on_start(start_epoch, plan.epochs)
+        dist.broadcast_parameters(ensemble)
+        threads = plan_threads(plan.runtime.device, len(config.members), config.threads,
+                               config.member_threads)
+        run = _EpochContext(
+            ensemble=ensemble, optimizer=optimizer, defense=plan.defense,
+            hyperparameters=plan.hyperparameters, arrays=plan.arrays, config=config,
+            augment=plan.augment, runtime=plan.runtime, dist=dist,
+            executor=MemberExecutor(threads.member_threads, threads.intra_op_threads),
+            batches_per_epoch=plan.batches_per_epoch, on_batch=callbacks.on_batch,
+        )
+        _fit_epochs(plan, run, start_epoch, history, callbacks.on_epoch)
+    if not history:
+        raise UsageError("nothing to train: --epochs is 0")
+    metadata = {**plan.metadata, **_progress_metadata(history, plan.epochs)}
+    if dist.is_main and not (plan.out.exists() and start_epoch >= plan.epochs):
+        save_ensemble(ensemble, plan.out, metadata)
+    if dist.is_main:  # the run is finished: its resume state (3x the checkpoint) has served
+        plan.state_file.unlink(missing_ok=True)
+    dist.barrier()  # the checkpoint exists for every rank once train() returns
+    ensemble.metadata = {**ensemble.metadata, **metadata}
+    return TrainResult(ensemble.eval(), plan.out, metadata, history, start_epoch)
+
+
+def _fit_epochs(plan: TrainPlan, run: _EpochContext, start_epoch: int,
+                history: list[EpochRecord],
+                on_epoch: Callable[[EpochRecord], None] | None) -> None:
+    """Train epochs ``start_epoch`` .. ``plan.epochs - 1``, appending to ``history``; after each,
+    rank 0 writes the resume state, then the checkpoint. Ctrl-C is an InterruptedRun naming the
+    command that resumes."""
     try:
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(start_epoch, plan.epochs):
             record = _train_one_epoch(run, epoch)
             history.append(record)
-            if dist.is_main:
-                _save_resume_state(state_file, ensemble, optimizer, epoch + 1, config_json, history)
-                save_ensemble(ensemble, out, {**metadata, **_progress_metadata(history, epochs)})
+            if run.dist.is_main:
+                save_resume_state(plan.state_file, run.ensemble, run.optimizer, epoch + 1,
+                                  plan.config_json, history)
+                save_ensemble(run.ensemble, plan.out,
+                              {**plan.metadata, **_progress_metadata(history, plan.epochs)})
                 if on_epoch is not None:
                     on_epoch(record)
-            distributed.barrier()
+            run.dist.barrier()
     except KeyboardInterrupt:
         done = history[-1].epoch if history else 0
         raise InterruptedRun(
             f"interrupted during epoch {done + 1}; epochs 1-{done} are saved: continue with "
-            f"`ncen train --resume {shlex.quote(str(out))}`"
+            f"`ncen train --resume {shlex.quote(str(plan.out))}`"
             if done
             else "interrupted before the first epoch finished"
         ) from None
     finally:
         run.executor.close()
 
-    if not history:
-        raise UsageError("nothing to train: --epochs is 0")
-    metadata.update(_progress_metadata(history, epochs))
-    if dist.is_main and not (out.exists() and start_epoch >= epochs):
-        save_ensemble(ensemble, out, metadata)
-    if dist.is_main:  # the run is finished: its resume state (3x the checkpoint) has served
-        state_file.unlink(missing_ok=True)
-    distributed.barrier()  # the checkpoint exists for every rank once train() returns
-    ensemble.metadata = {**ensemble.metadata, **metadata}
-    return TrainResult(ensemble.eval(), out, metadata, history, start_epoch)
-
 
 def _reduce_epoch_sums(
-    seen: int, sums: dict[str, float], term_sums: dict[str, float]
+    dist: distributed.DistContext, seen: int, sums: dict[str, float], term_sums: dict[str, float]
 ) -> tuple[int, dict[str, float], dict[str, float]]:
     """Sum one epoch's sample count and loss sums over ranks (a rank may have seen no term)."""
     total_seen, total, terms = 0, {k: 0.0 for k in sums}, {}
-    for rank_seen, rank_sums, rank_terms in distributed.gather_objects((seen, sums, term_sums)):
+    for rank_seen, rank_sums, rank_terms in dist.gather_objects((seen, sums, term_sums)):
         total_seen += rank_seen
         for k, v in rank_sums.items():
             total[k] += v
@@ -663,9 +463,9 @@ def _reduce_epoch_sums(
     return total_seen, total, terms
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _EpochContext:
-    """What every epoch of one run needs (built once by :func:`train`)."""
+    """What every epoch of one run needs (built once by :func:`fit`)."""
 
     ensemble: Ensemble
     optimizer: torch.optim.Optimizer
@@ -682,7 +482,7 @@ class _EpochContext:
 
 
 def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
-    """One pass over the (sharded) training data, then the clean test accuracy."""
+    """One pass over this rank's share of the training data, then the clean test accuracy."""
     ensemble, optimizer, config, dist = run.ensemble, run.optimizer, run.config, run.dist
     lr = learning_rate(config, epoch)
     for group in optimizer.param_groups:
@@ -700,42 +500,23 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
         epoch,
         run.augment,
         run.runtime.device,
-        dist.rank,
-        dist.world_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
     )
     for step, (xb, yb) in enumerate(batches):
         optimizer.zero_grad(set_to_none=True)
         n = len(yb)  # this rank's share of the global batch (may be 0 under torchrun)
-        if n == 0:  # take part in the step's collectives with weight 0
-            distributed.all_true(True)
-            distributed.average_gradients(ensemble, weight=0)
-            optimizer.step()
-            _check_model(ensemble, step, epoch)
-            continue
-        with run.runtime.autocast():
-            if run.defense.member_inputs is not None:  # members train on crafted inputs
-                gen = crafting_generator(config.seed, epoch, step, dist.rank)
-                context = CraftContext(gen, config.seed, epoch, step)
-                xb, yb = craft_batch(run.defense, ensemble, xb, yb, run.hyperparameters, context)
-            result = training_step(
-                ensemble,
-                run.defense,
-                run.hyperparameters,
-                xb,
-                yb,
-                config.double_backprop,
-                executor=run.executor,
-            )
-        if not distributed.all_true(bool(torch.isfinite(result.loss))):  # all ranks stop together
-            _check_finite(result, epoch)  # raises on the ranks whose loss is non-finite
-            raise NonFiniteLossError(
-                f"non-finite loss in epoch {epoch + 1} on another rank; "
-                "the checkpoint of the last completed epoch is kept"
-            )
+        if n:
+            result = _step(run, epoch, step, xb, yb)
+        else:  # take part in the step's collectives with weight 0
+            dist.all_true(True)
+            result = None
         # weighted by share size: the result is the gradient of the global-batch mean loss
-        distributed.average_gradients(ensemble, weight=n)
+        dist.average_gradients(ensemble, weight=n)
         optimizer.step()
-        _check_model(ensemble, step, epoch)
+        _check_model(dist, ensemble, step, epoch)
+        if result is None:
+            continue
         seen += n
         sums["ce"] += float(result.ce) * n
         sums["loss"] += float(result.loss) * n
@@ -745,11 +526,10 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
             run.on_batch(step + 1, run.batches_per_epoch)
     seconds = time.perf_counter() - started
     if dist.enabled:  # epoch figures over all ranks; one model (BN statistics) on every rank
-        seen, sums, term_sums = _reduce_epoch_sums(seen, sums, term_sums)
-        distributed.sync_buffers(ensemble)
-    accuracy = clean_accuracy(
-        ensemble, run.arrays.test_x, run.arrays.test_y, config.eval_batch_size, run.runtime.device
-    )
+        seen, sums, term_sums = _reduce_epoch_sums(dist, seen, sums, term_sums)
+        dist.sync_buffers(ensemble)
+    accuracy = clean_accuracy(ensemble, run.arrays.test_x, run.arrays.test_y,
+                              config.eval_batch_size, run.runtime.device, dist=dist)
     return EpochRecord(
         epoch=epoch + 1,
         lr=lr,
@@ -760,6 +540,35 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
         images_per_s=seen / max(seconds, 1e-9),
         seconds=seconds,
     )
+
+
+def _step(run: _EpochContext, epoch: int, step: int, xb: torch.Tensor,
+          yb: torch.Tensor) -> StepOutput:
+    """The training step on this rank's (B, C, H, W) share ``xb`` / (B,) ``yb`` (B >= 1): crafted
+    inputs if the defense asks for them, the loss and its gradients. Every rank stops together
+    on a non-finite loss."""
+    config, dist = run.config, run.dist
+    with run.runtime.autocast():
+        if run.defense.member_inputs is not None:  # members train on crafted inputs
+            gen = crafting_generator(config.seed, epoch, step, dist.rank)
+            context = CraftContext(gen, config.seed, epoch, step)
+            xb, yb = craft_batch(run.defense, run.ensemble, xb, yb, run.hyperparameters, context)
+        result = training_step(
+            run.ensemble,
+            run.defense,
+            run.hyperparameters,
+            xb,
+            yb,
+            config.double_backprop,
+            executor=run.executor,
+        )
+    if not dist.all_true(bool(torch.isfinite(result.loss))):  # all ranks stop together
+        _check_finite(result, epoch)  # raises on the ranks whose loss is non-finite
+        raise NonFiniteLossError(
+            f"non-finite loss in epoch {epoch + 1} on another rank; "
+            "the checkpoint of the last completed epoch is kept"
+        )
+    return result
 
 
 def _progress_metadata(history: list[EpochRecord], epochs: int) -> dict[str, Any]:
@@ -781,10 +590,11 @@ def _progress_metadata(history: list[EpochRecord], epochs: int) -> dict[str, Any
     }
 
 
-def _check_model(ensemble: Ensemble, step: int, epoch: int) -> None:
+def _check_model(dist: distributed.DistContext, ensemble: Ensemble, step: int, epoch: int
+                 ) -> None:
     """After an optimizer step: every parameter and BatchNorm buffer finite on every rank (all
     ranks stop together), else NonFiniteModelError (the last completed epoch's files are kept)."""
-    if not distributed.all_true(first_non_finite(ensemble) is None):
+    if not dist.all_true(first_non_finite(ensemble) is None):
         bad = first_non_finite(ensemble) or "on another rank"
         raise NonFiniteModelError(
             f"non-finite weights after step {step + 1} of epoch {epoch + 1} ({bad}); the "

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ncen_cli.attacks.base import Attack, AttackSettings, MemberTarget
-from ncen_cli.distributed import all_reduce_sum, shard_slice
+from ncen_cli.distributed import SINGLE, DistContext
 from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import NcenError, UsageError
 
@@ -134,37 +134,31 @@ def member_labels(ensemble: Ensemble) -> list[str]:
     return [f"{i}:{name}" for i, name in enumerate(names)]
 
 
-def resolve_settings(
-    attack: Attack,
+def run_settings(
+    attack: str,
     eps: float = DEFAULT_EPS,
     steps: int | None = None,
     step_size: float | None = None,
     restarts: int | None = None,
 ) -> AttackSettings:
-    """The attack's own defaults for ``eps`` (``attack.defaults(eps)``), overrides applied."""
-    if not 0 < eps <= 1:
-        raise UsageError(f"--eps must be in (0, 1] for images in [0, 1], got {eps}")
-    fields = {**attack.defaults(eps), "eps": eps}
-    for name, value in (("steps", steps), ("step_size", step_size), ("restarts", restarts)):
-        if value is not None:
-            if value <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-            fields[name] = value
-    return AttackSettings(**fields)
+    """The attack's own defaults for ``eps`` with overrides applied (a single-step attack keeps
+    its one step): :func:`~ncen_cli.evaluation.runs_for`'s ``custom`` run of ``attack``."""
+    from ncen_cli.evaluation import runs_for
+
+    (run,) = runs_for(None, "custom", attacks=[attack], eps=[eps], steps=steps,
+                      step_size=step_size, restarts=restarts)
+    return run.settings
 
 
-def _batch_generator(device: torch.device, seed: int, source: int, start: int) -> torch.Generator:
-    """Randomness for one (source member, batch): independent of batch order and of the rank."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + source * 10_007 + start) % (2**63 - 1))
-    return gen
+def source_stream(seed: int, source: int) -> int:
+    """:func:`~ncen_cli.evaluation.batch_generator`'s stream for crafting on member ``source``."""
+    return seed * 1_000_003 + source * 10_007
 
 
 def _to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
 
 
-@torch.no_grad()
 def _correct(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (k + 1, B) booleans: each member's, then the ensemble's, correctness."""
     logits = ensemble.member_logits(x)  # (k, B, classes)
@@ -180,11 +174,13 @@ def transfer_matrix(
     attack: str = "pgd",
     settings: AttackSettings | None = None,
     batch_size: int = 500,
+    *,
     device: str | torch.device = "cpu",
     seed: int = 0,
     only_correct: bool = False,
     progress: Progress | None = None,
     member_softmax: bool = False,
+    dist: DistContext = SINGLE,
 ) -> TransferResult:
     """Measure how adversarial examples crafted on each member transfer to the others.
 
@@ -192,8 +188,9 @@ def transfer_matrix(
         ensemble: the ensemble (put in eval mode here; its parameters are not changed).
         x: (N, C, H, W) test images, uint8 (0-255) or float in [0, 1]; y: (N,) int64 labels.
         attack: registry name in ``ncen.attacks`` (e.g. ``"pgd"``, ``"mifgsm"``).
-        settings: the attack's settings; None: ``attack.defaults(0.05)`` (the paper's eps).
-            ``extra["early_stop"]`` defaults to False here (every example runs all steps).
+        settings: the attack's settings; None: ``run_settings(attack)`` (its defaults at the
+            paper's eps). ``extra["early_stop"]`` defaults to False here (every example runs all
+            steps).
         batch_size: examples crafted at once.
         device: where to compute.
         seed: seeds the attack's randomness (random starts), per source member and batch.
@@ -202,72 +199,97 @@ def transfer_matrix(
         member_softmax: craft on ``softmax(f_i(x))`` with CE on top, as the authors' code does
             (their members end in a softmax; ``ncen transfer --protocol authors``). Evaluation
             still uses the members' predictions (a softmax does not change the argmax).
+        dist: the processes that share the work (default: this one alone); with several, each
+            rank evaluates its share of the examples and the counts are summed exactly.
     Returns:
-        a :class:`TransferResult` with the k x (k + 1) matrix. Under ``torchrun`` each rank
-        evaluates its share of the examples and the counts are summed exactly over ranks.
+        a :class:`TransferResult` with the k x (k + 1) matrix.
     Raises:
         UsageError for bad arguments; NcenError when no example is left to evaluate.
     """
-    from ncen_cli.registry import ATTACKS
-
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if len(x) != len(y):
         raise UsageError(f"x has {len(x)} examples but y has {len(y)} labels")
-    attack_obj: Attack = ATTACKS.get(attack)
     if settings is None:
-        settings = resolve_settings(attack_obj, DEFAULT_EPS)
+        settings = run_settings(attack, DEFAULT_EPS)
     if "early_stop" not in settings.extra:  # craft with every step: see the module docstring
         settings = replace(settings, extra={**settings.extra, "early_stop": False})
     device = torch.device(device)
     ensemble = ensemble.to(device).eval()
-    k = ensemble.k
-    sources = [SoftmaxOutput(m) if member_softmax else m for m in ensemble.members]
-    targets = [MemberTarget(member).eval() for member in sources]
-
-    share = shard_slice(len(x))
-    xs, ys = x[share], y[share]
-    starts = range(share.start, share.start + len(xs), batch_size)
-    total, done = len(starts) * k, 0
-    adv_correct = torch.zeros(k, k + 1, dtype=torch.int64, device=device)
-    clean_correct = torch.zeros(k + 1, dtype=torch.int64, device=device)
-    count = torch.zeros((), dtype=torch.int64, device=device)
+    share = dist.shard(len(x))
+    counts = _Counts(ensemble.k, device)
+    crafter = _Crafter(ensemble, attack, settings, seed, member_softmax)
+    starts = range(share.start, share.stop, batch_size)
+    done, total = 0, len(starts) * ensemble.k
     if progress is not None:  # the total is known before the first (slow) pass
         progress(0, total)
-
     for start in starts:
-        local = slice(start - share.start, start - share.start + batch_size)
-        xb = _to_float(xs[local]).to(device)
-        yb = ys[local].to(device)
+        stop = min(start + batch_size, share.stop)
+        xb, yb = _to_float(x[start:stop]).to(device), y[start:stop].to(device)
         clean = _correct(ensemble, xb, yb)  # (k + 1, B)
         if only_correct:
-            keep = clean[:k].all(0)
+            keep = clean[:ensemble.k].all(0)
             xb, yb, clean = xb[keep], yb[keep], clean[:, keep]
-        count += len(yb)
-        clean_correct += clean.sum(1)
-        for i, target in enumerate(targets):
+        counts.count += len(yb)
+        counts.clean += clean.sum(1)
+        for i in range(ensemble.k):
             if len(yb):
-                gen = _batch_generator(device, seed, i, start)
-                x_adv = attack_obj.perturb(target, xb, yb, settings, gen).detach()
-                adv_correct[i] += _correct(ensemble, x_adv, yb).sum(1)
+                counts.adversarial[i] += _correct(ensemble, crafter.craft(i, xb, yb, start),
+                                                  yb).sum(1)
             done += 1
             if progress is not None:
                 progress(done, total)
+    return counts.result(dist, ensemble, attack, {**asdict(settings), "seed": seed,
+                                                  "only_correct": only_correct}, member_softmax)
 
-    count = int(all_reduce_sum(count).item())
-    adv_correct = all_reduce_sum(adv_correct).cpu()
-    clean_correct = all_reduce_sum(clean_correct).cpu()
-    if count == 0:
-        why = " that every member classifies correctly" if only_correct else ""
-        raise NcenError(f"no test example{why} to evaluate; use more examples (--test-limit)")
-    params = {**asdict(settings), "seed": seed, "only_correct": only_correct}
-    if member_softmax:
-        params["authors.member_softmax"] = True
-    return TransferResult(
-        matrix=(adv_correct.double() / count).tolist(),
-        members=member_labels(ensemble),
-        attack=attack,
-        params=params,
-        n=count,
-        clean=(clean_correct.double() / count).tolist(),
-    )
+
+class _Crafter:
+    """Crafts adversarial examples on one member at a time (see :func:`transfer_matrix`)."""
+
+    def __init__(self, ensemble: Ensemble, attack: str, settings: AttackSettings, seed: int,
+                 member_softmax: bool) -> None:
+        from ncen_cli.registry import ATTACKS
+
+        self.attack: Attack = ATTACKS.get(attack)
+        self.settings, self.seed = settings, seed
+        sources = [SoftmaxOutput(m) if member_softmax else m for m in ensemble.members]
+        self.targets = [MemberTarget(member).eval() for member in sources]
+
+    def craft(self, source: int, xb: torch.Tensor, yb: torch.Tensor,
+              start: int) -> torch.Tensor:
+        """(B, C, H, W) adversarial images crafted on member ``source`` for the batch whose first
+        example has global index ``start``."""
+        from ncen_cli.evaluation import batch_generator
+
+        gen = batch_generator(source_stream(self.seed, source), start, xb.device)
+        return self.attack.perturb(self.targets[source], xb, yb, self.settings, gen).detach()
+
+
+class _Counts:
+    """This rank's correct-prediction counts: ``adversarial`` (k, k + 1), ``clean`` (k + 1,),
+    ``count`` examples."""
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        self.adversarial = torch.zeros(k, k + 1, dtype=torch.int64, device=device)
+        self.clean = torch.zeros(k + 1, dtype=torch.int64, device=device)
+        self.count = 0
+
+    def result(self, dist: DistContext, ensemble: Ensemble, attack: str, params: dict[str, Any],
+               member_softmax: bool) -> TransferResult:
+        """The counts summed over ``dist``'s ranks, as accuracies."""
+        (count,) = dist.sum_counts(self.count)
+        adv_correct = dist.all_reduce_sum(self.adversarial).cpu()
+        clean_correct = dist.all_reduce_sum(self.clean).cpu()
+        if count == 0:
+            why = " that every member classifies correctly" if params["only_correct"] else ""
+            raise NcenError(f"no test example{why} to evaluate; use more examples (--test-limit)")
+        if member_softmax:
+            params["authors.member_softmax"] = True
+        return TransferResult(
+            matrix=(adv_correct.double() / count).tolist(),
+            members=member_labels(ensemble),
+            attack=attack,
+            params=params,
+            n=count,
+            clean=(clean_correct.double() / count).tolist(),
+        )

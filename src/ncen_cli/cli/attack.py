@@ -54,23 +54,14 @@ PROTOCOLS = ("paper", "strong", "authors")
 
 def build_runs(
     family: str, protocol: str | None, attacks: str | None, eps: str | None, steps: int | None,
-    step_size: float | None, restarts: int | None, objective: str | None,
+    step_size: float | None, restarts: int | None, objective: str | None, *,
     combine: str = "mean-logits", quirks: AuthorsQuirks | None = None,
 ) -> list[AttackRun]:
     """The runs asked for: a protocol (paper by default when no attack settings are given),
     optionally restricted by ``--attacks``, re-centred on ``--eps`` and overridden by
     ``--steps/--step-size/--restarts``; or, with ``--attacks``/``--eps`` and no protocol, those
-    attacks with their defaults. ``objective`` None: the protocol's (mean-ce; strong: every
-    objective of :func:`~ncen_cli.evaluation.strong_objectives` for ``combine``)."""
-    from ncen_cli.evaluation import (
-        authors_protocol,
-        custom_runs,
-        override_runs,
-        paper_protocol,
-        strong_protocol,
-        validate_runs,
-    )
-
+    attacks with their defaults (:func:`ncen_cli.evaluation.runs_for`). The option checks run
+    before torch is imported, so a usage error answers at once."""
     if protocol is not None and protocol not in PROTOCOLS:
         raise UsageError(f"--protocol must be {', '.join(PROTOCOLS)}, got '{protocol}'")
     if protocol == "authors" and objective is not None:
@@ -83,29 +74,12 @@ def build_runs(
     require_positive(steps, "--steps")
     require_positive(step_size, "--step-size")
     require_positive(restarts, "--restarts")
-    if protocol is None and (names is not None or eps_values is not None):
-        runs = custom_runs(names or ["fgsm", "mifgsm", "pgd", "bim"], eps_values, family,
-                           objective or "mean-ce")
-    elif protocol == "strong":
-        runs = strong_protocol(family, restarts or 2, objective, eps_values, combine)
-    elif protocol == "authors":
-        runs = authors_protocol(family, eps_values, quirks)
-    else:
-        runs = paper_protocol(family, objective or "mean-ce", eps_values)
-    if protocol is not None and names is not None:
-        from ncen_cli.registry import ATTACKS
+    from ncen_cli.evaluation import runs_for
 
-        for name in names:
-            ATTACKS.get(name)
-        missing = [n for n in names if n not in {r.attack for r in runs}]
-        if missing:
-            raise UsageError(f"--attacks {','.join(missing)} not in the {protocol} protocol "
-                             f"({', '.join(dict.fromkeys(r.attack for r in runs))}); "
-                             "drop --protocol to run any attack")
-        runs = [r for r in runs if r.attack in names]
-    runs = override_runs(runs, steps=steps, step_size=step_size, restarts=restarts)
-    validate_runs(runs)
-    return runs
+    custom = protocol is None and (names is not None or eps_values is not None)
+    return runs_for(family, "custom" if custom else protocol or "paper", attacks=names,
+                    eps=eps_values, objective=objective, combine=combine, steps=steps,
+                    step_size=step_size, restarts=restarts, quirks=quirks)
 
 
 def protocol_options(protocol: str | None, quirks: str | None,
@@ -247,15 +221,16 @@ def attack_command(
     meta, arrays = checkpoint_test_data(checkpoint, dataset, data_dir, download, test_limit, seed)
     family = meta.get("family")
     runs_family = family if family in ("fashionmnist", "cifar10") else None
-    dist = distributed.context(device)  # under torchrun: each rank attacks its share
+    dist = distributed.initialize(device)  # under torchrun: each rank attacks its share
     runtime = Runtime.create(device=device, seed=seed, threads=threads)
     runs = build_runs(runs_family or arrays.family, protocol, attacks, eps, steps, step_size,
-                      restarts, objective, meta.get("combine", "mean-logits"), authors_quirks)
+                      restarts, objective, combine=meta.get("combine", "mean-logits"),
+                      quirks=authors_quirks)
     ensemble = load_ensemble(checkpoint, device=runtime.device)
 
     started = time.perf_counter()
-    with Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose,
-                  main=dist.is_main) as reporter:
+    with runtime.applied(), Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose,
+                                     main=dist.is_main) as reporter:
         console = reporter.console
         tasks: dict[str, Any] = {}
 
@@ -269,7 +244,7 @@ def attack_command(
         report = evaluate(ensemble, arrays.test_x, arrays.test_y, runs, batch_size=batch_size,
                           device=runtime.device, seed=seed, check_large_eps=check_large_eps,
                           progress=progress, worst_case=protocol == "strong",
-                          quirks=authors_quirks)
+                          quirks=authors_quirks, dist=dist)
     seconds = time.perf_counter() - started
     if not dist.is_main:  # the counts are already summed over ranks; rank 0 reports
         return

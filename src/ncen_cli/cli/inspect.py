@@ -105,7 +105,8 @@ def inspect_command(
     runtime = Runtime.create(device=device, seed=seed, threads=threads)
     ensemble = load_ensemble(checkpoint, device=runtime.device)
     started = time.perf_counter()
-    with Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose) as reporter:
+    with runtime.applied(), Reporter(quiet=quiet, no_progress=no_progress,
+                                     verbose=verbose) as reporter:
         task = reporter.start("inspect (images)", total=len(arrays.test_x))
         result = gradient_diversity(
             ensemble, arrays.test_x, arrays.test_y, batch_size=batch_size, device=runtime.device,

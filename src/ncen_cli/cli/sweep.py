@@ -127,7 +127,8 @@ def sweep_command(
 
         check_figure(figure, dpi)  # fail before hours of training, not after
     from ncen_cli import distributed
-    from ncen_cli.sweep import run_sweep, score_runs_for
+    from ncen_cli.evaluation import runs_for
+    from ncen_cli.sweep import run_sweep
 
     config = build_config(
         members=members, dataset=dataset, data_dir=data_dir, defense="ncen", ncen_form=ncen_form,
@@ -146,8 +147,8 @@ def sweep_command(
         check_eps(eps_values)
     runs = None
     if attack_names is not None or eps_values is not None:
-        runs = score_runs_for(DATASETS.get(config.dataset).family, attack_names, eps_values,
-                              combine=config.combine)
+        runs = runs_for(DATASETS.get(config.dataset).family, "score", attacks=attack_names,
+                        eps=eps_values, combine=config.combine)
     claim_output(figure, overwrite, "--figure")
     main = distributed.is_main_process()
     with Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose, main=main) as reporter:
@@ -155,7 +156,8 @@ def sweep_command(
             out = _new_sweep_dir(config.dataset)
             reporter.info(f"sweep folder {out} (to resume, re-run with --out {out})")
         result = run_sweep(config, cos_values, norm_values, out, score_runs=runs,
-                           eval_limit=attack_limit, **_progress_callbacks(reporter))
+                           eval_limit=attack_limit, dist=distributed.initialize(config.device),
+                           **_progress_callbacks(reporter))
     if not main:
         return
     if figure is not None:

@@ -200,7 +200,7 @@ def resumed_config(
     Runtime options (:data:`RUNTIME_OPTIONS`) are free; a recorded setting that a given option
     changes is a UsageError naming every such field (``field: old -> new``). Returns the options
     (as ``--print-config`` shows them) and the TrainConfig that continues the run."""
-    from ncen_cli.training import config_changes, recorded_run_config, resume_path
+    from ncen_cli.resume_state import config_changes, recorded_run_config, resume_path
 
     saved = recorded_run_config(out)
     source = resume_path(out) if resume_path(out).exists() else out
@@ -350,7 +350,7 @@ def train_command(
 
         result = train(
             config, out, resume=resume, on_epoch=on_epoch, on_batch=on_batch,
-            overwrite=overwrite, on_start=on_start,
+            overwrite=overwrite, on_start=on_start, dist=distributed.initialize(config.device),
         )
         reporter.stop(task)
     if not distributed.is_main_process():  # under torchrun, rank 0 alone reports

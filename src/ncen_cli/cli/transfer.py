@@ -194,23 +194,24 @@ def _run(checkpoint: Path, names: list[str], eps_values: list[float], *, attack:
     from ncen_cli.authors_protocol import ADVERTORCH_L1_FLOOR
     from ncen_cli.checkpoint import load_ensemble
     from ncen_cli.device import Runtime
-    from ncen_cli.distributed import context
+    from ncen_cli.distributed import initialize
     from ncen_cli.registry import ATTACKS
-    from ncen_cli.transfer import resolve_settings, transfer_matrix
+    from ncen_cli.transfer import run_settings, transfer_matrix
 
-    attack_objs = [(name, ATTACKS.get(name)) for name in names]  # a repeated name: one matrix each
+    for name in names:  # an unknown attack fails before the data is loaded
+        ATTACKS.get(name)
     meta, arrays = checkpoint_test_data(checkpoint, data["dataset"], data["data_dir"],
                                         data["download"], data["test_limit"], data["seed"])
-    dist = context(data["device"])
+    dist = initialize(data["device"])
     runtime = Runtime.create(device=data["device"], seed=data["seed"], threads=data["threads"])
     ensemble = load_ensemble(checkpoint, device=runtime.device)
     authors = attack["authors"]
     results: list[TransferResult] = []
-    with Reporter(main=dist.is_main, **reporting) as reporter:
-        for name, attack_obj in attack_objs:
+    with runtime.applied(), Reporter(main=dist.is_main, **reporting) as reporter:
+        for name in names:  # a repeated name: one matrix each
             for eps in eps_values:
-                settings = resolve_settings(attack_obj, eps, attack["steps"],
-                                            attack["step_size"], attack["restarts"])
+                settings = run_settings(name, eps, attack["steps"], attack["step_size"],
+                                        attack["restarts"])
                 if authors and name == "mifgsm":
                     settings = replace(settings, extra={
                         **settings.extra, "momentum_l1_floor": ADVERTORCH_L1_FLOOR})
@@ -223,7 +224,7 @@ def _run(checkpoint: Path, names: list[str], eps_values: list[float], *, attack:
                     ensemble, arrays.test_x, arrays.test_y, attack=name, settings=settings,
                     batch_size=data["batch_size"], device=runtime.device, seed=data["seed"],
                     only_correct=data["only_correct"] or authors, progress=on_step,
-                    member_softmax=authors,
+                    member_softmax=authors, dist=dist,
                 ))
                 reporter.stop(task)
     return results, meta, arrays.name, dist.is_main

@@ -60,6 +60,7 @@ def iterate_batches(
     epoch: int,
     augment: AugmentConfig | None = None,
     device: torch.device | str = "cpu",
+    *,
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
