@@ -11,7 +11,7 @@ from torch import nn
 
 from ncen_cli.attacks.apgd import APGD_CE, APGD_DLR, checkpoints, dlr_loss
 from ncen_cli.attacks.base import AttackSettings, MemberTarget, objective_loss
-from ncen_cli.attacks.bim import ATTACK as BIM
+from ncen_cli.attacks.pgd import BIM
 from ncen_cli.attacks.core import frozen_parameters, sign_ascent, worst_case_restarts
 from ncen_cli.attacks.fgsm import ATTACK as FGSM
 from ncen_cli.attacks.mifgsm import ATTACK as MIFGSM

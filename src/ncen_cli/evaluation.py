@@ -36,18 +36,13 @@ from ncen_cli.authors_protocol import (
     batch_statistics,
 )
 from ncen_cli.errors import NcenError, UsageError
+from ncen_cli.presets import PAPER_EPS
 
 Progress = Callable[[str, int, int], None]
 """``progress(label, images_done, images_total)``: called as each run advances (this rank's
 counts)."""
 
-# Table II of the paper: per family, (attack, eps values) and the settings as a function of eps.
-PAPER_EPS: dict[str, dict[str, tuple[float, ...]]] = {
-    "fashionmnist": {"fgsm": (0.1, 0.3), "mifgsm": (0.1, 0.3), "pgd": (0.1, 0.15),
-                     "bim": (0.1, 0.15)},
-    "cifar10": {"fgsm": (0.03, 0.09), "mifgsm": (0.03, 0.09), "pgd": (0.01, 0.02),
-                "bim": (0.01, 0.02)},
-}
+# Table II of the paper: the settings as a function of eps (the eps values: presets.PAPER_EPS).
 PAPER_SETTINGS: dict[str, Callable[[float], dict[str, Any]]] = {
     "fgsm": lambda eps: {"steps": 1, "step_size": eps, "random_start": False},
     "mifgsm": lambda eps: {"steps": 40, "step_size": 0.01, "decay": 1.0, "random_start": False},
@@ -252,16 +247,10 @@ def authors_protocol(
 
 def attack_settings(attack: Attack, eps: float, objective: str = "mean-ce",
                     **overrides: Any) -> AttackSettings:
-    """An attack's default settings at ``eps`` with ``overrides`` (None values ignored).
-
-    An attack whose defaults name an objective outside :data:`OBJECTIVES` (APGD-DLR's ``dlr``,
-    Square's ``margin``) has its own fixed loss, which ``objective`` does not replace.
-    """
-    values: dict[str, Any] = {"objective": objective, **attack.defaults(eps)}
-    if values["objective"] in OBJECTIVES:
-        values["objective"] = objective
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return AttackSettings(eps=eps, **values)
+    """An attack's default settings at ``eps`` with ``overrides`` (None values ignored); see
+    :meth:`~ncen_cli.attacks.base.Attack.settings_for` (an attack with its own fixed loss keeps
+    it)."""
+    return attack.settings_for(eps, objective, **overrides)
 
 
 def custom_runs(
@@ -289,12 +278,13 @@ def override_runs(
     step_size: float | None = None,
     restarts: int | None = None,
 ) -> list[AttackRun]:
-    """Replace steps / step size / restarts in every run (None: keep). FGSM keeps its single step
-    of size eps (``--steps``/``--step-size`` are for the iterative attacks)."""
+    """Replace steps / step size / restarts in every run (None: keep). A single-step run
+    (``steps == 1``, FGSM) keeps its single step of size eps (``--steps``/``--step-size`` are for
+    the iterative attacks)."""
     out = []
     for run in runs:
         changes: dict[str, Any] = {}
-        single_step = run.attack == "fgsm"
+        single_step = run.settings.steps == 1
         if steps is not None and not single_step:
             changes["steps"] = steps
         if step_size is not None and not single_step:
@@ -312,16 +302,7 @@ def validate_runs(runs: list[AttackRun]) -> None:
     if not runs:
         raise UsageError("no attack runs to evaluate")
     for run in runs:
-        ATTACKS.get(run.attack)
-        s = run.settings
-        if not 0 < s.eps <= 1:
-            raise UsageError(f"eps must be in (0, 1] for images in [0, 1], got {s.eps}")
-        if s.steps < 1:
-            raise UsageError(f"--steps must be >= 1, got {s.steps} ({run.attack})")
-        if s.restarts < 1:
-            raise UsageError(f"--restarts must be >= 1, got {s.restarts} ({run.attack})")
-        if s.step_size is not None and not s.step_size > 0:
-            raise UsageError(f"--step-size must be > 0, got {s.step_size} ({run.attack})")
+        ATTACKS.get(run.attack).check(run.settings)
 
 
 def run_params(run: AttackRun, seed: int) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ncen_cli.attacks.base import Attack, AttackSettings, MemberTarget
+from ncen_cli.attacks.base import Attack, AttackSettings, MemberTarget, as_float
 from ncen_cli.distributed import all_reduce_sum, shard_slice
 from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import NcenError, UsageError
@@ -141,16 +141,11 @@ def resolve_settings(
     step_size: float | None = None,
     restarts: int | None = None,
 ) -> AttackSettings:
-    """The attack's own defaults for ``eps`` (``attack.defaults(eps)``), overrides applied."""
-    if not 0 < eps <= 1:
-        raise UsageError(f"--eps must be in (0, 1] for images in [0, 1], got {eps}")
-    fields = {**attack.defaults(eps), "eps": eps}
-    for name, value in (("steps", steps), ("step_size", step_size), ("restarts", restarts)):
-        if value is not None:
-            if value <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-            fields[name] = value
-    return AttackSettings(**fields)
+    """The attack's own defaults for ``eps`` (:meth:`~ncen_cli.attacks.base.Attack.settings_for`),
+    overrides applied; UsageError (one line) for settings it cannot run with."""
+    settings = attack.settings_for(eps, steps=steps, step_size=step_size, restarts=restarts)
+    attack.check(settings)
+    return settings
 
 
 def _batch_generator(device: torch.device, seed: int, source: int, start: int) -> torch.Generator:
@@ -158,10 +153,6 @@ def _batch_generator(device: torch.device, seed: int, source: int, start: int) -
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + source * 10_007 + start) % (2**63 - 1))
     return gen
-
-
-def _to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
 
 
 @torch.no_grad()
@@ -235,7 +226,7 @@ def transfer_matrix(
 
     for start in starts:
         local = slice(start - share.start, start - share.start + batch_size)
-        xb = _to_float(xs[local]).to(device)
+        xb = as_float(xs[local]).to(device)
         yb = ys[local].to(device)
         clean = _correct(ensemble, xb, yb)  # (k + 1, B)
         if only_correct:

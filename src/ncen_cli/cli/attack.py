@@ -201,6 +201,9 @@ def attack_command(
         help="mean-ce (the paper: mean of the members' CE; the default), logits (CE of combined "
              "logits) or prob (NLL of the mean probability). The strong protocol runs every "
              "objective unless one is given.")] = None,
+    attack_option: Annotated[list[str] | None, typer.Option(
+        "--attack-option", "-o", help="name=value: an attack's own option (repeatable), e.g. "
+        "-o p_init=0.5 (square), -o select=margin (mc-pgd), -o early_stop=false.")] = None,
     limit: Annotated[int | None, typer.Option(help="Seeded subset of N test images.")] = None,
     batch_size: Annotated[int | None, typer.Option(
         help="Images per attack batch (default 500; authors: 64, which matters with BatchNorm "
@@ -236,6 +239,12 @@ def attack_command(
     runtime = Runtime.create(device=device, seed=seed)
     runs = build_runs(runs_family or arrays.family, protocol, attacks, eps, steps, step_size,
                       restarts, objective, meta.get("combine", "mean-logits"), authors_quirks)
+    from dataclasses import replace
+
+    from ncen_cli.attacks.base import with_attack_options
+
+    optioned = with_attack_options([(r.attack, r.settings) for r in runs], attack_option)
+    runs = [replace(r, settings=s) for r, s in zip(runs, optioned, strict=True)]
     ensemble = load_ensemble(checkpoint, device=runtime.device)
 
     console = err_console()

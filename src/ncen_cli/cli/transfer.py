@@ -103,6 +103,9 @@ def transfer_command(
              "only examples every member classifies correctly, advertorch's MI-FGSM "
              "normalisation); not an honest evaluation.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --png.")] = False,
+    attack_option: Annotated[list[str] | None, typer.Option(
+        "--attack-option", "-o", help="name=value: an attack's own option (repeatable), e.g. "
+        "-o select=margin (mc-pgd).")] = None,
 ) -> None:
     """Craft adversarial examples on each member; evaluate them on every member and the ensemble."""
     check_eps([eps])
@@ -126,6 +129,10 @@ def transfer_command(
     attacks = {name: ATTACKS.get(name) for name in names}
     settings = {name: resolve_settings(obj, eps, steps, step_size, restarts)
                 for name, obj in attacks.items()}
+    from ncen_cli.attacks.base import with_attack_options
+
+    settings = dict(zip(settings, with_attack_options(list(settings.items()), attack_option),
+                        strict=True))
     if authors and "mifgsm" in settings:
         settings["mifgsm"] = replace(settings["mifgsm"], extra={
             **settings["mifgsm"].extra, "momentum_l1_floor": ADVERTORCH_L1_FLOOR})
