@@ -31,26 +31,19 @@ from ncen_cli.attacks.core import SIGN_ASCENT_OPTIONS, sign_ascent_run
 RUN = sign_ascent_run(default_step_fraction=0.25)
 
 
-def pgd_defaults(eps: float) -> dict[str, Any]:
-    return {"steps": 50, "step_size": eps / 4, "restarts": 1, "random_start": True}
+def _registration(name: str, summary: str, steps: int, random_start: bool) -> Attack:
+    """One registration of the shared body: defaults ``steps`` steps of eps/4, 1 restart."""
+
+    def defaults(eps: float) -> dict[str, Any]:
+        return {"steps": steps, "step_size": eps / 4, "restarts": 1, "random_start": random_start}
+
+    return Attack(name, summary, RUN, defaults, options=SIGN_ASCENT_OPTIONS)
 
 
-def bim_defaults(eps: float) -> dict[str, Any]:
-    return {"steps": 10, "step_size": eps / 4, "restarts": 1, "random_start": False}
-
-
-PGD = Attack(
-    name="pgd",
-    summary="PGD: projected sign-gradient steps from a random start, worst-case restarts (L-inf)",
-    run=RUN,
-    defaults=pgd_defaults,
-    options=SIGN_ASCENT_OPTIONS,
-)
-BIM = Attack(
-    name="bim",
-    summary="BIM: iterated sign-gradient steps from x, projected (L-inf)",
-    run=RUN,
-    defaults=bim_defaults,
-    options=SIGN_ASCENT_OPTIONS,
-)
+PGD = _registration(
+    "pgd", "PGD: projected sign-gradient steps from a random start, worst-case restarts (L-inf)",
+    steps=50, random_start=True)
+BIM = _registration(
+    "bim", "BIM: iterated sign-gradient steps from x, projected (L-inf)",
+    steps=10, random_start=False)
 ATTACK = PGD  # the name other modules import (adv-train, benchmarks)

@@ -36,13 +36,8 @@ class CombinedLogits(nn.Module):
         return self.target.combine_logits(self.target.member_logits(x))
 
 
-def run(
-    target: AttackTarget,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    settings: AttackSettings,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def run(target: AttackTarget, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
+        generator: torch.Generator | None) -> torch.Tensor:
     """One Square run (torchattacks, one restart) on the combined logits; modes restored."""
     import torchattacks
 
