@@ -207,7 +207,7 @@ x (B, C, H, W) in [0, 1] with labels y (B,), gradients enabled and the target's 
 x_adv (B, C, H, W) within the eps ball and [0, 1]. Randomness only from ``generator``."""
 
 
-@dataclass(frozen=True, init=False)
+@dataclass(frozen=True, init=False, eq=False)  # eq=False: hashable (options is a dict)
 class Attack:
     """A registered attack: its single run plus what the framework needs to drive it.
 

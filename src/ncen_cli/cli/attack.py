@@ -202,7 +202,8 @@ def attack_command(
              "logits) or prob (NLL of the mean probability). The strong protocol runs every "
              "objective unless one is given.")] = None,
     attack_option: Annotated[list[str] | None, typer.Option(
-        "--attack-option", "-o", help="name=value: an attack's own option (repeatable), e.g. "
+        "--attack-option", "-o", metavar="NAME=VALUE",
+        help="An attack's own option (repeatable), e.g. "
         "-o p_init=0.5 (square), -o select=margin (mc-pgd), -o early_stop=false.")] = None,
     limit: Annotated[int | None, typer.Option(help="Seeded subset of N test images.")] = None,
     batch_size: Annotated[int | None, typer.Option(

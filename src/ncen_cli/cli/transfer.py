@@ -104,7 +104,8 @@ def transfer_command(
              "normalisation); not an honest evaluation.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --png.")] = False,
     attack_option: Annotated[list[str] | None, typer.Option(
-        "--attack-option", "-o", help="name=value: an attack's own option (repeatable), e.g. "
+        "--attack-option", "-o", metavar="NAME=VALUE",
+        help="An attack's own option (repeatable), e.g. "
         "-o select=margin (mc-pgd).")] = None,
 ) -> None:
     """Craft adversarial examples on each member; evaluate them on every member and the ensemble."""
