@@ -39,18 +39,6 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def _restore_registries():
-    """Undo any runtime registration a test makes (registries are process-wide)."""
-    from ncen_cli.registry import REGISTRIES
-
-    saved = {kind: dict(reg._extra) for kind, reg in REGISTRIES.items()}
-    yield
-    for kind, reg in REGISTRIES.items():
-        reg._extra.clear()
-        reg._extra.update(saved[kind])
-
-
 @pytest.fixture
 def synthetic_arrays():
     from ncen_cli.data.synthetic import make_arrays

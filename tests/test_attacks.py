@@ -10,12 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ncen_cli.attacks.apgd import APGD_CE, APGD_DLR, checkpoints, dlr_loss
-from ncen_cli.attacks.base import AttackSettings, MemberTarget, objective_loss
-from ncen_cli.attacks.bim import ATTACK as BIM
-from ncen_cli.attacks.core import frozen_parameters, sign_ascent, worst_case_restarts
+from ncen_cli.attacks.base import (
+    AttackSettings,
+    MemberTarget,
+    frozen_parameters,
+    objective_loss,
+    worst_case_restarts,
+)
+from ncen_cli.attacks.core import sign_ascent
 from ncen_cli.attacks.fgsm import ATTACK as FGSM
 from ncen_cli.attacks.mifgsm import ATTACK as MIFGSM
-from ncen_cli.attacks.pgd import ATTACK as PGD
+from ncen_cli.attacks.pgd import BIM, PGD
 from ncen_cli.attacks.square import ATTACK as SQUARE
 from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import UsageError

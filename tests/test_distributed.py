@@ -33,7 +33,7 @@ from ncen_cli.checkpoint import read_metadata
 from ncen_cli.data.synthetic import make_arrays
 from ncen_cli.ensemble import build_ensemble
 from ncen_cli.evaluation import AttackRun, evaluate
-from ncen_cli.registry import ARCHS, DEFENSES
+from ncen_cli.registry import ARCHS, DEFENSES, registered
 from ncen_cli.train_step import training_step
 from ncen_cli.training import TrainConfig, clean_accuracy, resume_path, train
 from ncen_cli.transfer import transfer_matrix
@@ -52,12 +52,16 @@ def _build_tiny(input_shape: tuple[int, int, int], num_classes: int, activation:
                          nn.Linear(4 * h * w, num_classes))
 
 
-def _register_tiny() -> None:
-    ARCHS.register(TINY, Architecture(TINY, "BN-free test member", _build_tiny))
+TINY_ARCH = Architecture(TINY, "BN-free test member", _build_tiny)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_registered():
+    with registered("archs", TINY_ARCH):
+        yield
 
 
 def _ensemble(seed: int = 0):
-    _register_tiny()
     torch.manual_seed(seed)
     return build_ensemble([TINY, TINY], (1, 12, 12), 4)
 
@@ -77,6 +81,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), NCEN_DIST_TIMEOUT="60",
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    ARCHS.register(TINY, TINY_ARCH)  # a fresh process: the fixture's registration is not here
     assert distributed.context() == distributed.SINGLE  # a pure query: nothing started yet
     ctx = distributed.initialize("cpu")
     assert (ctx.rank, ctx.world_size, ctx.enabled) == (rank, WORLD, True)

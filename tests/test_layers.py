@@ -4,6 +4,7 @@ differentiated in reverse (reverse-over-forward)."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from ncen_cli.layers import (
     BatchNorm2d,
     Conv2d,
     forward_mode_layers,
-    input_gradient_pass,
+    input_gradients_only,
     use_torch_layers,
 )
 from ncen_cli.layers.batchnorm import _BatchNormTrain
@@ -125,9 +126,9 @@ def test_conv_gradgradcheck_against_finite_differences(case):
     )
 
 
-def test_input_gradient_pass_gives_the_same_double_backward():
-    """Inside the marker the layers skip parameter-gradient graphs; what is asked for (the input
-    gradient and its derivative w.r.t. the parameters) is unchanged."""
+def test_input_gradients_only_gives_the_same_double_backward():
+    """For a forward run inside the marker the layers skip parameter-gradient graphs; what is
+    asked for (the input gradient and its derivative w.r.t. the parameters) is unchanged."""
     torch.manual_seed(4)
     reference = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(),
                               nn.Conv2d(4, 3, 3, stride=2, padding=1)).double()
@@ -136,18 +137,91 @@ def test_input_gradient_pass_gives_the_same_double_backward():
     fast.load_state_dict(reference.state_dict())
     x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
     results = []
-    for net, marker in ((reference, None), (fast, input_gradient_pass())):
+    for net, marked in ((reference, False), (fast, True)):
         xi = x.clone().requires_grad_(True)
-        loss = net(xi).pow(2).sum()
-        if marker is None:
-            (g,) = torch.autograd.grad(loss, xi, create_graph=True)
+        if marked:
+            with input_gradients_only():
+                loss = net(xi).pow(2).sum()
         else:
-            with marker:
-                (g,) = torch.autograd.grad(loss, xi, create_graph=True)
+            loss = net(xi).pow(2).sum()
+        (g,) = torch.autograd.grad(loss, xi, create_graph=True)
         g.pow(2).sum().backward()
         results.append([g.detach(), *[p.grad for p in net.parameters()]])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def _fast_net(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(Conv2d(2, 4, 3, padding=1), BatchNorm2d(4), nn.Tanh(),
+                         Conv2d(4, 3, 3, stride=2, padding=1)).double()
+
+
+def _input_only_member(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Input gradient of a forward marked input-only, then the parameters' gradient of its
+    squared norm (the double backward NCEn takes)."""
+    xi = x.clone().requires_grad_(True)
+    with input_gradients_only():
+        loss = net(xi).pow(2).sum()
+    (g,) = torch.autograd.grad(loss, xi, create_graph=True)
+    g.pow(2).sum().backward()
+    return [g.detach(), *[p.grad.clone() for p in net.parameters()]]
+
+
+def _parameter_member(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Parameter gradients taken with create_graph=True (needs the layers' parameter-gradient
+    graphs), then the gradient of their squared norm."""
+    loss = net(x).pow(2).sum()
+    grads = torch.autograd.grad(loss, list(net.parameters()), create_graph=True)
+    second = torch.autograd.grad(sum(g.pow(2).sum() for g in grads), list(net.parameters()))
+    return [g.detach() for g in grads] + list(second)
+
+
+def test_input_only_switch_is_per_member_across_threads():
+    """Member A runs inside input_gradients_only on one thread and keeps the block open while
+    member B, on another thread, runs a forward and a create_graph backward that needs parameter
+    gradients. B's gradients equal those of B run alone (a process-wide switch read during
+    backward dropped them), and A's equal those of A run alone."""
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    net_a, net_b = _fast_net(2), _fast_net(3)
+    expected_a = _input_only_member(copy.deepcopy(net_a), x)
+    expected_b = _parameter_member(copy.deepcopy(net_b), x)
+
+    a_inside, b_done = threading.Barrier(2, timeout=60), threading.Barrier(2, timeout=60)
+    got: dict[str, object] = {}
+
+    def member_a() -> None:
+        try:
+            xi = x.clone().requires_grad_(True)
+            with input_gradients_only():
+                loss = net_a(xi).pow(2).sum()
+                a_inside.wait()  # A's block is open ...
+                b_done.wait()  # ... for all of B's forward and backward
+            (g,) = torch.autograd.grad(loss, xi, create_graph=True)
+            g.pow(2).sum().backward()
+            got["a"] = [g.detach(), *[p.grad.clone() for p in net_a.parameters()]]
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            got["a"] = exc
+
+    def member_b() -> None:
+        try:
+            a_inside.wait()
+            got["b"] = _parameter_member(net_b, x)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            got["b"] = exc
+        finally:
+            b_done.wait()
+
+    threads = [threading.Thread(target=member_a), threading.Thread(target=member_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for name, expected in (("a", expected_a), ("b", expected_b)):
+        result = got[name]
+        assert not isinstance(result, BaseException), f"member {name}: {result!r}"
+        for mine, alone in zip(result, expected, strict=True):
+            torch.testing.assert_close(mine, alone, rtol=1e-10, atol=1e-12)
 
 
 def _small_net() -> nn.Sequential:

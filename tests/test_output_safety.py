@@ -261,7 +261,7 @@ def _stop(_record) -> None:
 
 def test_a_step_that_breaks_the_weights_stops_and_keeps_the_last_finite_epoch(tmp_path):
     from ncen_cli.defenses.base import Defense
-    from ncen_cli.registry import DEFENSES
+    from ncen_cli.registry import registered
 
     calls = {"n": 0}
 
@@ -270,13 +270,15 @@ def test_a_step_that_breaks_the_weights_stops_and_keeps_the_last_finite_epoch(tm
         zero = inputs.logits.sum() * 0
         return {"poison": torch.sqrt(zero) if calls["n"] > 1 else zero}
 
-    DEFENSES.register("poisoned", Defense("poisoned", "test", {}, poisoned,
-                                          needs_input_gradients=False, needs_logits=True))
     out = tmp_path / "run.safetensors"
     config = TrainConfig(members=["resnet20"] * 2, dataset="synthetic", defense="poisoned",
                          epochs=3, batch_size=16, train_limit=16, test_limit=16, noise=False,
                          device="cpu", threads=1)
-    with pytest.raises(NonFiniteModelError, match=r"non-finite weights after step 1 of epoch 2"):
+    with (
+        registered("defenses", Defense("poisoned", "test", {}, poisoned,
+                                       needs_input_gradients=False, needs_logits=True)),
+        pytest.raises(NonFiniteModelError, match=r"non-finite weights after step 1 of epoch 2"),
+    ):
         train(config, out)
     kept = load_ensemble(out)
     assert kept.metadata["epochs_done"] == 1

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ncen_cli.cli.common import parse_float_list
-from ncen_cli.defenses import gal, gpmr, ncen
+from ncen_cli.defenses.base import DefenseInputs
 from ncen_cli.ensemble import check_member_count, parse_members
 from ncen_cli.errors import UsageError
+from ncen_cli.registry import DEFENSES
 
 ARCH = st.sampled_from(["resnet20", "resnet26", "resnet32"])
 
@@ -54,12 +55,25 @@ def test_float_list_errors_are_usage_errors(text):
         assert "--eps" in str(exc)
 
 
+def _registered(name: str, **hyperparameters: float):
+    """The summed terms of registered defense ``name`` on input gradients g (k, B, *shape),
+    through its ``loss_terms`` (what training calls)."""
+
+    def regularizer(g: torch.Tensor) -> torch.Tensor:
+        k, batch = g.shape[:2]
+        inputs = DefenseInputs(g[0], torch.zeros(batch, dtype=torch.long),
+                               g.new_zeros(k, batch, 2), g)
+        return sum(DEFENSES.get(name).loss_terms(inputs, **hyperparameters).values())
+
+    return regularizer
+
+
 REGULARIZERS = {
-    "ncen": lambda g: ncen.regularizer(g, 0.06, 0.04),
-    "ncen-official": lambda g: ncen.regularizer(g, 0.06, 0.04, form="official"),
-    "gal": gal.regularizer,
-    "gpmr": lambda g: gpmr.regularizer(g, 0.04, 10.0),
-    "gpmr-per-sample": lambda g: gpmr.regularizer(g, 0.04, 10.0, reduction="per-sample"),
+    "ncen": _registered("ncen", lambda_cos=0.06, lambda_norm=0.04),
+    "ncen-official": _registered("ncen-official", lambda_cos=0.06, lambda_norm=0.04),
+    "gal": _registered("gal", lambda_gal=0.5),
+    "gpmr": _registered("gpmr", lambda_div=0.04, lambda_eq=10.0),
+    "gpmr-per-sample": _registered("gpmr-per-sample", lambda_div=0.04, lambda_eq=10.0),
 }
 SCALE_INVARIANT = ("ncen", "ncen-official", "gal")
 
@@ -104,4 +118,4 @@ def test_direction_and_magnitude_terms_are_scale_invariant(params, name, factor)
 @given(st.integers(2, 5), st.integers(0, 2**31 - 1))
 def test_ncen_paper_norm_term_is_never_positive(k, seed):
     grads = torch.randn(k, 3, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    assert ncen.terms(grads, 0.0, 1.0)["norm"].item() <= 1e-12
+    assert _registered("ncen", lambda_cos=0.0, lambda_norm=1.0)(grads).item() <= 1e-12

@@ -22,7 +22,7 @@ from ncen_cli.cli import app
 from ncen_cli.defenses.base import Defense
 from ncen_cli.ensemble import build_ensemble
 from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
-from ncen_cli.registry import DEFENSES
+from ncen_cli.registry import registered
 from ncen_cli.training import TrainConfig, resume_path, train
 
 runner = CliRunner()
@@ -239,8 +239,7 @@ def test_non_finite_loss_stops_with_term_and_epoch_and_keeps_last_checkpoint(tmp
         value = inputs.input_grads.sum() * 0
         return {"boom": value + (float("nan") if calls["n"] > 1 else 0.0)}  # 1 batch per epoch
 
-    DEFENSES.register("exploding", Defense("exploding", "test", {}, exploding))
-    try:
+    with registered("defenses", Defense("exploding", "test", {}, exploding)):
         config = TrainConfig(
             members=["resnet20", "resnet20"],
             dataset="synthetic",
@@ -257,8 +256,6 @@ def test_non_finite_loss_stops_with_term_and_epoch_and_keeps_last_checkpoint(tmp
             train(config, out)
         assert load_ensemble(out).metadata["epochs_done"] == 1
         assert all(torch.isfinite(t).all() for t in load_ensemble(out).state_dict().values())
-    finally:
-        DEFENSES.unregister("exploding")
 
 
 def test_unwritable_out_is_a_clean_error(tmp_path):

@@ -137,7 +137,8 @@ def test_exact_step_matches_backward_of_the_explicit_loss_in_train_mode():
     ce = sum(F.cross_entropy(lg, y) for lg in logits) / K
     # each member's per-sample input gradients of the batch-summed CE (BN batch statistics on)
     grads = torch.autograd.grad(ce * K * B, copies, create_graph=True)
-    loss = ce + ncen_defense.regularizer(torch.stack(grads), **HP)
+    inputs = DefenseInputs(x, y, torch.stack(logits), torch.stack(grads))
+    loss = ce + sum(ncen_defense.DEFENSE.loss_terms(inputs, **HP).values())
     loss.backward()
 
     torch.testing.assert_close(out.loss, loss.detach(), rtol=1e-10, atol=1e-12)

@@ -9,9 +9,9 @@ import torch
 
 from ncen_cli import device as device_module
 from ncen_cli.checkpoint import load_ensemble, read_metadata
-from ncen_cli.data.base import FAMILY_DEFAULTS
 from ncen_cli.data.pipeline import AugmentConfig, epoch_generator, iterate_batches
 from ncen_cli.errors import UsageError
+from ncen_cli.presets import TRAINING
 from ncen_cli.training import TrainConfig, learning_rate, train
 
 
@@ -108,8 +108,8 @@ def test_learning_rate_floor_scales_with_a_small_lr(tmp_path):
 def test_paper_defaults_follow_the_authors():
     """RandomCrop(28, padding=4) on FashionMNIST, (32, 4) + flip on CIFAR-10; mean of the
     members' probabilities (their ensemble wrapper's prediction)."""
-    assert FAMILY_DEFAULTS["fashionmnist"]["crop_padding"] == 4
-    assert FAMILY_DEFAULTS["cifar10"]["crop_padding"] == 4 and FAMILY_DEFAULTS["cifar10"]["flip"]
+    assert TRAINING["fashionmnist"].crop_padding == 4 and not TRAINING["fashionmnist"].flip
+    assert TRAINING["cifar10"].crop_padding == 4 and TRAINING["cifar10"].flip
     assert TrainConfig().combine == "mean-prob"
 
 

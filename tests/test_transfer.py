@@ -9,6 +9,7 @@ right-half pixels, so it fools member 0 but leaves member 1 and member 2 untouch
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from ncen_cli.cli import app
 from ncen_cli.data.pipeline import to_float
 from ncen_cli.data.synthetic import NUM_CLASSES, SIZE, make_arrays
 from ncen_cli.ensemble import Ensemble
-from ncen_cli.registry import ARCHS, ATTACKS
+from ncen_cli.registry import registered
 from ncen_cli.transfer import TransferResult, transfer_matrix
 
 EPS = 0.5
@@ -69,14 +70,12 @@ ARCHITECTURES = {
 
 
 @pytest.fixture(autouse=True)
-def registered():
-    ATTACKS.register("test-fgsm", TEST_ATTACK)
-    for name, arch in ARCHITECTURES.items():
-        ARCHS.register(name, arch)
-    yield
-    ATTACKS.unregister("test-fgsm")
-    for name in ARCHITECTURES:
-        ARCHS.unregister(name)
+def _registered():
+    with ExitStack() as stack:
+        stack.enter_context(registered("attacks", TEST_ATTACK))
+        for arch in ARCHITECTURES.values():
+            stack.enter_context(registered("archs", arch))
+        yield
 
 
 def hand_built() -> Ensemble:
@@ -234,8 +233,7 @@ def test_crafting_runs_every_step_unless_told_otherwise():
         seen.append(settings)
         return fgsm(target, x, y, settings, generator)
 
-    ATTACKS.register("test-spy", Attack("test-spy", "records settings", spy, lambda eps: {}))
-    try:
+    with registered("attacks", Attack("test-spy", "records settings", spy, lambda eps: {})):
         arrays = make_arrays(n_train=8, n_test=8)
         result = transfer_matrix(hand_built(), arrays.test_x, arrays.test_y, "test-spy",
                                  AttackSettings(eps=EPS))
@@ -244,5 +242,3 @@ def test_crafting_runs_every_step_unless_told_otherwise():
         mine = AttackSettings(eps=EPS, extra={"early_stop": True})
         transfer_matrix(hand_built(), arrays.test_x, arrays.test_y, "test-spy", mine)
         assert seen[-1].extra["early_stop"] is True
-    finally:
-        ATTACKS.unregister("test-spy")

@@ -7,11 +7,14 @@ third-party plugins, so a separately installed package adds a defense by declari
     trs = "my_package.trs:DEFENSE"
 
 Loading is lazy: listing names reads only package metadata; only the object asked for is imported.
-A plugin that fails to import (whatever it raises, SystemExit and KeyboardInterrupt included) or
-whose object is not of its group's type (:data:`CONTRACTS`) is reported (``ncen plugins``) and never
-fatal. Two registrations of one name clash: a built-in always wins over a plugin (the plugin is
-listed as shadowed); two plugins of one name are both listed, and using the name is an error that
-names both (pick one with ``NCEN_PLUGINS``).
+Each group's entry points are scanned once and cached, with what was loaded (the cache is dropped
+when a name is registered or unregistered, or when ``NCEN_PLUGINS`` or ``sys.path`` changes).
+A plugin that fails to import (whatever it raises, SystemExit and KeyboardInterrupt included),
+whose object is not of its group's type (:data:`CONTRACTS`), or whose object's ``name`` differs
+from its entry-point name is reported (``ncen plugins``) and never fatal. Two registrations of
+one name clash: a built-in always wins over a plugin (the plugin is listed as shadowed); two
+plugins of one name are both listed, and using the name is an error that names both (pick one
+with ``NCEN_PLUGINS``).
 Set ``NCEN_PLUGINS`` to a comma-separated list of distribution names to restrict which third-party
 distributions load (ncen's built-ins always load); set it to an empty string to load built-ins only.
 """
@@ -21,13 +24,20 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from ncen_cli.errors import UsageError
 from ncen_cli.interrupts import noticing_sigint
+
+API_VERSION = 3
+"""The plugin API version: it covers the four contracts of :data:`CONTRACTS` (see
+docs/plugins.md for what changed between versions). Re-exported by ``ncen_cli.defenses.base``."""
 
 GROUPS: dict[str, str] = {
     "archs": "ncen.archs",
@@ -71,6 +81,7 @@ class Registry:
 
     kind: str
     _extra: dict[str, Registration] = field(default_factory=dict)
+    _scanned: tuple[tuple[Any, ...], list[Registration]] | None = field(default=None, repr=False)
 
     def _allowed(self, distribution: str) -> bool:
         allowed = os.environ.get("NCEN_PLUGINS")
@@ -90,7 +101,15 @@ class Registry:
         return dict(sorted(found.items()))
 
     def _all_entry_points(self) -> list[Registration]:
-        """Every allowed entry point of this group, with clashes of one name recorded."""
+        """Every allowed entry point of this group, with clashes of one name recorded; scanned
+        once per ``NCEN_PLUGINS`` value and ``sys.path`` (the same Registration objects, so
+        loads are kept)."""
+        key = (os.environ.get("NCEN_PLUGINS"), tuple(sys.path))
+        if self._scanned is None or self._scanned[0] != key:
+            self._scanned = (key, self._scan())
+        return self._scanned[1]
+
+    def _scan(self) -> list[Registration]:
         regs: list[Registration] = []
         for ep in entry_points(group=GROUPS[self.kind]):
             dist = ep.dist.name if ep.dist is not None else "?"
@@ -117,13 +136,19 @@ class Registry:
         return list(self.registrations())
 
     def register(self, name: str, obj: Any, distribution: str = "<runtime>") -> None:
-        """Register an object directly (tests, notebooks). Entry points are the normal route."""
+        """Register an object directly (notebooks; tests use :func:`registered`). Entry points
+        are the normal route. UsageError if ``obj.name`` is not ``name``."""
+        problem = _name_mismatch(name, obj)
+        if problem is not None:
+            raise UsageError(problem)
         self._extra[name] = Registration(
             GROUPS[self.kind], name, repr(obj), distribution, loaded=obj
         )
+        self._scanned = None
 
     def unregister(self, name: str) -> None:
         self._extra.pop(name, None)
+        self._scanned = None
 
     def load_registration(self, reg: Registration) -> Registration:
         """Import one registration and check it against the group's contract, recording the
@@ -144,7 +169,8 @@ class Registry:
                 reg.error = (f"{reg.value} is a {type(loaded).__name__}, not a "
                              f"{contract.__name__} (the {GROUPS[self.kind]} contract)")
             else:
-                reg.loaded = loaded
+                reg.error = _name_mismatch(reg.name, loaded, reg.value)
+                reg.loaded = loaded if reg.error is None else None
         return reg
 
     def get(self, name: str) -> Any:
@@ -169,6 +195,15 @@ class Registry:
                 f"{self.kind[:-1]} '{name}' from '{reg.distribution}' failed to load: {reg.error}"
             )
         return reg.loaded
+
+
+def _name_mismatch(name: str, obj: Any, where: str = "") -> str | None:
+    """A one-line problem when ``obj.name`` is not the name it is registered under, else None."""
+    own = getattr(obj, "name", name)
+    if own == name:
+        return None
+    return (f"{where or repr(obj)[:60]} is named '{own}' but registered as '{name}'; the "
+            "entry-point name and the object's name must agree")
 
 
 def _contract(kind: str) -> type:
@@ -199,3 +234,24 @@ def all_registrations(load: bool = True) -> list[Registration]:
         for reg in sorted(regs, key=lambda r: (r.name, not r.builtin)):
             out.append(registry.load_registration(reg) if load and not reg.shadowed else reg)
     return out
+
+
+@contextmanager
+def registered(kind: str, obj: Any, name: str | None = None) -> Iterator[Any]:
+    """Register ``obj`` in group ``kind`` (a key of :data:`REGISTRIES`) as ``name`` (default
+    ``obj.name``) for the duration of the block, then restore what was registered under that
+    name before (tests, notebooks)::
+
+        with registered("attacks", my_attack):
+            evaluate(ensemble, x, y, [AttackRun(my_attack.name, settings)])
+    """
+    registry = REGISTRIES[kind]
+    name = name if name is not None else obj.name
+    previous = registry._extra.get(name)
+    registry.register(name, obj)
+    try:
+        yield obj
+    finally:
+        registry.unregister(name)
+        if previous is not None:
+            registry._extra[name] = previous

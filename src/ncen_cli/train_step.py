@@ -41,7 +41,7 @@ from ncen_cli.attacks.core import frozen_parameters
 from ncen_cli.defenses.base import Defense, DefenseInputs
 from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import UsageError
-from ncen_cli.layers import forward_mode_layers, input_gradient_pass
+from ncen_cli.layers import forward_mode_layers, input_gradients_only
 from ncen_cli.member_parallel import SERIAL, MemberExecutor
 
 DOUBLE_BACKPROP_MODES = ("exact", "jvp", "finite-diff")  # finite-diff: deprecated alias
@@ -81,14 +81,15 @@ def _member_pass(
 ) -> _MemberPass:
     """Member on x (B, C, H, W) with labels y (B,)."""
     copy = x.detach().clone().requires_grad_(input_grad)
-    logits = member(copy)
+    # the create_graph backward below is w.r.t. the input only: the layers need not build
+    # parameter-gradient graphs (captured by each layer as this forward runs)
+    marker = input_gradients_only() if create_graph and input_grad else nullcontext()
+    with marker:
+        logits = member(copy)
     ce = _summed_ce(logits.unsqueeze(0), y)
     if not input_grad:
         return _MemberPass(logits, ce, None)
-    # w.r.t. the input only: the layers need not build parameter-gradient graphs
-    marker = input_gradient_pass() if create_graph else nullcontext()
-    with marker:
-        (grad,) = torch.autograd.grad(ce, copy, create_graph=create_graph)
+    (grad,) = torch.autograd.grad(ce, copy, create_graph=create_graph)
     return _MemberPass(logits, ce, grad)
 
 

@@ -31,7 +31,6 @@ from ncen_cli import distributed
 from ncen_cli.checkpoint import first_non_finite, save_ensemble
 from ncen_cli.crafting import craft_batch, crafting_generator, get_defense
 from ncen_cli.data import AugmentConfig, ImageArrays, iterate_batches, load_dataset
-from ncen_cli.data.base import FAMILY_DEFAULTS
 from ncen_cli.data.pipeline import iterate_eval_batches
 from ncen_cli.defenses.base import CraftContext, Defense
 from ncen_cli.device import Runtime, check_seed
@@ -45,6 +44,7 @@ from ncen_cli.errors import (
 )
 from ncen_cli.member_parallel import MemberExecutor, plan_threads
 from ncen_cli.output_safety import check_output, output_lock
+from ncen_cli.presets import training_preset
 from ncen_cli.resume_state import (
     RUNTIME_ONLY_FIELDS,
     EpochRecord,
@@ -345,12 +345,12 @@ def plan_run(config: TrainConfig, out: Path, resume: bool = False,
         arrays = load_dataset(config.dataset, config.data_dir, config.download,
                               config.train_limit, config.test_limit, config.seed)
     family = arrays.family
-    defaults = FAMILY_DEFAULTS.get(family, FAMILY_DEFAULTS["fashionmnist"])
-    epochs = config.epochs or int(defaults["epochs"])
-    noise_eps = config.noise_eps if config.noise_eps is not None else float(defaults["noise_eps"])
+    preset = training_preset(family)
+    epochs = config.epochs or preset.epochs
+    noise_eps = config.noise_eps if config.noise_eps is not None else preset.noise_eps
     augment = AugmentConfig(
-        crop_padding=int(defaults["crop_padding"]) if config.augment else 0,
-        flip=bool(defaults["flip"]) and config.augment,
+        crop_padding=preset.crop_padding if config.augment else 0,
+        flip=preset.flip and config.augment,
         noise_sigma=noise_eps / 2 if config.noise else 0.0,
     )
     defense, hyperparameters = resolve_defense(config, family)

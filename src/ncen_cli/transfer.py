@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ncen_cli.attacks.base import Attack, AttackSettings, MemberTarget
+from ncen_cli.attacks.base import Attack, AttackSettings, MemberTarget, as_float
 from ncen_cli.distributed import SINGLE, DistContext
 from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import NcenError, UsageError
@@ -155,10 +155,7 @@ def source_stream(seed: int, source: int) -> int:
     return seed * 1_000_003 + source * 10_007
 
 
-def _to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
-
-
+@torch.no_grad()
 def _correct(ensemble: Ensemble, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (k + 1, B) booleans: each member's, then the ensemble's, correctness."""
     logits = ensemble.member_logits(x)  # (k, B, classes)
@@ -225,7 +222,7 @@ def transfer_matrix(
         progress(0, total)
     for start in starts:
         stop = min(start + batch_size, share.stop)
-        xb, yb = _to_float(x[start:stop]).to(device), y[start:stop].to(device)
+        xb, yb = as_float(x[start:stop]).to(device), y[start:stop].to(device)
         clean = _correct(ensemble, xb, yb)  # (k + 1, B)
         if only_correct:
             keep = clean[:ensemble.k].all(0)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ncen_cli.attacks.base import AttackSettings
+from ncen_cli.attacks.base import AttackSettings, frozen_parameters, worst_case_restarts
 from ncen_cli.data.synthetic import make_arrays
 from ncen_cli.ensemble import Ensemble
+from ncen_cli.errors import UsageError
 from torch import nn
 
 from ncen_extra import mc_pgd
@@ -102,8 +103,29 @@ def test_restarts_are_counted_worst_case(trained) -> None:
 
 def test_unknown_select_rule_is_rejected(trained) -> None:
     ens, x, y = trained
-    with pytest.raises(ValueError, match="select rule"):
+    with pytest.raises(UsageError, match="select='x'; choose one of confidence, margin"):
         mc_pgd.perturb(ens, x[:2], y[:2], AttackSettings(eps=0.1, steps=1, extra={"select": "x"}))
+    with pytest.raises(UsageError, match="choose one of"):
+        mc_pgd.ATTACK.with_options(AttackSettings(eps=0.1), {"select": "nope"})
+
+
+def test_restarts_are_the_runners_worst_case_restarts(trained) -> None:
+    """mc-pgd's restarts are ncen's: the same images as the runner's worst_case_restarts around
+    mc-pgd's single run, drawing from the generator in the same order."""
+    ens, x, y = trained
+    settings = AttackSettings(eps=0.1, steps=3, step_size=0.03, random_start=True, restarts=3)
+    got = mc_pgd.perturb(ens, x, y, settings, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    with frozen_parameters(ens):
+        expected = worst_case_restarts(
+            ens, x, y, 3, lambda xs, ys: mc_pgd.run(ens, xs, ys, settings, gen))
+    assert torch.equal(got, expected)
+
+
+def test_select_option_is_settable_from_text() -> None:
+    settings = mc_pgd.ATTACK.with_options(AttackSettings(eps=0.1), {"select": "margin"})
+    assert settings.extra == {"select": "margin"}
+    assert mc_pgd.ATTACK.option(AttackSettings(eps=0.1), "select") == "confidence"
 
 
 def test_attack_works_when_called_under_no_grad(trained) -> None:

@@ -25,17 +25,7 @@ from typing import Any
 import torch
 
 from ncen_cli.attacks.base import Attack, AttackSettings, AttackTarget
-from ncen_cli.attacks.core import (
-    LossFn,
-    as_float,
-    check_settings,
-    frozen_parameters,
-    input_gradient,
-    objective_fn,
-    project,
-    uniform_start,
-    worst_case_restarts,
-)
+from ncen_cli.attacks.core import LossFn, input_gradient, objective_fn, project, uniform_start
 from ncen_cli.errors import UsageError
 
 RHO = 0.75
@@ -126,46 +116,33 @@ def apgd_once(
     return result
 
 
-def _perturb(loss: str):
-    def perturb(
-        target: AttackTarget,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        settings: AttackSettings,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        check_settings(settings)
-        x = as_float(x)
-        loss_fn = objective_fn(settings.objective) if loss == "ce" else dlr_loss
-
-        def run_once(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-            return apgd_once(target, xs, ys, settings.eps, settings.steps, loss_fn, generator)
-
-        with frozen_parameters(target):
-            return worst_case_restarts(target, x, y, settings.restarts, run_once)
-
-    return perturb
+def run_ce(target: AttackTarget, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """One APGD-CE run on ``settings.objective``."""
+    return apgd_once(target, x, y, settings.eps, settings.steps,
+                     objective_fn(settings.objective), generator)
 
 
-def _defaults_ce(eps: float) -> dict[str, Any]:
+def run_dlr(target: AttackTarget, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """One APGD-DLR run (the combined logits' DLR loss)."""
+    return apgd_once(target, x, y, settings.eps, settings.steps, dlr_loss, generator)
+
+
+def defaults(eps: float) -> dict[str, Any]:
     return {"steps": 100, "step_size": None, "restarts": 1, "random_start": True}
-
-
-def _defaults_dlr(eps: float) -> dict[str, Any]:
-    # "dlr" lies outside OBJECTIVES: the attack's own fixed loss (--objective does not apply)
-    return {"steps": 100, "step_size": None, "restarts": 1, "random_start": True,
-            "objective": "dlr"}
 
 
 APGD_CE = Attack(
     name="apgd-ce",
     summary="APGD-CE: step-size-free PGD on the ensemble objective, 100 iterations (L-inf)",
-    perturb=_perturb("ce"),
-    defaults=_defaults_ce,
+    run=run_ce,
+    defaults=defaults,
 )
 APGD_DLR = Attack(
     name="apgd-dlr",
     summary="APGD-DLR: step-size-free PGD on the DLR loss of the combined logits (L-inf)",
-    perturb=_perturb("dlr"),
-    defaults=_defaults_dlr,
+    run=run_dlr,
+    defaults=defaults,
+    own_loss="dlr",
 )

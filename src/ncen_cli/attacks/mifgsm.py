@@ -13,21 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from ncen_cli.attacks.base import Attack, AttackSettings, AttackTarget
-from ncen_cli.attacks.core import sign_ascent_attack
-
-
-def perturb(
-    target: AttackTarget,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    settings: AttackSettings,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    return sign_ascent_attack(target, x, y, settings, generator, default_step_fraction=0.1,
-                              momentum=True)
+from ncen_cli.attacks.base import Attack, AttackOption
+from ncen_cli.attacks.core import SIGN_ASCENT_OPTIONS, sign_ascent_run
 
 
 def defaults(eps: float) -> dict[str, Any]:
@@ -37,6 +24,12 @@ def defaults(eps: float) -> dict[str, Any]:
 ATTACK = Attack(
     name="mifgsm",
     summary="MI-FGSM: momentum sign-gradient steps, zero-gradient safe (L-inf)",
-    perturb=perturb,
+    run=sign_ascent_run(default_step_fraction=0.1, momentum=True),
     defaults=defaults,
+    options={
+        **SIGN_ASCENT_OPTIONS,
+        "momentum_l1_floor": AttackOption(
+            None, "divide the gradient by max(sum|grad|, floor) instead of mean|grad| "
+            "(advertorch: 1e-6)", float, minimum=0.0),
+    },
 )

@@ -3,8 +3,9 @@ arXiv:1912.00049), the black-box half of AutoAttack.
 
 Distance: L-infinity. Wraps ``torchattacks.Square`` (margin loss on the combined logits: a
 black-box attack sees only the ensemble's output, so ``--objective`` does not apply). ``steps`` is
-the query budget per restart (default 1000; AutoAttack uses 5000); ``extra["p_init"]`` the initial
-square fraction (default 0.8). Restarts are counted worst-case per example by ncen's shared helper.
+the query budget per restart (default 1000; AutoAttack uses 5000); option ``p_init`` the initial
+square fraction (default 0.8; ``-o p_init=0.5``). Restarts are counted worst-case per example by
+ncen's runner.
 Guards around torchattacks: its messages go to stderr (stdout stays clean for ``--json``), its
 global ``torch.manual_seed`` call runs inside a forked RNG seeded from our generator, no gradients
 are recorded, and every module's train/eval mode is restored afterwards.
@@ -20,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ncen_cli.attacks.base import Attack, AttackSettings, AttackTarget
-from ncen_cli.attacks.core import as_float, check_settings, project, seed_from, worst_case_restarts
+from ncen_cli.attacks.base import Attack, AttackOption, AttackSettings, AttackTarget
+from ncen_cli.attacks.core import project, seed_from
 
 
 class CombinedLogits(nn.Module):
@@ -35,51 +36,44 @@ class CombinedLogits(nn.Module):
         return self.target.combine_logits(self.target.member_logits(x))
 
 
-def perturb(
-    target: AttackTarget,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    settings: AttackSettings,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def run(target: AttackTarget, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
+        generator: torch.Generator | None) -> torch.Tensor:
+    """One Square run (torchattacks, one restart) on the combined logits; modes restored."""
     import torchattacks
 
-    check_settings(settings)
-    x = as_float(x)
     model = CombinedLogits(target)
     modes = [(m, m.training) for m in model.modules()]
-    p_init = float(settings.extra.get("p_init", 0.8))
-
-    def run_once(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-        devices = [xs.device] if xs.device.type == "cuda" else []
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
         with (
             torch.random.fork_rng(devices=devices),
             contextlib.redirect_stdout(sys.stderr),
             torch.no_grad(),
         ):
             attack = torchattacks.Square(model, norm="Linf", eps=settings.eps,
-                                         n_queries=settings.steps, n_restarts=1, p_init=p_init,
+                                         n_queries=settings.steps, n_restarts=1,
+                                         p_init=float(ATTACK.option(settings, "p_init")),
                                          loss="margin", seed=seed_from(generator) % 2**31)
-            attack.set_device(xs.device)
-            adv = attack(xs, ys).to(torch.float32)
-        return project(adv, xs, settings.eps)
-
-    try:
-        return worst_case_restarts(target, x, y, settings.restarts, run_once)
+            attack.set_device(x.device)
+            adv = attack(x, y).to(torch.float32)
     finally:
         for module, training in modes:
             module.training = training
+    return project(adv, x, settings.eps)
 
 
 def defaults(eps: float) -> dict[str, Any]:
     return {"steps": 1000, "step_size": None, "restarts": 1, "random_start": True,
-            "objective": "margin", "extra": {"p_init": 0.8}}
+            "extra": {"p_init": 0.8}}
 
 
 ATTACK = Attack(
     name="square",
     summary="Square: black-box random search on the combined logits' margin (torchattacks, L-inf)",
-    perturb=perturb,
+    run=run,
     defaults=defaults,
     white_box=False,
+    options={"p_init": AttackOption(0.8, "initial fraction of the image a square covers",
+                                    float, minimum=1e-6, maximum=1.0)},
+    own_loss="margin",
 )

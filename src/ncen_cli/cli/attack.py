@@ -183,6 +183,10 @@ def attack_command(
              "logits) or prob (NLL of the mean probability). The strong protocol runs every "
              "objective unless one is given.")] = None,
     test_limit: TestLimit = None,
+    attack_option: Annotated[list[str] | None, typer.Option(
+        "--attack-option", "-o", metavar="NAME=VALUE",
+        help="An attack's own option (repeatable), e.g. "
+        "-o p_init=0.5 (square), -o select=margin (mc-pgd), -o early_stop=false.")] = None,
     batch_size: Annotated[int | None, typer.Option(
         help="Images per attack batch (default 500; authors: 64, which matters with BatchNorm "
              "in train mode).")] = None,
@@ -226,6 +230,12 @@ def attack_command(
     runs = build_runs(runs_family or arrays.family, protocol, attacks, eps, steps, step_size,
                       restarts, objective, combine=meta.get("combine", "mean-logits"),
                       quirks=authors_quirks)
+    from dataclasses import replace
+
+    from ncen_cli.attacks.base import with_attack_options
+
+    optioned = with_attack_options([(r.attack, r.settings) for r in runs], attack_option)
+    runs = [replace(r, settings=s) for r, s in zip(runs, optioned, strict=True)]
     ensemble = load_ensemble(checkpoint, device=runtime.device)
 
     started = time.perf_counter()

@@ -127,6 +127,9 @@ def transfer_command(
     quiet: Quiet = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
+    attack_option: Annotated[list[str] | None, typer.Option(
+        "--attack-option", "-o", metavar="NAME=VALUE",
+        help="An attack's own option (repeatable), e.g. -o select=margin (mc-pgd).")] = None,
 ) -> None:
     """Craft adversarial examples on each member; evaluate them on every member and the ensemble.
 
@@ -145,7 +148,7 @@ def transfer_command(
     results, meta, dataset_name, is_main = _run(
         checkpoint, names, eps_values,
         attack={"steps": steps, "step_size": step_size, "restarts": restarts,
-                "authors": protocol == "authors"},
+                "authors": protocol == "authors", "options": attack_option},
         data={"test_limit": test_limit, "only_correct": only_correct, "batch_size": batch_size,
               "dataset": dataset, "data_dir": data_dir, "download": download,
               "device": device, "threads": threads, "seed": seed},
@@ -191,40 +194,40 @@ def _run(checkpoint: Path, names: list[str], eps_values: list[float], *, attack:
     """Load the checkpoint and its test data, then one matrix per (attack, eps); ``attack``,
     ``data`` and ``reporting`` hold the command's options of that kind, by name.
     Returns (results, checkpoint metadata, dataset name, whether this is rank 0)."""
+    from ncen_cli.attacks.base import with_attack_options
     from ncen_cli.authors_protocol import ADVERTORCH_L1_FLOOR
     from ncen_cli.checkpoint import load_ensemble
     from ncen_cli.device import Runtime
     from ncen_cli.distributed import initialize
-    from ncen_cli.registry import ATTACKS
     from ncen_cli.transfer import run_settings, transfer_matrix
 
-    for name in names:  # an unknown attack fails before the data is loaded
-        ATTACKS.get(name)
+    authors = attack["authors"]
+    runs = [(name, eps) for name in names for eps in eps_values]  # a repeated name: one each
+    # every setting (unknown attacks, -o options) is checked before the data is loaded
+    settings_list = with_attack_options(
+        [(name, run_settings(name, eps, attack["steps"], attack["step_size"], attack["restarts"]))
+         for name, eps in runs], attack["options"])
     meta, arrays = checkpoint_test_data(checkpoint, data["dataset"], data["data_dir"],
                                         data["download"], data["test_limit"], data["seed"])
     dist = initialize(data["device"])
     runtime = Runtime.create(device=data["device"], seed=data["seed"], threads=data["threads"])
     ensemble = load_ensemble(checkpoint, device=runtime.device)
-    authors = attack["authors"]
     results: list[TransferResult] = []
     with runtime.applied(), Reporter(main=dist.is_main, **reporting) as reporter:
-        for name in names:  # a repeated name: one matrix each
-            for eps in eps_values:
-                settings = run_settings(name, eps, attack["steps"], attack["step_size"],
-                                        attack["restarts"])
-                if authors and name == "mifgsm":
-                    settings = replace(settings, extra={
-                        **settings.extra, "momentum_l1_floor": ADVERTORCH_L1_FLOOR})
-                task = reporter.start(f"{name} eps={eps:g}: crafting on each member (batches)")
+        for (name, eps), settings in zip(runs, settings_list, strict=True):
+            if authors and name == "mifgsm":
+                settings = replace(settings, extra={
+                    **settings.extra, "momentum_l1_floor": ADVERTORCH_L1_FLOOR})
+            task = reporter.start(f"{name} eps={eps:g}: crafting on each member (batches)")
 
-                def on_step(done: int, total: int, task: Any = task) -> None:
-                    reporter.update(task, done, total)
+            def on_step(done: int, total: int, task: Any = task) -> None:
+                reporter.update(task, done, total)
 
-                results.append(transfer_matrix(
-                    ensemble, arrays.test_x, arrays.test_y, attack=name, settings=settings,
-                    batch_size=data["batch_size"], device=runtime.device, seed=data["seed"],
-                    only_correct=data["only_correct"] or authors, progress=on_step,
-                    member_softmax=authors, dist=dist,
-                ))
-                reporter.stop(task)
+            results.append(transfer_matrix(
+                ensemble, arrays.test_x, arrays.test_y, attack=name, settings=settings,
+                batch_size=data["batch_size"], device=runtime.device, seed=data["seed"],
+                only_correct=data["only_correct"] or authors, progress=on_step,
+                member_softmax=authors, dist=dist,
+            ))
+            reporter.stop(task)
     return results, meta, arrays.name, dist.is_main

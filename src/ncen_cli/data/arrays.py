@@ -12,9 +12,9 @@ from ncen_cli.data.base import (
     DatasetSpec,
     ImageArrays,
     check_labels,
-    family_for_channels,
 )
 from ncen_cli.errors import DataUnavailableError, UsageError
+from ncen_cli.presets import family_for_channels
 
 
 def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +72,7 @@ def arrays_from_files(name: str, family: str | None, train: Path, test: Path) ->
     num_classes = max(int(max(train_y.max(), test_y.max())) + 1, 2)
     return ImageArrays(
         name=name,
-        family=family or family_for_channels(train_x.shape[1]),
+        family=family or family_for_channels(name, train_x.shape[1]),
         train_x=train_x,
         train_y=train_y,
         test_x=test_x,

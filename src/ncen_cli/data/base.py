@@ -13,12 +13,6 @@ from ncen_cli.errors import UsageError
 MAX_CLASSES = 100_000  # more labels than this is a broken file, not a dataset
 MAX_CHANNELS = 16
 
-# Paper settings per dataset family: augmentation, D_noise epsilon, epochs.
-FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
-    "fashionmnist": {"crop_padding": 4, "flip": False, "noise_eps": 0.3, "epochs": 40},
-    "cifar10": {"crop_padding": 4, "flip": True, "noise_eps": 0.09, "epochs": 60},
-}
-
 
 @dataclass(frozen=True)
 class ImageArrays:
@@ -26,8 +20,9 @@ class ImageArrays:
 
     Attributes:
         name: dataset name as registered.
-        family: ``"fashionmnist"`` or ``"cifar10"``: whose paper settings (augmentation, noise,
-            attack epsilons, defense hyperparameters) apply.
+        family: whose paper settings (augmentation, noise, attack epsilons, defense
+            hyperparameters) apply: ``"fashionmnist"`` or ``"cifar10"`` (:mod:`ncen_cli.presets`);
+            any other family needs explicit values or gets the logged fallback.
         train_x / test_x: (N, C, H, W) uint8 images (0-255).
         train_y / test_y: (N,) int64 class ids in [0, num_classes).
         classes: class names, len == num_classes.
@@ -79,7 +74,7 @@ class DatasetSpec:
         load: ``load(data_dir: Path | None, download: bool) -> ImageArrays``; must raise
             :class:`ncen_cli.errors.DataUnavailableError` with a one-line hint when files are
             missing and cannot be fetched.
-        family: default paper family for settings (see :data:`FAMILY_DEFAULTS`).
+        family: default paper family for settings (see :mod:`ncen_cli.presets`).
     """
 
     name: str
@@ -129,10 +124,6 @@ def validate_arrays(arrays: object, source: str) -> ImageArrays:
         raise UsageError(f"{source}: train images {tuple(arrays.train_x.shape[1:])} and test "
                          f"images {tuple(arrays.test_x.shape[1:])} differ in shape")
     return arrays
-
-
-def family_for_channels(channels: int) -> str:
-    return "fashionmnist" if channels == 1 else "cifar10"
 
 
 def load_dataset(

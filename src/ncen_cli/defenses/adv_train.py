@@ -65,7 +65,8 @@ def adversarial_batch(
     return torch.cat([x_adv.to(x.dtype), x[n_adv:]]), y
 
 
-def _terms(inputs: DefenseInputs, **_: float) -> dict[str, torch.Tensor]:
+def terms(inputs: DefenseInputs, **_: float) -> dict[str, torch.Tensor]:
+    """No terms: the members' CE on the crafted batch is the whole loss."""
     return {}
 
 
@@ -89,7 +90,7 @@ DEFENSE = Defense(
             1.0, "fraction of each batch replaced by its PGD examples (1: Madry's objective)"
         ),
     },
-    loss_terms=_terms,
+    loss_terms=terms,
     needs_input_gradients=False,
     member_inputs=adversarial_batch,
     check=_check,

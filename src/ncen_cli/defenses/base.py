@@ -1,4 +1,4 @@
-"""The defense contract (plugin API version 2).
+"""The defense contract (plugin API version 2; unchanged in version 3).
 
 A defense is a :class:`Defense`: a name, its hyperparameters with per-dataset defaults, what it
 needs (the members' input gradients, their logits, or both), and a function
@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ncen_cli.registry import API_VERSION  # noqa: F401 - re-exported: plugins import it from here
+
 EPS = 1e-30  # guards divisions by norms; tiny enough not to break scale invariance
-API_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -157,13 +159,22 @@ def flat_norms(grads: torch.Tensor) -> torch.Tensor:
     return grads.flatten(start_dim=2).norm(dim=2)
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity along the last dim, epsilon-guarded. (..., D) -> (...)."""
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + EPS)
-
-
 def pairwise_cosines(grads: torch.Tensor) -> torch.Tensor:
     """Cosine of every pair of members' gradients, per sample. (k, B, *shape) -> (k, k, B)."""
     flat = grads.flatten(start_dim=2)
     unit = flat / (flat.norm(dim=2, keepdim=True) + EPS)
     return torch.einsum("ibd,jbd->ijb", unit, unit)
+
+
+def input_gradient_terms(
+    terms: Callable[..., dict[str, torch.Tensor]], **variant: Any
+) -> Callable[..., dict[str, torch.Tensor]]:
+    """A :attr:`Defense.loss_terms` for a defense whose terms depend on the input gradients only:
+    ``loss_terms(inputs, **hyperparameters) = terms(inputs.input_grads, **variant,
+    **hyperparameters)``, with ``variant`` the registration's fixed choices (e.g. NCEn's
+    ``form``)."""
+
+    def loss_terms(inputs: DefenseInputs, **hyperparameters: float) -> dict[str, torch.Tensor]:
+        return terms(inputs.input_grads, **variant, **hyperparameters)
+
+    return loss_terms

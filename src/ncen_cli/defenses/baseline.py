@@ -7,12 +7,8 @@ import torch
 from ncen_cli.defenses.base import Defense, DefenseInputs
 
 
-def regularizer(grads: torch.Tensor) -> torch.Tensor:
-    """Always zero. grads: (k, B, *shape) -> scalar."""
-    return grads.new_zeros(())
-
-
-def _terms(inputs: DefenseInputs) -> dict[str, torch.Tensor]:
+def terms(inputs: DefenseInputs) -> dict[str, torch.Tensor]:
+    """No terms: the training loss is the mean member cross-entropy alone."""
     return {}
 
 
@@ -20,6 +16,6 @@ DEFENSE = Defense(
     name="baseline",
     summary="plain joint training: mean cross-entropy of the members, no regularizer",
     hyperparameters={},
-    loss_terms=_terms,
+    loss_terms=terms,
     needs_input_gradients=False,
 )

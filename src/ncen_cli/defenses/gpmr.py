@@ -29,16 +29,16 @@ import torch
 
 from ncen_cli.defenses.base import (
     Defense,
-    DefenseInputs,
     Hyperparameter,
     flat_norms,
+    input_gradient_terms,
     pairwise_cosines,
 )
 
 REDUCTIONS = ("authors", "per-sample")
 
 
-def magnitude_term(grads: torch.Tensor, reduction: str = "authors") -> torch.Tensor:
+def magnitude_term(grads: torch.Tensor, reduction: str) -> torch.Tensor:
     """Unweighted magnitude (eq) term. grads: (k, B, *shape) as in the module doc -> scalar."""
     k, batch = grads.shape[:2]
     if reduction == "authors":
@@ -59,29 +59,17 @@ def direction_term(grads: torch.Tensor) -> torch.Tensor:
 
 
 def terms(
-    grads: torch.Tensor, lambda_div: float, lambda_eq: float, reduction: str = "authors"
+    grads: torch.Tensor, *, reduction: str, lambda_div: float, lambda_eq: float
 ) -> dict[str, torch.Tensor]:
-    """The weighted phase (div) and magnitude (eq) terms. grads: (k, B, *shape) -> two scalars."""
+    """The weighted phase (``div``) and magnitude (``eq``) terms. grads: (k, B, *shape) as in the
+    module docstring; reduction: one of :data:`REDUCTIONS` -> two scalars."""
     return {
         "div": lambda_div * direction_term(grads),
         "eq": lambda_eq * magnitude_term(grads, reduction),
     }
 
 
-def regularizer(
-    grads: torch.Tensor,
-    lambda_div: float = 0.1,
-    lambda_eq: float = 10.0,
-    reduction: str = "authors",
-) -> torch.Tensor:
-    """grads: (k, B, *shape) input gradients as in the module docstring -> scalar."""
-    return sum(terms(grads, lambda_div, lambda_eq, reduction).values())
-
-
 def _defense(reduction: str) -> Defense:
-    def loss_terms(inputs: DefenseInputs, lambda_div: float, lambda_eq: float):
-        return terms(inputs.input_grads, lambda_div, lambda_eq, reduction)
-
     where = (
         "the authors' reductions (norms of the whole batch of mean-CE gradients)"
         if reduction == "authors"
@@ -97,7 +85,7 @@ def _defense(reduction: str) -> Defense:
             ),
             "lambda_eq": Hyperparameter(10.0, "weight of the magnitude term"),
         },
-        loss_terms=loss_terms,
+        loss_terms=input_gradient_terms(terms, reduction=reduction),
     )
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ncen_cli.defenses.base import EPS, Defense, DefenseInputs, Hyperparameter
+from ncen_cli.defenses.base import EPS, Defense, Hyperparameter, input_gradient_terms
 
 FORMS = ("paper", "official")
 
@@ -36,11 +36,12 @@ def _direction_and_magnitude(
 
 
 def terms(
-    grads: torch.Tensor, lambda_cos: float, lambda_norm: float, form: str = "paper"
+    grads: torch.Tensor, *, form: str, lambda_cos: float, lambda_norm: float
 ) -> dict[str, torch.Tensor]:
     """Weighted direction (``cos``) and magnitude (``norm``) terms, each a batch-mean scalar.
 
-    grads: (k, B, *shape) input gradients of the k members (DefenseInputs.input_grads).
+    grads: (k, B, *shape) input gradients of the k members (DefenseInputs.input_grads); form:
+    one of :data:`FORMS`. The weights' defaults are the registered defenses' hyperparameters.
     """
     k = grads.shape[0]
     c, norms, m = _direction_and_magnitude(grads)
@@ -60,17 +61,7 @@ def terms(
     return {"cos": lambda_cos * loss_cos.mean(), "norm": lambda_norm * loss_norm.mean()}
 
 
-def regularizer(
-    grads: torch.Tensor, lambda_cos: float = 0.06, lambda_norm: float = 0.04, form: str = "paper"
-) -> torch.Tensor:
-    """NCE for grads of shape (k, B, *shape); returns a scalar averaged over the batch."""
-    return sum(terms(grads, lambda_cos, lambda_norm, form).values())
-
-
 def _defense(form: str) -> Defense:
-    def loss_terms(inputs: DefenseInputs, lambda_cos: float, lambda_norm: float):
-        return terms(inputs.input_grads, lambda_cos, lambda_norm, form)
-
     return Defense(
         name="ncen" if form == "paper" else "ncen-official",
         summary=f"NCEn (Zhang et al. 2022), {form} form: negatively correlated gradient "
@@ -83,7 +74,7 @@ def _defense(form: str) -> Defense:
                 0.02, "weight of the magnitude term", {"fashionmnist": 0.02, "cifar10": 0.04}
             ),
         },
-        loss_terms=loss_terms,
+        loss_terms=input_gradient_terms(terms, form=form),
     )
 
 

@@ -12,14 +12,9 @@ from typing import Any
 from ncen_cli.attacks.base import OBJECTIVES, Attack, AttackSettings
 from ncen_cli.authors_protocol import ADVERTORCH_L1_FLOOR, AuthorsQuirks
 from ncen_cli.errors import UsageError
+from ncen_cli.presets import PAPER_EPS
 
-# Table II of the paper: per family, (attack, eps values) and the settings as a function of eps.
-PAPER_EPS: dict[str, dict[str, tuple[float, ...]]] = {
-    "fashionmnist": {"fgsm": (0.1, 0.3), "mifgsm": (0.1, 0.3), "pgd": (0.1, 0.15),
-                     "bim": (0.1, 0.15)},
-    "cifar10": {"fgsm": (0.03, 0.09), "mifgsm": (0.03, 0.09), "pgd": (0.01, 0.02),
-                "bim": (0.01, 0.02)},
-}
+# Table II of the paper: the settings as a function of eps (the eps values: presets.PAPER_EPS).
 PAPER_SETTINGS: dict[str, Callable[[float], dict[str, Any]]] = {
     "fgsm": lambda eps: {"steps": 1, "step_size": eps, "random_start": False},
     "mifgsm": lambda eps: {"steps": 40, "step_size": 0.01, "decay": 1.0, "random_start": False},
@@ -151,16 +146,10 @@ def authors_protocol(
 
 def attack_settings(attack: Attack, eps: float, objective: str = "mean-ce",
                     **overrides: Any) -> AttackSettings:
-    """An attack's default settings at ``eps`` with ``overrides`` (None values ignored).
-
-    An attack whose defaults name an objective outside :data:`OBJECTIVES` (APGD-DLR's ``dlr``,
-    Square's ``margin``) has its own fixed loss, which ``objective`` does not replace.
-    """
-    values: dict[str, Any] = {"objective": objective, **attack.defaults(eps)}
-    if values["objective"] in OBJECTIVES:
-        values["objective"] = objective
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return AttackSettings(eps=eps, **values)
+    """An attack's default settings at ``eps`` with ``overrides`` (None values ignored); see
+    :meth:`~ncen_cli.attacks.base.Attack.settings_for` (an attack with its own fixed loss keeps
+    it)."""
+    return attack.settings_for(eps, objective, **overrides)
 
 
 def custom_runs(
@@ -236,19 +225,14 @@ def override_runs(
 
 def validate_runs(runs: Sequence[AttackRun]) -> None:
     """UsageError for an unknown attack or an out-of-range setting (before any work is done;
-    the settings' ranges are :func:`~ncen_cli.attacks.core.check_settings`'s, which the attacks
-    apply too), naming the attack."""
-    from ncen_cli.attacks.core import check_settings
+    :meth:`~ncen_cli.attacks.base.Attack.check`, which the attacks' runner applies too), naming
+    the attack."""
     from ncen_cli.registry import ATTACKS
 
     if not runs:
         raise UsageError("no attack runs to evaluate")
     for run in runs:
-        ATTACKS.get(run.attack)
-        try:
-            check_settings(run.settings)
-        except UsageError as exc:
-            raise UsageError(f"{exc} ({run.attack})") from None
+        ATTACKS.get(run.attack).check(run.settings)
 
 
 def _select(runs: list[AttackRun], names: Sequence[str], protocol: str) -> list[AttackRun]:

@@ -9,10 +9,11 @@ and first-order gradients) whose double backward is written out by hand; see eac
 docstring for the formulas, and tests/test_layers.py for the checks against torch's own double
 backward and finite differences.
 
-:func:`input_gradient_pass` marks a ``torch.autograd.grad(..., create_graph=True)`` taken with
-respect to the *inputs only*: inside it the layers do not build graphs for parameter gradients
-that nobody asked for (torch's own layers know this from the engine; a custom autograd Function
-does not).
+:func:`input_gradients_only` marks a member's forward pass whose ``torch.autograd.grad(...,
+create_graph=True)`` will be taken with respect to the *inputs only*: the layers then do not build
+graphs for parameter gradients that nobody asked for (torch's own layers know this from the
+engine; a custom autograd Function does not). The switch is captured per layer call when the
+forward runs, so members run concurrently on other threads are unaffected.
 
 :func:`forward_mode_layers` prepares a module for forward-mode AD differentiated in reverse
 (``--double-backprop jvp``): torch's own train-mode batch norm has a wrong second-order JVP in
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from ncen_cli.layers.batchnorm import BatchNorm2d
-from ncen_cli.layers.context import input_gradient_pass
+from ncen_cli.layers.context import input_gradients_only
 from ncen_cli.layers.conv import Conv2d
 
 
@@ -84,5 +85,5 @@ def _uses_torch_batch_statistics(module: nn.Module) -> bool:
 
 
 __all__ = [
-    "BatchNorm2d", "Conv2d", "forward_mode_layers", "input_gradient_pass", "use_torch_layers"
+    "BatchNorm2d", "Conv2d", "forward_mode_layers", "input_gradients_only", "use_torch_layers"
 ]

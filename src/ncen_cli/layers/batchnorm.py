@@ -62,6 +62,7 @@ class _BatchNormTrain(torch.autograd.Function):
         )
         ctx.save_for_backward(x, weight, save_mean, save_invstd)
         ctx.eps = eps
+        ctx.parameter_gradients = parameter_gradients_wanted()  # captured now, not in backward
         ctx.mark_non_differentiable(save_mean, save_invstd)
         return y, save_mean, save_invstd
 
@@ -69,7 +70,9 @@ class _BatchNormTrain(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_mean, _grad_invstd):
         x, weight, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the input gradient will be differentiated
-            gx, gw, gb = _BatchNormBackward.apply(grad_y, x, weight, mean, invstd, ctx.eps)
+            gx, gw, gb = _BatchNormBackward.apply(
+                grad_y, x, weight, mean, invstd, ctx.eps, ctx.parameter_gradients
+            )
         else:
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 grad_y, x, weight, None, None, mean, invstd, True, ctx.eps,
@@ -84,7 +87,7 @@ class _BatchNormBackward(torch.autograd.Function):
     sums of A and A x_hat, is exactly torch's fused first-order kernel applied to A."""
 
     @staticmethod
-    def forward(ctx, grad_y, x, weight, mean, invstd, eps):
+    def forward(ctx, grad_y, x, weight, mean, invstd, eps, parameter_gradients):
         ctx.set_materialize_grads(False)
         affine = weight is not None
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
@@ -95,7 +98,7 @@ class _BatchNormBackward(torch.autograd.Function):
         else:
             ctx.save_for_backward(grad_y, x, weight, mean, invstd)
         ctx.eps = eps
-        if not parameter_gradients_wanted():
+        if not parameter_gradients:
             gw = gb = None
         return gx, gw, gb
 
@@ -145,7 +148,7 @@ class _BatchNormBackward(torch.autograd.Function):
         if grad_gb is not None:
             b = _channel_view(grad_gb, ndim).expand_as(g)
             d_g = b.clone() if d_g is None else d_g.add_(b)
-        return d_g, d_x, d_gamma, None, None, None
+        return d_g, d_x, d_gamma, None, None, None, None
 
 
 def _batch_norm_dual(
@@ -157,7 +160,9 @@ def _batch_norm_dual(
     y, mean, invstd = _BatchNormTrain.apply(
         primal, weight, bias, running_mean, running_var, momentum, eps
     )
-    y_tangent = _BatchNormBackward.apply(tangent, primal, weight, mean, invstd, eps)[0]
+    y_tangent = _BatchNormBackward.apply(
+        tangent, primal, weight, mean, invstd, eps, parameter_gradients_wanted()
+    )[0]
     return forward_ad.make_dual(y, y_tangent)
 
 

@@ -1,4 +1,4 @@
-"""The "input gradients only" marker and the dual-tensor test shared by ncen's layers."""
+"""The "input gradients only" switch and the dual-tensor test shared by ncen's layers."""
 
 from __future__ import annotations
 
@@ -9,35 +9,35 @@ from contextlib import contextmanager
 import torch
 from torch.autograd import forward_ad
 
-_lock = threading.Lock()
-_depth = 0
+_local = threading.local()
 
 
 @contextmanager
-def input_gradient_pass() -> Iterator[None]:
-    """Within this block, backward passes taken with ``create_graph=True`` are promised to ask
-    for gradients with respect to inputs only
-    (``torch.autograd.grad(loss, inputs, create_graph=True)``), so the layers skip the
-    parameter-gradient graphs.
+def input_gradients_only() -> Iterator[None]:
+    """Mark the forward passes run inside this block, on this thread: every backward of their
+    graph taken with ``create_graph=True`` is promised to ask for gradients with respect to the
+    inputs only (``torch.autograd.grad(loss, inputs, create_graph=True)``), so the layers skip
+    the parameter-gradient graphs. Backwards without ``create_graph`` (the final
+    ``loss.backward()``) are unaffected and give every gradient.
 
-    The marker is process-wide, not thread-local, because on CUDA the autograd engine runs
-    backward functions on its own device threads; it nests and may be entered from several
-    threads at once (``ncen_cli.train_step`` does so from its member threads). Do not run a
-    backward that needs parameter gradients with ``create_graph=True`` concurrently with it.
+    The switch is captured per layer call when the forward runs (saved on its autograd context),
+    so it holds for that member whichever thread later runs the backward (on CUDA the autograd
+    engine runs backward functions on its own device threads), and a member run concurrently
+    outside the block, e.g. one that needs parameter gradients with ``create_graph=True``, is
+    not affected. Nests.
     """
-    global _depth
-    with _lock:
-        _depth += 1
+    depth = getattr(_local, "depth", 0)
+    _local.depth = depth + 1
     try:
         yield
     finally:
-        with _lock:
-            _depth -= 1
+        _local.depth = depth
 
 
 def parameter_gradients_wanted() -> bool:
-    """False inside :func:`input_gradient_pass`."""
-    return _depth == 0
+    """False inside :func:`input_gradients_only` on this thread. Read by the layers when their
+    forward runs, never during a backward."""
+    return getattr(_local, "depth", 0) == 0
 
 
 def split_dual(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -9,9 +9,9 @@ The input gradient of a convolution is gI = conv_transpose(gO, W). When gI is di
 torch's generic formula (``_convolution_double_backward``) computes the second as a convolution
 of the transposed tensors whose kernel is the whole output map, which on a CPU measured about
 2 x slower for a ResNet-20 layer than the weight-gradient kernel used here
-(docs/performance.md). The weight and bias gradients, when asked for with ``create_graph``
-outside :func:`~ncen_cli.layers.input_gradient_pass`, come from torch's differentiable
-``convolution_backward`` as usual.
+(docs/performance.md). The weight and bias gradients, when asked for with ``create_graph`` of a
+forward run outside :func:`~ncen_cli.layers.input_gradients_only`, come from torch's
+differentiable ``convolution_backward`` as usual.
 
 Forward mode (``--double-backprop jvp``): a dual input (x, T) gives the dual output
 (conv(x, W) + b, conv(T, W)), both through :class:`_Conv2dFunction`, so reverse mode through the
@@ -44,6 +44,7 @@ class _Conv2dFunction(torch.autograd.Function):
         stride, padding, dilation, groups = geometry
         ctx.save_for_backward(x, weight)
         ctx.geometry, ctx.has_bias = geometry, bias is not None
+        ctx.parameter_gradients = parameter_gradients_wanted()  # captured now, not in backward
         return torch.ops.aten.convolution(
             x, weight, bias, stride, padding, dilation, False, [0, 0], groups
         )
@@ -59,7 +60,7 @@ class _Conv2dFunction(torch.autograd.Function):
             return gx, gw, gb if ctx.has_bias else None, None
         gx = _ConvInputGradient.apply(grad_out, weight, x, ctx.geometry) if need_x else None
         gw = gb = None
-        if (need_w or need_b) and parameter_gradients_wanted():
+        if (need_w or need_b) and ctx.parameter_gradients:
             _, gw, gb = _conv_backward(
                 grad_out, x, weight, ctx.has_bias, ctx.geometry, [False, need_w, need_b]
             )

@@ -10,26 +10,26 @@ every example separately, one member and ascends that member's cross-entropy onl
 * ``select="margin"``: the member with the largest logit margin z_y - max_{c != y} z_c.
 
 Each step: x <- clip_[0,1](Pi_{B_inf(x0, eps)}(x + step_size * sign(grad_x CE(f_s(x), y)))), with s
-the selected member. Distance: L-inf, radius ``settings.eps``. Settings used: ``eps``, ``steps``,
-``step_size`` (default eps / 4), ``restarts`` (counted worst-case per example: an example counts as
-broken if any iterate of any restart fools the ensemble's combined prediction), ``random_start``
-and ``extra["select"]``; ``objective`` is ignored (the selection rule is the objective). Defaults:
-50 steps of eps / 4 from a random start, 1 restart (the same budget as ncen's ``pgd``).
+the selected member; an example keeps the first iterate that fools the ensemble's combined
+prediction (ncen's :func:`~ncen_cli.attacks.core.sign_ascent` with this loss). Distance: L-inf,
+radius ``settings.eps``. Settings used: ``eps``, ``steps``, ``step_size`` (default eps / 4),
+``restarts``, ``random_start`` and option ``select`` (``-o select=margin``); ``objective`` does
+not apply (the selection rule is the objective: ``own_loss`` is ``selected-ce``). Defaults: 50
+steps of eps / 4 from a random start, 1 restart (the same budget as ncen's ``pgd``).
 
-The target's parameters are frozen during the attack (``requires_grad`` off, restored after), so
-they receive no gradients; its train/eval mode is left untouched.
+This module implements the single run only; ncen's runner (plugin API 3) validates the settings,
+freezes the target's parameters, counts restarts worst-case per example exactly as for ncen's own
+attacks (an example counts as robust only if it survives every restart) and checks that every
+image stays in the eps ball and [0, 1].
 Shapes: x, x_adv (B, C, H, W) in [0, 1]; y (B,).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
-from ncen_cli.attacks.base import Attack, AttackSettings, AttackTarget
-from torch import nn
+from ncen_cli.attacks.base import Attack, AttackOption, AttackSettings, AttackTarget
+from ncen_cli.attacks.core import LossFn, sign_ascent
 
 SELECT_RULES = ("confidence", "margin")
 
@@ -53,82 +53,32 @@ def select_members(logits: torch.Tensor, y: torch.Tensor, rule: str = "confidenc
     return score.argmax(dim=0)  # (B,)
 
 
-def _selected_loss(
-    target: AttackTarget, x: torch.Tensor, y: torch.Tensor, rule: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over the batch of the CE of each example's selected member, and whether the ensemble
-    is already fooled at ``x`` ((B,) bool, from the same forward pass)."""
-    logits = target.member_logits(x)  # (k, B, C)
-    with torch.no_grad():
-        chosen = select_members(logits, y, rule)
-        fooled = target.combine_logits(logits).argmax(dim=1) != y
-    picked = logits[chosen, torch.arange(x.shape[0], device=x.device)]  # (B, C)
-    return F.cross_entropy(picked.float(), y, reduction="sum"), fooled
+def selected_loss(rule: str) -> LossFn:
+    """``loss_fn(target, x, y) -> (CE of each example's selected member (B,), combined logits
+    (B, C))`` for :func:`~ncen_cli.attacks.core.sign_ascent`; every member runs once."""
+
+    def loss_fn(target: AttackTarget, x: torch.Tensor, y: torch.Tensor):
+        logits = target.member_logits(x)  # (k, B, C)
+        with torch.no_grad():
+            chosen = select_members(logits, y, rule)
+        picked = logits[chosen, torch.arange(x.shape[0], device=x.device)]  # (B, C)
+        return F.cross_entropy(picked.float(), y, reduction="none"), target.combine_logits(logits)
+
+    return loss_fn
 
 
-def _fooled(target: AttackTarget, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return target.combine_logits(target.member_logits(x)).argmax(dim=1) != y
-
-
-@contextmanager
-def _frozen(target: AttackTarget) -> Iterator[None]:
-    """Parameters of ``target`` stop requiring gradients for the attack, then are restored."""
-    params = list(target.parameters()) if isinstance(target, nn.Module) else []
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-
-
-def perturb(
+def run(
     target: AttackTarget,
     x: torch.Tensor,
     y: torch.Tensor,
     settings: AttackSettings,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Adversarial images within ``settings.eps`` (L-inf) of ``x``, in [0, 1]. (B, C, H, W).
-
-    An example keeps the first iterate (of any step or restart) that fools the ensemble's combined
-    prediction; an example never fooled gets the last iterate of the last restart.
-    """
-    eps = float(settings.eps)
-    step_size = float(settings.step_size) if settings.step_size is not None else eps / 4
-    rule = str(settings.extra.get("select", "confidence"))
-    if rule not in SELECT_RULES:
-        raise ValueError(f"unknown mc-pgd select rule '{rule}'; choose one of {SELECT_RULES}")
-    x0 = x.detach().float()
-    best = x0.clone()
-    best_fooled = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
-
-    def keep(adv: torch.Tensor, fooled: torch.Tensor) -> None:
-        open_ = ~best_fooled
-        best[open_] = adv[open_]
-        best_fooled.logical_or_(fooled)
-
-    with _frozen(target):
-        for _ in range(max(1, int(settings.restarts))):
-            adv = x0.clone()
-            if settings.random_start:
-                where = generator.device if generator is not None else x0.device
-                noise = torch.rand(x0.shape, generator=generator, device=where).to(x0.device)
-                adv = (x0 + (2 * noise - 1) * eps).clamp(0, 1)
-            for _ in range(int(settings.steps)):
-                with torch.enable_grad():  # also works when the caller runs under no_grad
-                    adv.requires_grad_(True)
-                    loss, fooled = _selected_loss(target, adv, y, rule)
-                    (grad,) = torch.autograd.grad(loss, adv)
-                adv = adv.detach()
-                keep(adv, fooled)
-                adv = adv + step_size * grad.sign()
-                adv = torch.min(torch.max(adv, x0 - eps), x0 + eps).clamp(0, 1)
-            keep(adv, _fooled(target, adv, y))
-    return best
+    """One MC-PGD run: x (B, C, H, W) float32 in [0, 1], y (B,) -> x_adv (B, C, H, W)."""
+    step_size = settings.step_size if settings.step_size is not None else settings.eps / 4
+    return sign_ascent(target, x, y, eps=settings.eps, steps=settings.steps, step_size=step_size,
+                       loss_fn=selected_loss(str(ATTACK.option(settings, "select"))),
+                       random_start=settings.random_start, generator=generator)
 
 
 def defaults(eps: float) -> dict:
@@ -139,7 +89,11 @@ def defaults(eps: float) -> dict:
 ATTACK = Attack(
     name="mc-pgd",
     summary="PGD on the member most confident in the true class, re-chosen per example and step",
-    perturb=perturb,
+    run=run,
     defaults=defaults,
-    white_box=True,
+    options={"select": AttackOption("confidence", "which member each step ascends: confidence "
+                                    "(highest true-class probability) or margin", str,
+                                    choices=SELECT_RULES)},
+    own_loss="selected-ce",
 )
+perturb = ATTACK.perturb  # the runner: restarts, validation, frozen parameters
