@@ -184,7 +184,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _cli(*args) -> object:
-    return CliRunner().invoke(app, [*map(str, args), "--device", "cpu", "--limit", "8"])
+    return CliRunner().invoke(app, [*map(str, args), "--device", "cpu", "--test-limit", "8"])
 
 
 def test_cli_attack_option_reaches_the_run_and_its_report(checkpoint) -> None:
@@ -209,7 +209,7 @@ def test_cli_attack_option_reaches_the_run_and_its_report(checkpoint) -> None:
 
 
 def test_cli_transfer_rejects_an_option_no_attack_has(checkpoint) -> None:
-    res = _cli("transfer", checkpoint, "--attack", "pgd", "-o", "select=margin")
+    res = _cli("transfer", checkpoint, "--attacks", "pgd", "-o", "select=margin")
     assert res.exit_code == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "-o select: no attack of this run has that option" in lines[0]
