@@ -227,17 +227,22 @@ def test_a_click_usage_error_names_the_command_and_its_help():
 
 
 # --- shell completion ------------------------------------------------------------------------
+# Typer detects the user's shell from the process tree (shellingham), so "bash" after the flag is
+# not read as its value; a test run whose ancestors include no shell (a detached job, some CI
+# runners) would see "Shell  not supported". Typer's own switch makes the shell an explicit value.
+EXPLICIT_SHELL = {"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
 
 
 def test_show_completion_prints_a_script_for_the_shell():
-    probe, _lines, stdout = _probe(["--show-completion", "bash"])
-    assert probe["code"] in (0, None) and not probe["torch"]
+    probe, lines, stdout = _probe(["--show-completion", "bash"], EXPLICIT_SHELL)
+    assert probe["code"] in (0, None) and not probe["torch"], (probe, lines, stdout)
     assert "_NCEN_COMPLETE=complete_bash" in stdout and "complete " in stdout
 
 
 def test_install_completion_writes_the_script_under_home(tmp_path):
-    probe, _lines, stdout = _probe(["--install-completion", "bash"], {"HOME": str(tmp_path)})
-    assert probe["code"] in (0, None)
+    probe, lines, stdout = _probe(["--install-completion", "bash"],
+                                  {"HOME": str(tmp_path), **EXPLICIT_SHELL})
+    assert probe["code"] in (0, None), (probe, lines, stdout)
     script = tmp_path / ".bash_completions" / "ncen.sh"
     assert "_NCEN_COMPLETE" in script.read_text()
     assert str(script) in (tmp_path / ".bashrc").read_text()
