@@ -90,8 +90,10 @@ def measure(args) -> dict[str, dict[str, float]]:
                 if rep > 0:  # round 0 warms up
                     times[m].append((time.perf_counter() - wall, time.process_time() - cpu))
         med = {
-            m: {"wall": statistics.median(t[0] for t in ts),
-                "cpu": statistics.median(t[1] for t in ts)}
+            m: {
+                "wall": statistics.median(t[0] for t in ts),
+                "cpu": statistics.median(t[1] for t in ts),
+            }
             for m, ts in times.items()
         }
         for m in med:
@@ -119,8 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for m, r in med.items():
-        lines.append(f"| {m} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['wall_ratio']:.2f} | "
-                     f"{r['cpu_ratio']:.2f} |")
+        lines.append(
+            f"| {m} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['wall_ratio']:.2f} | "
+            f"{r['cpu_ratio']:.2f} |"
+        )
     print("\n".join(lines))  # noqa: T201 - a script's report
 
 

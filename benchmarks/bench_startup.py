@@ -24,8 +24,11 @@ RUN = "import sys; sys.path.insert(0, sys.argv.pop(1)); from ncen_cli.launcher i
 
 def one_run(src: str, args: list[str]) -> float:
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", RUN, src, *args], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+    done = subprocess.run(
+        [sys.executable, "-c", RUN, src, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     if done.returncode not in (0, 2):
         raise SystemExit(f"ncen {' '.join(args)} failed in {src} (exit {done.returncode})")
     return time.perf_counter() - start
@@ -54,6 +57,7 @@ def main() -> None:
         f"ratio before/after: {before / after:.1f}x",
     ]
     sys.stdout.write("\n".join(lines) + "\n")
+
 
 if __name__ == "__main__":
     main()

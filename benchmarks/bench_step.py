@@ -128,8 +128,7 @@ def _step_fns(family: str, k: int, batch: int, methods, device: str, seed: int =
         torch.manual_seed(seed)
         base, bf16 = _base_method(method)
         if base == "reference":
-            members = [SoftmaxMember(build_member("resnet20", shape, 10)).to(dev)
-                       for _ in range(k)]
+            members = [SoftmaxMember(build_member("resnet20", shape, 10)).to(dev) for _ in range(k)]
             opts = make_optimizers(members)
 
             def step(members=members, opts=opts):
@@ -214,6 +213,7 @@ def worker_agree(args) -> dict:
     hp = ncen.resolve("fashionmnist")
     x = (arrays.test_x[:64].float() / 255).to(dev)
     y = arrays.test_y[:64].to(dev)
+
     def cos(a, b, dim):  # in float64: float32 cosines of long vectors can exceed 1
         return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=dim)
 
@@ -237,13 +237,18 @@ def worker_agree(args) -> dict:
             grad = grad_of(step, state, bf16=bf16)
             ce_own = grad_of(exact_step, state, baseline, {}, bf16=bf16)
             reg, reg_exact = grad - ce_own, exact - ce
-            rows.append({
-                "state": label, "share": share, "precision": precision, "method": name,
-                "cosine_total": float(cos(grad, exact, dim=0)),
-                "cosine_regularizer": float(cos(reg, reg_exact, dim=0)),
-                "rel_error_total": float((grad - exact).norm() / exact.norm()),
-                "rel_error_regularizer": float((reg - reg_exact).norm() / reg_exact.norm()),
-            })
+            rows.append(
+                {
+                    "state": label,
+                    "share": share,
+                    "precision": precision,
+                    "method": name,
+                    "cosine_total": float(cos(grad, exact, dim=0)),
+                    "cosine_regularizer": float(cos(reg, reg_exact, dim=0)),
+                    "rel_error_total": float((grad - exact).norm() / exact.norm()),
+                    "rel_error_regularizer": float((reg - reg_exact).norm() / reg_exact.norm()),
+                }
+            )
         ensemble.load_state_dict(state)
         return rows
 
@@ -272,7 +277,8 @@ def _arrays(args, family: str, train: int, test: int):
     gen = torch.Generator().manual_seed(0)
     shape = SHAPES[family]
     return ImageArrays(
-        name=f"synthetic-{family}", family=family,
+        name=f"synthetic-{family}",
+        family=family,
         train_x=torch.randint(0, 256, (train, *shape), dtype=torch.uint8, generator=gen),
         train_y=torch.randint(0, 10, (train,), generator=gen),
         test_x=torch.randint(0, 256, (test, *shape), dtype=torch.uint8, generator=gen),
@@ -291,17 +297,32 @@ def worker_run(args) -> dict:
     if method == "reference":
         from reference import reference_train
 
-        result = reference_train(arrays, ["resnet20"] * 3, epochs=1, batch_size=64,
-                                 lambda_cos=lam_cos, lambda_norm=lam_norm, device=args.device)
+        result = reference_train(
+            arrays,
+            ["resnet20"] * 3,
+            epochs=1,
+            batch_size=64,
+            lambda_cos=lam_cos,
+            lambda_norm=lam_norm,
+            device=args.device,
+        )
     else:
         import tempfile
 
         from ncen_cli.training import TrainConfig, train
 
-        config = TrainConfig(members=["resnet20"] * 3, dataset="fashionmnist", defense="ncen",
-                             epochs=1, batch_size=64, device=args.device,
-                             threads=torch.get_num_threads(), double_backprop=method,
-                             precision="bf16" if bf16 else "fp32", download=False)
+        config = TrainConfig(
+            members=["resnet20"] * 3,
+            dataset="fashionmnist",
+            defense="ncen",
+            epochs=1,
+            batch_size=64,
+            device=args.device,
+            threads=torch.get_num_threads(),
+            double_backprop=method,
+            precision="bf16" if bf16 else "fp32",
+            download=False,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             out = train(config, Path(tmp) / "bench.safetensors", arrays=arrays)
@@ -330,8 +351,9 @@ def worker_attack(args) -> dict:
     x = torch.rand(args.batch, *shape, generator=gen).to(dev)
     y = torch.randint(0, 10, (args.batch,), generator=gen).to(dev)
     steps = args.attack_steps
-    settings = AttackSettings(eps=0.1, steps=steps, step_size=0.1, random_start=True,
-                              extra={"early_stop": False})
+    settings = AttackSettings(
+        eps=0.1, steps=steps, step_size=0.1, random_start=True, extra={"early_stop": False}
+    )
 
     def pgd():
         ATTACK.perturb(ensemble, x, y, settings, torch.Generator(dev).manual_seed(1))
@@ -357,8 +379,13 @@ def worker_attack(args) -> dict:
     return {"wall": times}
 
 
-WORKERS = {"step": worker_step, "memory": worker_memory, "agree": worker_agree, "run": worker_run,
-           "attack": worker_attack}
+WORKERS = {
+    "step": worker_step,
+    "memory": worker_memory,
+    "agree": worker_agree,
+    "run": worker_run,
+    "attack": worker_attack,
+}
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -382,8 +409,14 @@ def _spawn(args, worker: str, **extra) -> dict:
 
 
 def _common(args) -> dict:
-    return {"threads": args.threads, "reps": args.reps, "warmup": args.warmup, "batch": args.batch,
-            "data_dir": args.data_dir, "device": args.device}
+    return {
+        "threads": args.threads,
+        "reps": args.reps,
+        "warmup": args.warmup,
+        "batch": args.batch,
+        "data_dir": args.data_dir,
+        "device": args.device,
+    }
 
 
 def _log(message: str) -> None:
@@ -420,20 +453,28 @@ def drive(args) -> None:
                 continue
             for method in _methods(args):
                 results["memory"][f"{family}/k{k}/{method}"] = _spawn(
-                    args, "memory", family=family, k=k, method=method)
+                    args, "memory", family=family, k=k, method=method
+                )
     if "run" in args.sections:
         for rep in range(args.run_reps):
             bf16 = ("jvp-bf16", "exact-bf16") if _bf16_native(args.device) else ()
             for method in ("reference", "jvp", "exact", *bf16):
                 _log(f"whole run {method} (rep {rep + 1})")
-                results["run"].setdefault(method, []).append(_spawn(
-                    args, "run", method=method, run_images=args.run_images,
-                    run_test=args.run_test))
+                results["run"].setdefault(method, []).append(
+                    _spawn(
+                        args,
+                        "run",
+                        method=method,
+                        run_images=args.run_images,
+                        run_test=args.run_test,
+                    )
+                )
                 _save_partial(args, results)
     if "attack" in args.sections:
         _log("attack throughput")
-        results["attack"] = _spawn(args, "attack", attack_steps=args.attack_steps,
-                                   attack_reps=args.attack_reps)
+        results["attack"] = _spawn(
+            args, "attack", attack_steps=args.attack_steps, attack_reps=args.attack_reps
+        )
     results["seconds"] = time.perf_counter() - started
     text = report(results, args)
     if args.out:
@@ -521,8 +562,10 @@ def report(results: dict, args) -> str:
             verdict = ""
             if target:
                 verdict = f"<= {target}: {'met' if s / ref <= target else 'NOT met'}"
-            lines.append(f"| {method} | {s:.1f} | {s / ref:.2f} | {c:.1f} | {c / ref_cpu:.2f} | "
-                         f"{acc:.3f} | {verdict} |")
+            lines.append(
+                f"| {method} | {s:.1f} | {s / ref:.2f} | {c:.1f} | {c / ref_cpu:.2f} | "
+                f"{acc:.3f} | {verdict} |"
+            )
         lines.append("")
     if results["attack"]:
         a = results["attack"]["wall"]
@@ -548,21 +591,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family", default="fashionmnist", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--method", default="exact", help=argparse.SUPPRESS)
-    parser.add_argument("--sections", nargs="+", default=["step", "agree", "run", "attack"],
-                        choices=["step", "agree", "run", "attack"])
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["step", "agree", "run", "attack"],
+        choices=["step", "agree", "run", "attack"],
+    )
     parser.add_argument("--families", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--ks", nargs="+", type=int, default=[3, 5])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per method")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=os.environ.get("NCEN_SHARED_DATA"))
-    parser.add_argument("--memory-all", action="store_true",
-                        help="peak memory for every shape and k (default: the first only)")
-    parser.add_argument("--train-steps", type=int, default=15,
-                        help="NCEn steps before the 'trained' agreement check")
+    parser.add_argument(
+        "--memory-all",
+        action="store_true",
+        help="peak memory for every shape and k (default: the first only)",
+    )
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=15,
+        help="NCEn steps before the 'trained' agreement check",
+    )
     parser.add_argument("--run-images", type=int, default=640)
     parser.add_argument("--run-test", type=int, default=500)
     parser.add_argument("--run-reps", type=int, default=1)

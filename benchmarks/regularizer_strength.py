@@ -37,8 +37,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    arrays = load_dataset("fashionmnist", args.data_dir, download=False, train_limit=4000,
-                          seed=args.seed)
+    arrays = load_dataset(
+        "fashionmnist", args.data_dir, download=False, train_limit=4000, seed=args.seed
+    )
     ensemble = build_ensemble(["resnet20"] * 3, arrays.input_shape, arrays.num_classes)
     optimizer = torch.optim.Adam(ensemble.parameters(), lr=1e-3)
     batches = iterate_batches(arrays.train_x, arrays.train_y, args.batch_size, args.seed, 0)

@@ -31,8 +31,16 @@ sys.path.insert(0, str(HERE))
 import reproduction_report as report  # noqa: E402
 
 # method name (as --defense spells it, λ in the name for the dose-response) -> (defense, hyper)
-CORE_METHODS = ("baseline", "gal", "gpmr", "ncen", "ncen-official", "ncen@0.02", "ncen@0.1",
-                "ncen@0.5")
+CORE_METHODS = (
+    "baseline",
+    "gal",
+    "gpmr",
+    "ncen",
+    "ncen-official",
+    "ncen@0.02",
+    "ncen@0.1",
+    "ncen@0.5",
+)
 OPTIONAL_METHODS = ("trs", "adp", "adv-train")
 PAPER_EPOCHS, PAPER_LR_STEP = 40, 15  # the paper: 40 epochs, lr x0.1 every 15
 
@@ -54,14 +62,24 @@ def lr_step(epochs: int) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-dir", help="folder with FashionMNIST (torchvision layout)")
-    p.add_argument("--results", default=None, help="committed result files (default "
-                   "docs/reproduction/results/cpu, with --full docs/reproduction/results/full)")
-    p.add_argument("--work-dir", default="runs/reproduction",
-                   help="checkpoints and resume states (never committed)")
+    p.add_argument(
+        "--results",
+        default=None,
+        help="committed result files (default "
+        "docs/reproduction/results/cpu, with --full docs/reproduction/results/full)",
+    )
+    p.add_argument(
+        "--work-dir",
+        default="runs/reproduction",
+        help="checkpoints and resume states (never committed)",
+    )
     p.add_argument("--doc", default="docs/reproduction.md")
     p.add_argument("--json", default="docs/reproduction.json")
-    p.add_argument("--methods", default=",".join(CORE_METHODS),
-                   help=f"comma-separated; also {', '.join(OPTIONAL_METHODS)}")
+    p.add_argument(
+        "--methods",
+        default=",".join(CORE_METHODS),
+        help=f"comma-separated; also {', '.join(OPTIONAL_METHODS)}",
+    )
     p.add_argument("--stages", default=",".join(report.STAGES))
     p.add_argument("--members", default="resnet20,resnet20,resnet20")
     p.add_argument("--train-limit", type=int, default=20000, help="training images (+ D_noise)")
@@ -76,8 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--full", action="store_true", help="the paper's budget: 60,000 images, 40 "
-                   "epochs, every test image in every stage")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the paper's budget: 60,000 images, 40 epochs, every test image in every stage",
+    )
     p.add_argument("--jobs", type=int, default=1, help="methods as concurrent processes")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
@@ -85,8 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.full:
         args.train_limit, args.epochs = None, PAPER_EPOCHS
         args.protocol_limit = args.strong_limit = args.transfer_limit = args.inspect_limit = 10000
-    args.results = Path(args.results or "docs/reproduction/results/" + (
-        "full" if args.full else "cpu"))
+    args.results = Path(
+        args.results or "docs/reproduction/results/" + ("full" if args.full else "cpu")
+    )
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.stage_list = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in args.stage_list if s not in report.STAGES]
@@ -99,13 +121,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def budget(args: argparse.Namespace, precision: str | None = None) -> dict:
     """What every method shares; a stage file records it and is used only under the same one."""
-    return {"members": args.members.split(","), "train_limit": args.train_limit,
-            "epochs": args.epochs, "lr": 1e-3, "lr_step_epochs": lr_step(args.epochs),
-            "noise": True, "batch_size": 64, "seed": args.seed,
-            "double_backprop": args.double_backprop, "precision": precision or args.precision,
-            "protocol_limit": args.protocol_limit, "strong_limit": args.strong_limit,
-            "transfer_limit": args.transfer_limit, "inspect_limit": args.inspect_limit,
-            "strong_restarts": args.strong_restarts, "results": args.results.as_posix()}
+    return {
+        "members": args.members.split(","),
+        "train_limit": args.train_limit,
+        "epochs": args.epochs,
+        "lr": 1e-3,
+        "lr_step_epochs": lr_step(args.epochs),
+        "noise": True,
+        "batch_size": 64,
+        "seed": args.seed,
+        "double_backprop": args.double_backprop,
+        "precision": precision or args.precision,
+        "protocol_limit": args.protocol_limit,
+        "strong_limit": args.strong_limit,
+        "transfer_limit": args.transfer_limit,
+        "inspect_limit": args.inspect_limit,
+        "strong_restarts": args.strong_restarts,
+        "results": args.results.as_posix(),
+    }
 
 
 def machine() -> str:
@@ -116,12 +149,18 @@ def machine() -> str:
 
     cpu = platform.processor() or "CPU"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in
-                   Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return (f"{platform.machine()} {cpu}, {os.cpu_count()} cores"
-            + (f", {gpu}" if gpu else "") + f", torch {torch.__version__}")
+    return (
+        f"{platform.machine()} {cpu}, {os.cpu_count()} cores"
+        + (f", {gpu}" if gpu else "")
+        + f", torch {torch.__version__}"
+    )
 
 
 def log(message: str) -> None:
@@ -130,6 +169,7 @@ def log(message: str) -> None:
 
 
 # --- stages ------------------------------------------------------------------------------------
+
 
 class Runner:
     """One method's stages on one machine; each writes ``results/<method>/<stage>.json``."""
@@ -142,11 +182,13 @@ class Runner:
 
         self.args, self.method = args, method
         self.precision = args.precision or (
-            "bf16" if args.device.startswith("cuda") or cpu_has_native_bf16() else "fp32")
+            "bf16" if args.device.startswith("cuda") or cpu_has_native_bf16() else "fp32"
+        )
         self.budget = budget(args, self.precision)
         self.device = torch.device(args.device)
-        self.arrays = load_dataset("fashionmnist", args.data_dir, False, args.train_limit, None,
-                                   args.seed)
+        self.arrays = load_dataset(
+            "fashionmnist", args.data_dir, False, args.train_limit, None, args.seed
+        )
         self.ckpt = Path(args.work_dir) / f"{method}.safetensors"
 
     def path(self, stage: str) -> Path:
@@ -162,10 +204,14 @@ class Runner:
             log(f"{self.method} {stage} ...")
             started = time.perf_counter()
             payload = getattr(self, stage)()
-            payload.update(stage=stage, method=self.method, budget=self.budget,
-                           machine=machine(), seconds=payload.get(
-                               "seconds", time.perf_counter() - started),
-                           finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            payload.update(
+                stage=stage,
+                method=self.method,
+                budget=self.budget,
+                machine=machine(),
+                seconds=payload.get("seconds", time.perf_counter() - started),
+                finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )
             from ncen_cli.atomic import atomic_write_json
 
             atomic_write_json(self.path(stage), payload)
@@ -190,30 +236,55 @@ class Runner:
 
         defense, hyper = method_defense(self.method)
         a = self.args
-        config = TrainConfig(members=a.members.split(","), dataset="fashionmnist",
-                             data_dir=a.data_dir, defense=defense, hyperparameters=hyper,
-                             epochs=a.epochs, lr_step_epochs=lr_step(a.epochs),
-                             train_limit=a.train_limit, seed=a.seed, device=a.device,
-                             precision=self.precision, threads=a.threads,
-                             double_backprop=a.double_backprop, download=False)
+        config = TrainConfig(
+            members=a.members.split(","),
+            dataset="fashionmnist",
+            data_dir=a.data_dir,
+            defense=defense,
+            hyperparameters=hyper,
+            epochs=a.epochs,
+            lr_step_epochs=lr_step(a.epochs),
+            train_limit=a.train_limit,
+            seed=a.seed,
+            device=a.device,
+            precision=self.precision,
+            threads=a.threads,
+            double_backprop=a.double_backprop,
+            download=False,
+        )
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         epochs_log = self.ckpt.with_name(self.ckpt.name + ".epochs.json")
         if not self.trained():
-            train(config, self.ckpt, resume=True, arrays=self.arrays,
-                  on_epoch=lambda r: self.record_epoch(epochs_log, r))
+            train(
+                config,
+                self.ckpt,
+                resume=True,
+                arrays=self.arrays,
+                on_epoch=lambda r: self.record_epoch(epochs_log, r),
+            )
         meta = read_metadata(self.ckpt)
         check_checkpoint_config(self.ckpt, meta.get("config", {}), config)
-        history = (json.loads(epochs_log.read_text()) if epochs_log.exists()
-                   else meta.get("history", []))
-        accuracy = clean_accuracy(self.ensemble(), self.arrays.test_x, self.arrays.test_y, 500,
-                                  self.device)
-        recorded = {k: v for k, v in dataclasses.asdict(config).items()
-                    if k not in RUNTIME_ONLY_FIELDS and k != "data_dir"}
-        return {"config": recorded, "clean_accuracy": accuracy,
-                "test_images": len(self.arrays.test_y),
-                "seconds": sum(float(r.get("seconds", 0)) for r in history),
-                "history": [{k: r.get(k) for k in ("epoch", "lr", "ce", "terms", "test_accuracy",
-                                                    "seconds")} for r in history]}
+        history = (
+            json.loads(epochs_log.read_text()) if epochs_log.exists() else meta.get("history", [])
+        )
+        accuracy = clean_accuracy(
+            self.ensemble(), self.arrays.test_x, self.arrays.test_y, 500, self.device
+        )
+        recorded = {
+            k: v
+            for k, v in dataclasses.asdict(config).items()
+            if k not in RUNTIME_ONLY_FIELDS and k != "data_dir"
+        }
+        return {
+            "config": recorded,
+            "clean_accuracy": accuracy,
+            "test_images": len(self.arrays.test_y),
+            "seconds": sum(float(r.get("seconds", 0)) for r in history),
+            "history": [
+                {k: r.get(k) for k in ("epoch", "lr", "ce", "terms", "test_accuracy", "seconds")}
+                for r in history
+            ],
+        }
 
     def record_epoch(self, path: Path, record) -> None:
         """Append a finished epoch (its seconds, lr, losses) to the work dir's epoch log, which
@@ -223,15 +294,23 @@ class Runner:
         rows = json.loads(path.read_text()) if path.exists() else []
         rows = [r for r in rows if r["epoch"] < record.epoch] + [dataclasses.asdict(record)]
         atomic_write_json(path, rows)
-        log(f"{self.method} epoch {record.epoch}: test accuracy {record.test_accuracy:.3f}, "
-            f"{record.seconds:.0f} s")
+        log(
+            f"{self.method} epoch {record.epoch}: test accuracy {record.test_accuracy:.3f}, "
+            f"{record.seconds:.0f} s"
+        )
 
     def paper(self) -> dict:
         from ncen_cli.evaluation import evaluate, paper_protocol
 
         x, y = self.test(self.args.protocol_limit)
-        result = evaluate(self.ensemble(), x, y, paper_protocol("fashionmnist"),
-                          seed=self.args.seed, device=self.device)
+        result = evaluate(
+            self.ensemble(),
+            x,
+            y,
+            paper_protocol("fashionmnist"),
+            seed=self.args.seed,
+            device=self.device,
+        )
         return with_masks(result)
 
     def authors(self) -> dict:
@@ -241,13 +320,23 @@ class Runner:
         x, y = self.test(self.args.protocol_limit)
         quirks = AuthorsQuirks()
         ensemble = self.ensemble()
-        result = evaluate(ensemble, x, y, authors_protocol("fashionmnist", quirks=quirks),
-                          batch_size=AUTHORS_BATCH_SIZE, seed=self.args.seed,
-                          device=self.device, quirks=quirks)
+        result = evaluate(
+            ensemble,
+            x,
+            y,
+            authors_protocol("fashionmnist", quirks=quirks),
+            batch_size=AUTHORS_BATCH_SIZE,
+            seed=self.args.seed,
+            device=self.device,
+            quirks=quirks,
+        )
         clean = authors_clean_mask(ensemble, x, y, quirks, AUTHORS_BATCH_SIZE, self.device)
         if int(clean.sum()) != result.clean_correct:  # cannot place the subset's masks
-            return {**result.to_json(), "quirks": quirks.params(), "mask_note": "clean pass "
-                    "not reproduced; no masks"}
+            return {
+                **result.to_json(),
+                "quirks": quirks.params(),
+                "mask_note": "clean pass not reproduced; no masks",
+            }
         payload = with_masks(result, clean)
         payload["quirks"] = quirks.params()
         return payload
@@ -257,10 +346,12 @@ class Runner:
 
         x, y = self.test(self.args.strong_limit)
         ensemble = self.ensemble()
-        runs = strong_protocol("fashionmnist", restarts=self.args.strong_restarts,
-                               combine=ensemble.combine)
-        result = evaluate(ensemble, x, y, runs, seed=self.args.seed, device=self.device,
-                          worst_case=True)
+        runs = strong_protocol(
+            "fashionmnist", restarts=self.args.strong_restarts, combine=ensemble.combine
+        )
+        result = evaluate(
+            ensemble, x, y, runs, seed=self.args.seed, device=self.device, worst_case=True
+        )
         return with_masks(result)
 
     def transfer(self) -> dict:
@@ -274,16 +365,18 @@ class Runner:
             ("pgd", AttackSettings(eps=0.05, steps=40, step_size=0.0125, random_start=True)),
             ("mifgsm", AttackSettings(eps=0.05, steps=40, step_size=0.01, decay=1.0)),
         ):
-            out[attack] = transfer_matrix(ensemble, x, y, attack, settings, seed=self.args.seed,
-                                          device=self.device).to_json()
+            out[attack] = transfer_matrix(
+                ensemble, x, y, attack, settings, seed=self.args.seed, device=self.device
+            ).to_json()
         return {"attacks": out}
 
     def inspect(self) -> dict:
         from ncen_cli.diagnostics import gradient_diversity
 
         x, y = self.test(self.args.inspect_limit)
-        return {"diagnostics": gradient_diversity(self.ensemble(), x, y,
-                                                  device=self.device).to_json()}
+        return {
+            "diagnostics": gradient_diversity(self.ensemble(), x, y, device=self.device).to_json()
+        }
 
 
 def check_checkpoint_config(path: Path, recorded: dict, config) -> None:
@@ -291,15 +384,24 @@ def check_checkpoint_config(path: Path, recorded: dict, config) -> None:
     UsageError (exit 2) names the first field that differs instead of reusing it silently."""
     from ncen_cli.errors import UsageError
 
-    for key in ("defense", "members", "epochs", "train_limit", "lr_step_epochs", "seed",
-                "hyperparameters"):
+    for key in (
+        "defense",
+        "members",
+        "epochs",
+        "train_limit",
+        "lr_step_epochs",
+        "seed",
+        "hyperparameters",
+    ):
         want = getattr(config, key)
         have = recorded.get(key, want)
         if key == "hyperparameters":
             have = {k: have.get(k) for k in want}
         if have != want:
-            raise UsageError(f"{path} was trained with {key} = {have!r}, this budget needs "
-                             f"{want!r}: choose another --work-dir or delete it")
+            raise UsageError(
+                f"{path} was trained with {key} = {have!r}, this budget needs "
+                f"{want!r}: choose another --work-dir or delete it"
+            )
 
 
 def with_masks(result, clean=None) -> dict:
@@ -333,8 +435,8 @@ def authors_clean_mask(ensemble, x, y, quirks, batch_size: int, device):
     mode = batch_statistics(ensemble) if quirks.batchnorm_train else _null()
     with mode, torch.no_grad():
         for start in range(0, len(x), batch_size):
-            xb = as_float(x[start:start + batch_size]).to(device)
-            out.append(target(xb).argmax(-1).cpu() == y[start:start + batch_size].long())
+            xb = as_float(x[start : start + batch_size]).to(device)
+            out.append(target(xb).argmax(-1).cpu() == y[start : start + batch_size].long())
     return torch.cat(out)
 
 
@@ -345,6 +447,7 @@ def _null():
 
 
 # --- driver ------------------------------------------------------------------------------------
+
 
 def run_methods(args: argparse.Namespace, argv: list[str]) -> None:
     """Every method's missing stages, one after another or as --jobs concurrent processes."""
@@ -362,8 +465,16 @@ def run_methods(args: argparse.Namespace, argv: list[str]) -> None:
     while pending or running:
         while pending and len(running) < args.jobs:
             method = pending.pop(0)
-            cmd = [sys.executable, __file__, *base, "--methods", method, "--no-report",
-                   "--jobs", "1"]
+            cmd = [
+                sys.executable,
+                __file__,
+                *base,
+                "--methods",
+                method,
+                "--no-report",
+                "--jobs",
+                "1",
+            ]
             running.append((method, subprocess.Popen(cmd)))
         time.sleep(5)
         failed += [m for m, p in running if p.poll() not in (None, 0)]
@@ -371,8 +482,10 @@ def run_methods(args: argparse.Namespace, argv: list[str]) -> None:
     if failed:
         from ncen_cli.errors import NcenError
 
-        raise NcenError(f"method(s) {', '.join(failed)} failed (see their messages above); "
-                        "finished stages are kept: run the same command again to continue")
+        raise NcenError(
+            f"method(s) {', '.join(failed)} failed (see their messages above); "
+            "finished stages are kept: run the same command again to continue"
+        )
 
 
 def write_report(args: argparse.Namespace) -> dict:
@@ -380,8 +493,9 @@ def write_report(args: argparse.Namespace) -> dict:
     from ncen_cli.atomic import atomic_write_json, atomic_write_text
 
     results = report.read_results(args.results, budget(args))
-    methods = list(dict.fromkeys(args.method_list + [m for m in results if m not in
-                                                     args.method_list]))
+    methods = list(
+        dict.fromkeys(args.method_list + [m for m in results if m not in args.method_list])
+    )
     summary = report.build_summary(results, methods, budget(args))
     atomic_write_json(Path(args.json), summary)
     atomic_write_text(Path(args.doc), report.render_markdown(summary, preamble(args)))
@@ -476,9 +590,11 @@ def check_methods(methods: list[str]) -> None:
         except ValueError:
             raise UsageError(f"--methods: '{name}': the value after @ must be a number") from None
         if defense not in DEFENSES.names() or any(v < 0 for v in hyper.values()):
-            raise UsageError(f"--methods: unknown method '{name}'; choose from "
-                             f"{', '.join(CORE_METHODS + OPTIONAL_METHODS)} (installed: "
-                             f"{', '.join(DEFENSES.names())})")
+            raise UsageError(
+                f"--methods: unknown method '{name}'; choose from "
+                f"{', '.join(CORE_METHODS + OPTIONAL_METHODS)} (installed: "
+                f"{', '.join(DEFENSES.names())})"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,11 +23,19 @@ Z95 = 1.959964
 STAGES = ("train", "paper", "authors", "strong", "transfer", "inspect")
 PROTOCOLS = ("paper", "authors", "strong")
 BASELINES = ("baseline", "gal", "gpmr", "trs", "adp", "adv-train")
-NAMES = {"fgsm": "FGSM", "mifgsm": "MI-FGSM", "pgd": "PGD", "bim": "BIM", "apgd-ce": "APGD-CE",
-         "apgd-dlr": "APGD-DLR", "worst-case": "worst case"}
+NAMES = {
+    "fgsm": "FGSM",
+    "mifgsm": "MI-FGSM",
+    "pgd": "PGD",
+    "bim": "BIM",
+    "apgd-ce": "APGD-CE",
+    "apgd-dlr": "APGD-DLR",
+    "worst-case": "worst case",
+}
 
 
 # --- compact masks -----------------------------------------------------------------------------
+
 
 def pack_mask(mask: list[bool]) -> dict[str, Any]:
     """A bool sequence -> ``{"n", "bits"}`` (base64 of the bits, MSB first, zero-padded)."""
@@ -49,6 +57,7 @@ def unpack_mask(packed: dict[str, Any]) -> list[bool]:
 
 # --- intervals ---------------------------------------------------------------------------------
 
+
 def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
     """95 % Wilson score interval of a proportion ``correct / n`` ((0, 1) when n = 0)."""
     if n == 0:
@@ -69,8 +78,9 @@ def paired_counts(a: list[bool], b: list[bool]) -> tuple[int, int, int, int]:
     return both, a_only, b_only, len(a) - both - a_only - b_only
 
 
-def paired_difference(both: int, a_only: int, b_only: int, neither: int,
-                      z: float = Z95) -> tuple[float, float, float]:
+def paired_difference(
+    both: int, a_only: int, b_only: int, neither: int, z: float = Z95
+) -> tuple[float, float, float]:
     """accuracy(a) - accuracy(b) on the same examples and its interval, Newcombe (1998) method 10:
     the Wilson intervals of both proportions combined with the continuity-corrected correlation
     of the paired outcomes. Returns (difference, low, high); n = 0 gives (0, -1, 1)."""
@@ -80,8 +90,9 @@ def paired_difference(both: int, a_only: int, b_only: int, neither: int,
     p1, p2 = (both + a_only) / n, (both + b_only) / n
     l1, u1 = wilson(both + a_only, n, z)
     l2, u2 = wilson(both + b_only, n, z)
-    denominator = math.sqrt((both + a_only) * (b_only + neither) * (both + b_only)
-                            * (a_only + neither))
+    denominator = math.sqrt(
+        (both + a_only) * (b_only + neither) * (both + b_only) * (a_only + neither)
+    )
     cross = both * neither - a_only * b_only
     if denominator == 0:
         phi = 0.0
@@ -97,8 +108,18 @@ def paired_difference(both: int, a_only: int, b_only: int, neither: int,
 
 # --- reading a results folder ------------------------------------------------------------------
 
-BUDGET_KEYS = ("members", "train_limit", "epochs", "lr_step_epochs", "seed", "protocol_limit",
-               "strong_limit", "transfer_limit", "inspect_limit", "strong_restarts")
+BUDGET_KEYS = (
+    "members",
+    "train_limit",
+    "epochs",
+    "lr_step_epochs",
+    "seed",
+    "protocol_limit",
+    "strong_limit",
+    "transfer_limit",
+    "inspect_limit",
+    "strong_restarts",
+)
 
 
 def read_results(folder: Path, expected: dict | None = None) -> dict[str, dict[str, dict]]:
@@ -122,16 +143,20 @@ def read_results(folder: Path, expected: dict | None = None) -> dict[str, dict[s
     return out
 
 
-def missing_stages(results: dict, methods: list[str], stages: tuple[str, ...] = STAGES
-                   ) -> list[str]:
+def missing_stages(
+    results: dict, methods: list[str], stages: tuple[str, ...] = STAGES
+) -> list[str]:
     """``"METHOD STAGE"`` for every expected stage without a result file, in run order."""
     return [f"{m} {s}" for m in methods for s in stages if s not in results.get(m, {})]
 
 
 def row_key(row: dict) -> tuple[str, float, str]:
     """(attack, eps, objective) of a result row."""
-    return row["attack"], round(float(row["eps"]), 4), str(row.get("params", {})
-                                                             .get("objective", ""))
+    return (
+        row["attack"],
+        round(float(row["eps"]), 4),
+        str(row.get("params", {}).get("objective", "")),
+    )
 
 
 def headline_rows(stage: dict, protocol: str) -> list[dict]:
@@ -145,10 +170,19 @@ def headline_rows(stage: dict, protocol: str) -> list[dict]:
 
 # --- summary (docs/reproduction.json) ----------------------------------------------------------
 
+
 def protocol_entries(stage: dict, protocol: str) -> list[dict]:
-    return [{"attack": r["attack"], "eps": r["eps"], "objective": r.get("params", {})
-             .get("objective"), "accuracy": r["accuracy"], "ci": [r["ci_low"], r["ci_high"]],
-             "n": r["n"]} for r in headline_rows(stage, protocol)]
+    return [
+        {
+            "attack": r["attack"],
+            "eps": r["eps"],
+            "objective": r.get("params", {}).get("objective"),
+            "accuracy": r["accuracy"],
+            "ci": [r["ci_low"], r["ci_high"]],
+            "n": r["n"],
+        }
+        for r in headline_rows(stage, protocol)
+    ]
 
 
 def paired_rows(results: dict, method: str, baseline: str, protocol: str) -> list[dict]:
@@ -168,10 +202,20 @@ def paired_rows(results: dict, method: str, baseline: str, protocol: str) -> lis
             continue
         counts = paired_counts(a, b)
         d, low, high = paired_difference(*counts)
-        out.append({"method": method, "baseline": baseline, "protocol": protocol,
-                    "attack": row["attack"], "eps": row["eps"],
-                    "objective": row.get("params", {}).get("objective"), "difference": d,
-                    "ci": [low, high], "n": len(a), "discordant": [counts[1], counts[2]]})
+        out.append(
+            {
+                "method": method,
+                "baseline": baseline,
+                "protocol": protocol,
+                "attack": row["attack"],
+                "eps": row["eps"],
+                "objective": row.get("params", {}).get("objective"),
+                "difference": d,
+                "ci": [low, high],
+                "n": len(a),
+                "discordant": [counts[1], counts[2]],
+            }
+        )
     return out
 
 
@@ -191,8 +235,16 @@ def protocol_gap_rows(results: dict, method: str) -> list[dict]:
         if len(a) != len(b):
             continue
         d, low, high = paired_difference(*paired_counts(a, b))
-        out.append({"method": method, "attack": row["attack"], "eps": row["eps"],
-                    "difference": d, "ci": [low, high], "n": len(a)})
+        out.append(
+            {
+                "method": method,
+                "attack": row["attack"],
+                "eps": row["eps"],
+                "difference": d,
+                "ci": [low, high],
+                "n": len(a),
+            }
+        )
     return out
 
 
@@ -216,8 +268,9 @@ def build_summary(results: dict, methods: list[str], budget: dict) -> dict:
             "train_seconds": stages.get("train", {}).get("seconds"),
             "protocols": {p: protocol_entries(stages[p], p) for p in PROTOCOLS if p in stages},
             "inspect": inspect_figures(stages.get("inspect")),
-            "transfer": {a: t["summary"] for a, t in stages.get("transfer", {})
-                         .get("attacks", {}).items()},
+            "transfer": {
+                a: t["summary"] for a, t in stages.get("transfer", {}).get("attacks", {}).items()
+            },
         }
         summary["methods"][m] = entry
     for m in (m for m in methods if is_ncen(m)):
@@ -238,58 +291,78 @@ def inspect_figures(stage: dict | None) -> dict:
     d = stage["diagnostics"]
     pairs = d.get("pairs", [])
     mean_of = (lambda key: sum(p[key] for p in pairs) / len(pairs)) if pairs else (lambda k: None)
-    return {"n": d.get("n"), "mean_gradient_cosine": mean_of("grad_cosine_mean"),
-            "norm_dispersion": d.get("norm_dispersion"),
-            "mean_disagreement": mean_of("disagreement"),
-            "ensemble_accuracy": d.get("ensemble_accuracy"), "terms": d.get("terms", {})}
+    return {
+        "n": d.get("n"),
+        "mean_gradient_cosine": mean_of("grad_cosine_mean"),
+        "norm_dispersion": d.get("norm_dispersion"),
+        "mean_disagreement": mean_of("disagreement"),
+        "ensemble_accuracy": d.get("ensemble_accuracy"),
+        "terms": d.get("terms", {}),
+    }
 
 
 # --- verdict -----------------------------------------------------------------------------------
+
 
 def verdict(summary: dict, methods: list[str]) -> str:
     """Only what the intervals support, per protocol and baseline; incomplete runs say so."""
     parts = []
     if summary["missing"]:
-        parts.append(f"The comparison is incomplete: {len(summary['missing'])} stage(s) missing "
-                     f"({compact_missing(summary['missing'])}); every statement below covers "
-                     "only the stages that exist.")
+        parts.append(
+            f"The comparison is incomplete: {len(summary['missing'])} stage(s) missing "
+            f"({compact_missing(summary['missing'])}); every statement below covers "
+            "only the stages that exist."
+        )
     paired = summary["paired"]
     if not paired:
-        parts.append("No paired difference can be computed yet (an NCEn form and a baseline "
-                     "need the same protocol stage), so nothing is concluded.")
+        parts.append(
+            "No paired difference can be computed yet (an NCEn form and a baseline "
+            "need the same protocol stage), so nothing is concluded."
+        )
         return " ".join(parts)
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in paired:
         groups.setdefault((row["method"], row["baseline"], row["protocol"]), []).append(row)
     for (m, b, p), rows in groups.items():
         calls = [call(r) for r in rows]
-        parts.append(f"{p} protocol, {m} − {b}: better in {calls.count('better')}, worse in "
-                     f"{calls.count('worse')}, inconclusive in {calls.count('inconclusive')} of "
-                     f"{len(rows)} settings (95 % paired intervals).")
+        parts.append(
+            f"{p} protocol, {m} − {b}: better in {calls.count('better')}, worse in "
+            f"{calls.count('worse')}, inconclusive in {calls.count('inconclusive')} of "
+            f"{len(rows)} settings (95 % paired intervals)."
+        )
     strong = [r for r in paired if r["protocol"] == "strong"]
     gains = [r for r in paired if r["protocol"] != "strong" and call(r) == "better"]
     if strong:
         kept = [r for r in strong if call(r) == "better"]
         parts.append(
-            "Under the strong protocol (per-example worst case) " + (
-                "an NCEn gain survives in: " + "; ".join(
+            "Under the strong protocol (per-example worst case) "
+            + (
+                "an NCEn gain survives in: "
+                + "; ".join(
                     f"{r['method']} vs {r['baseline']} ε={r['eps']:g} ({r['difference']:+.3f})"
-                    for r in kept) + "." if kept else
-                "no NCEn form is better than any baseline at any ε" + (
-                    " although some were under the weaker protocols." if gains else ".")))
+                    for r in kept
+                )
+                + "."
+                if kept
+                else "no NCEn form is better than any baseline at any ε"
+                + (" although some were under the weaker protocols." if gains else ".")
+            )
+        )
     parts += settling_budget(paired)
     parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
     return " ".join(parts)
 
 
 def compact_missing(missing: list[str]) -> str:
-    """"baseline: all stages; ncen: strong, inspect" from "METHOD STAGE" items."""
+    """ "baseline: all stages; ncen: strong, inspect" from "METHOD STAGE" items."""
     by_method: dict[str, list[str]] = {}
     for item in missing:
         method, stage = item.rsplit(" ", 1)
         by_method.setdefault(method, []).append(stage)
-    return "; ".join(f"{m}: {'all stages' if len(s) == len(STAGES) else ', '.join(s)}"
-                     for m, s in by_method.items())
+    return "; ".join(
+        f"{m}: {'all stages' if len(s) == len(STAGES) else ', '.join(s)}"
+        for m, s in by_method.items()
+    )
 
 
 def mean_accuracy(entries: list[dict]) -> float | None:
@@ -309,11 +382,13 @@ def authors_vs_paper(summary: dict, methods: list[str]) -> list[str]:
             continue
         rows = [r for r in summary.get("authors_minus_paper", []) if r["method"] == m]
         calls = [call(r) for r in rows]
-        out.append(f"{m}: the authors' protocol reports {a - p:+.3f} mean accuracy over the "
-                   f"paper protocol (conditional on clean-correct images); paired on the same "
-                   f"images it is higher in {calls.count('better')}, lower in "
-                   f"{calls.count('worse')} and inconclusive in {calls.count('inconclusive')} of "
-                   f"{len(rows)} settings.")
+        out.append(
+            f"{m}: the authors' protocol reports {a - p:+.3f} mean accuracy over the "
+            f"paper protocol (conditional on clean-correct images); paired on the same "
+            f"images it is higher in {calls.count('better')}, lower in "
+            f"{calls.count('worse')} and inconclusive in {calls.count('inconclusive')} of "
+            f"{len(rows)} settings."
+        )
     return out
 
 
@@ -329,12 +404,17 @@ def settling_budget(paired: list[dict], test_set: int = 10000) -> list[str]:
     if not needs:
         return []
     within = sorted(n for n in needs if n <= test_set)
-    return [f"Of the {len(needs)} inconclusive comparisons, {len(within)} would be settled by at "
-            f"most {test_set:,} test images if their observed difference held"
-            + (f" (largest need: {math.ceil(within[-1]):,} images)" if within else "")
-            + (f"; the other {len(needs) - len(within)} differ too little for one test set: "
-               "they need more seeds (independently trained ensembles), or are no difference."
-               if len(within) < len(needs) else ".")]
+    return [
+        f"Of the {len(needs)} inconclusive comparisons, {len(within)} would be settled by at "
+        f"most {test_set:,} test images if their observed difference held"
+        + (f" (largest need: {math.ceil(within[-1]):,} images)" if within else "")
+        + (
+            f"; the other {len(needs) - len(within)} differ too little for one test set: "
+            "they need more seeds (independently trained ensembles), or are no difference."
+            if len(within) < len(needs)
+            else "."
+        )
+    ]
 
 
 def diversity_vs_lambda(summary: dict) -> list[str]:
@@ -348,15 +428,22 @@ def diversity_vs_lambda(summary: dict) -> list[str]:
         return []
     points.sort()
     text = ", ".join(f"λ={lam:g}: {cos:+.3f}" for lam, cos in points)
-    trend = ("falls" if all(b[1] < a[1] for a, b in zip(points, points[1:], strict=False)) else
-             "rises" if all(b[1] > a[1] for a, b in zip(points, points[1:], strict=False)) else
-             "does not move monotonically")
+    trend = (
+        "falls"
+        if all(b[1] < a[1] for a, b in zip(points, points[1:], strict=False))
+        else "rises"
+        if all(b[1] > a[1] for a, b in zip(points, points[1:], strict=False))
+        else "does not move monotonically"
+    )
     ref = f" (baseline {base:+.3f})" if base is not None else ""
-    return [f"Mean pairwise gradient cosine from inspect {trend} with λ: {text}{ref}; this is one "
-            "seed, without an interval."]
+    return [
+        f"Mean pairwise gradient cosine from inspect {trend} with λ: {text}{ref}; this is one "
+        "seed, without an interval."
+    ]
 
 
 # --- markdown (docs/reproduction.md) -----------------------------------------------------------
+
 
 def fmt(value: float | None, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
@@ -384,21 +471,30 @@ def protocol_table(summary: dict, protocol: str) -> list[str]:
             cells[key][m] = f"{e['accuracy']:.3f} ±{half:.3f} (n={e['n']})"
     lines = ["| attack | ε | " + " | ".join(methods) + " |", "|" + " --- |" * (2 + len(methods))]
     for key in keys:
-        lines.append(f"| {key[0]} | {key[1]:g} | "
-                     + " | ".join(cells[key].get(m, "–") for m in methods) + " |")
+        lines.append(
+            f"| {key[0]} | {key[1]:g} | "
+            + " | ".join(cells[key].get(m, "–") for m in methods)
+            + " |"
+        )
     return lines
 
 
 def paired_table(summary: dict) -> list[str]:
     if not summary["paired"]:
-        return ["(no paired difference yet: it needs an NCEn form and a baseline with the same "
-                "protocol stage)"]
-    lines = ["| protocol | NCEn form | baseline | attack | ε | difference | 95 % interval | n | "
-             "call |", "|" + " --- |" * 9]
+        return [
+            "(no paired difference yet: it needs an NCEn form and a baseline with the same "
+            "protocol stage)"
+        ]
+    lines = [
+        "| protocol | NCEn form | baseline | attack | ε | difference | 95 % interval | n | call |",
+        "|" + " --- |" * 9,
+    ]
     for r in summary["paired"]:
-        lines.append(f"| {r['protocol']} | {r['method']} | {r['baseline']} | {setting(r)} | "
-                     f"{r['eps']:g} | {r['difference']:+.3f} | [{r['ci'][0]:+.3f}, "
-                     f"{r['ci'][1]:+.3f}] | {r['n']} | {call(r)} |")
+        lines.append(
+            f"| {r['protocol']} | {r['method']} | {r['baseline']} | {setting(r)} | "
+            f"{r['eps']:g} | {r['difference']:+.3f} | [{r['ci'][0]:+.3f}, "
+            f"{r['ci'][1]:+.3f}] | {r['n']} | {call(r)} |"
+        )
     return lines
 
 
@@ -409,26 +505,36 @@ def duration(seconds: float | None) -> str:
 
 
 def overview_table(summary: dict) -> list[str]:
-    lines = ["| method | clean accuracy (10,000 test images) | training time | mean gradient "
-             "cosine | norm dispersion | PGD transfer gap |", "|" + " --- |" * 6]
+    lines = [
+        "| method | clean accuracy (10,000 test images) | training time | mean gradient "
+        "cosine | norm dispersion | PGD transfer gap |",
+        "|" + " --- |" * 6,
+    ]
     for m, e in summary["methods"].items():
         seconds = e.get("train_seconds")
         gap = e["transfer"].get("pgd", {}).get("gap")
-        lines.append(f"| {m} | {fmt(e['clean_accuracy'])} | "
-                     f"{duration(seconds)} | "
-                     f"{fmt(e['inspect'].get('mean_gradient_cosine'), '+.3f')} | "
-                     f"{fmt(e['inspect'].get('norm_dispersion'))} | {fmt(gap, '+.3f')} |")
+        lines.append(
+            f"| {m} | {fmt(e['clean_accuracy'])} | "
+            f"{duration(seconds)} | "
+            f"{fmt(e['inspect'].get('mean_gradient_cosine'), '+.3f')} | "
+            f"{fmt(e['inspect'].get('norm_dispersion'))} | {fmt(gap, '+.3f')} |"
+        )
     return lines
 
 
 def transfer_table(summary: dict) -> list[str]:
-    lines = ["| method | attack | mean diagonal (white-box) | mean off-diagonal (transfer) | gap | "
-             "ensemble column |", "|" + " --- |" * 6]
+    lines = [
+        "| method | attack | mean diagonal (white-box) | mean off-diagonal (transfer) | gap | "
+        "ensemble column |",
+        "|" + " --- |" * 6,
+    ]
     for m, e in summary["methods"].items():
         for attack, s in e["transfer"].items():
-            lines.append(f"| {m} | {NAMES.get(attack, attack)} | {fmt(s.get('mean_diagonal'))} | "
-                         f"{fmt(s.get('mean_off_diagonal'))} | {fmt(s.get('gap'), '+.3f')} | "
-                         f"{fmt(s.get('ensemble_mean'))} |")
+            lines.append(
+                f"| {m} | {NAMES.get(attack, attack)} | {fmt(s.get('mean_diagonal'))} | "
+                f"{fmt(s.get('mean_off_diagonal'))} | {fmt(s.get('gap'), '+.3f')} | "
+                f"{fmt(s.get('ensemble_mean'))} |"
+            )
     return lines if len(lines) > 2 else ["(no transfer stage yet)"]
 
 
@@ -438,7 +544,8 @@ def missing_table(missing: list[str]) -> list[str]:
         method, stage = item.rsplit(" ", 1)
         by_method.setdefault(method, []).append(stage)
     return ["| method | stages without a result file |", "| --- | --- |"] + [
-        f"| {m} | {', '.join(stages)} |" for m, stages in by_method.items()]
+        f"| {m} | {', '.join(stages)} |" for m, stages in by_method.items()
+    ]
 
 
 def render_markdown(summary: dict, preamble: list[str]) -> str:
@@ -462,24 +569,44 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
         *overview_table(summary),
         "",
     ]
-    for protocol, title in (("paper", "Paper protocol (Table II settings, mean-CE objective)"),
-                            ("authors", "The authors' protocol (their released evaluation: "
-                                        "conditional accuracy, BatchNorm in train mode)"),
-                            ("strong", "Strong protocol: per-example worst case per ε")):
+    for protocol, title in (
+        ("paper", "Paper protocol (Table II settings, mean-CE objective)"),
+        (
+            "authors",
+            "The authors' protocol (their released evaluation: "
+            "conditional accuracy, BatchNorm in train mode)",
+        ),
+        ("strong", "Strong protocol: per-example worst case per ε"),
+    ):
         text += [f"## {title}", "", *protocol_table(summary, protocol), ""]
     gap = summary.get("authors_minus_paper", [])
-    text += ["## What the authors' protocol adds (authors − paper, paired, same images)", "",
-             "Unconditional correctness under both (an image counts if it is classified "
-             "correctly clean and after the attack), Newcombe's 95 % interval.", ""]
-    text += (["| method | attack | ε | difference | 95 % interval | n |", "|" + " --- |" * 6]
-             + [f"| {r['method']} | {setting(r)} | {r['eps']:g} | {r['difference']:+.3f} | "
-                f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {r['n']} |" for r in gap]
-             if gap else ["(needs a method's paper and authors stages)"]) + [""]
-    text += ["## Transferability between members (Ensemble1, ε = 0.05)", "",
-             "Accuracy of member j on examples crafted on member i; the gap is the mean "
-             "off-diagonal minus the mean diagonal (a larger gap: examples crafted on one member "
-             "transfer less to the others).", "",
-             *transfer_table(summary), ""]
+    text += [
+        "## What the authors' protocol adds (authors − paper, paired, same images)",
+        "",
+        "Unconditional correctness under both (an image counts if it is classified "
+        "correctly clean and after the attack), Newcombe's 95 % interval.",
+        "",
+    ]
+    text += (
+        ["| method | attack | ε | difference | 95 % interval | n |", "|" + " --- |" * 6]
+        + [
+            f"| {r['method']} | {setting(r)} | {r['eps']:g} | {r['difference']:+.3f} | "
+            f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {r['n']} |"
+            for r in gap
+        ]
+        if gap
+        else ["(needs a method's paper and authors stages)"]
+    ) + [""]
+    text += [
+        "## Transferability between members (Ensemble1, ε = 0.05)",
+        "",
+        "Accuracy of member j on examples crafted on member i; the gap is the mean "
+        "off-diagonal minus the mean diagonal (a larger gap: examples crafted on one member "
+        "transfer less to the others).",
+        "",
+        *transfer_table(summary),
+        "",
+    ]
     text += [
         "## Paired differences (NCEn form − baseline, same test images)",
         "",

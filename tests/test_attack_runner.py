@@ -164,8 +164,11 @@ def test_with_attack_options_sets_declared_options_and_rejects_unknown_ones() ->
     runs = [("pgd", AttackSettings(0.1)), ("square", SQUARE.settings_for(0.1))]
     pgd, square = with_attack_options(runs, ["p_init=0.25"])
     assert pgd.extra == {} and square.extra == {"p_init": 0.25}
-    with pytest.raises(UsageError, match=r"-o select: no attack of this run has that option; "
-                                         r"options: early_stop \(pgd\), p_init \(square\)"):
+    with pytest.raises(
+        UsageError,
+        match=r"-o select: no attack of this run has that option; "
+        r"options: early_stop \(pgd\), p_init \(square\)",
+    ):
         with_attack_options(runs, ["select=margin"])
 
 
@@ -178,8 +181,13 @@ def test_an_api_2_attack_is_refused_in_one_line() -> None:
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     ens = build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4)
-    meta = {"dataset": "synthetic", "family": "fashionmnist", "input_shape": [1, 12, 12],
-            "num_classes": 4, "defense": "baseline"}
+    meta = {
+        "dataset": "synthetic",
+        "family": "fashionmnist",
+        "input_shape": [1, 12, 12],
+        "num_classes": 4,
+        "defense": "baseline",
+    }
     return save_ensemble(ens, tmp_path_factory.mktemp("ckpt") / "syn.safetensors", meta)
 
 
@@ -194,16 +202,31 @@ def test_cli_attack_option_reaches_the_run_and_its_report(checkpoint) -> None:
         seen.append(settings)
         return x
 
-    spy = Attack("test-options", "spy", run, lambda eps: {"steps": 2},
-                 options={"width": AttackOption(3, "an integer option", int, minimum=1)})
+    spy = Attack(
+        "test-options",
+        "spy",
+        run,
+        lambda eps: {"steps": 2},
+        options={"width": AttackOption(3, "an integer option", int, minimum=1)},
+    )
     with registered("attacks", spy):
-        res = _cli("attack", checkpoint, "--attacks", "test-options", "--eps", "0.1",
-                   "-o", "width=5", "--json")
+        res = _cli(
+            "attack",
+            checkpoint,
+            "--attacks",
+            "test-options",
+            "--eps",
+            "0.1",
+            "-o",
+            "width=5",
+            "--json",
+        )
         assert res.exit_code == 0, res.output
         assert seen and all(s.extra == {"width": 5} for s in seen)
         assert json.loads(res.stdout)["results"][0]["params"]["width"] == 5
-        bad = _cli("attack", checkpoint, "--attacks", "test-options", "--eps", "0.1",
-                   "-o", "width=0")
+        bad = _cli(
+            "attack", checkpoint, "--attacks", "test-options", "--eps", "0.1", "-o", "width=0"
+        )
     assert bad.exit_code == 2
     assert bad.stderr.strip().splitlines() == ["error: attack option width must be >= 1, got 0"]
 

@@ -282,8 +282,16 @@ def test_member_target_and_square():
     assert not target.training
 
 
-@pytest.mark.parametrize("bad", [dict(eps=0.0), dict(eps=1.5), dict(eps=0.1, steps=0),
-                                 dict(eps=0.1, restarts=0), dict(eps=0.1, step_size=-1.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(eps=0.0),
+        dict(eps=1.5),
+        dict(eps=0.1, steps=0),
+        dict(eps=0.1, restarts=0),
+        dict(eps=0.1, step_size=-1.0),
+    ],
+)
 def test_bad_settings_are_usage_errors(bad):
     ens, x = linear_ensemble(), images(2)
     with pytest.raises(UsageError):

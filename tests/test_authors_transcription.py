@@ -85,8 +85,12 @@ def authors_nc(x_grads, model_num, para_norm, para_cos):
     dev = x_grads[0].device
     norm = torch.zeros(x_grads[0].size(0), dtype=x_grads[0].dtype, device=dev)
     g = torch.zeros(
-        x_grads[0].size(0), x_grads[0].size(1), x_grads[0].size(2), x_grads[0].size(3),
-        dtype=x_grads[0].dtype, device=dev,
+        x_grads[0].size(0),
+        x_grads[0].size(1),
+        x_grads[0].size(2),
+        x_grads[0].size(3),
+        dtype=x_grads[0].dtype,
+        device=dev,
     )
     gn = torch.zeros(x_grads[0].size(0), dtype=x_grads[0].dtype, device=dev)
     for i in range(model_num):

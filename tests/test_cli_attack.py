@@ -20,8 +20,13 @@ runner = CliRunner()
 def _checkpoint(path, shape=(1, 12, 12), classes=4):
     torch.manual_seed(0)
     ens = build_ensemble(["resnet20", "resnet20"], shape, classes)
-    meta = {"dataset": "synthetic", "family": "fashionmnist", "input_shape": list(shape),
-            "num_classes": classes, "defense": "baseline"}
+    meta = {
+        "dataset": "synthetic",
+        "family": "fashionmnist",
+        "input_shape": list(shape),
+        "num_classes": classes,
+        "defense": "baseline",
+    }
     return save_ensemble(ens, path, meta)
 
 
@@ -35,12 +40,32 @@ def run(*args: str):
 
 
 def base(ckpt, tmp_path):
-    return [ckpt, "--data-dir", tmp_path, "--device", "cpu", "--test-limit", "12", "--batch-size", "6"]
+    return [
+        ckpt,
+        "--data-dir",
+        tmp_path,
+        "--device",
+        "cpu",
+        "--test-limit",
+        "12",
+        "--batch-size",
+        "6",
+    ]
 
 
 def test_json_schema_and_overrides(ckpt, tmp_path):
-    res = run(*base(ckpt, tmp_path), "--attacks", "fgsm,pgd", "--eps", "0.05,0.3", "--steps", "3",
-              "--step-size", "0.0125", "--json")
+    res = run(
+        *base(ckpt, tmp_path),
+        "--attacks",
+        "fgsm,pgd",
+        "--eps",
+        "0.05,0.3",
+        "--steps",
+        "3",
+        "--step-size",
+        "0.0125",
+        "--json",
+    )
     assert res.exit_code == 0, res.stderr
     payload = json.loads(res.stdout)
     assert isinstance(payload["clean_accuracy"], float) and payload["n"] == 12
@@ -48,8 +73,15 @@ def test_json_schema_and_overrides(ckpt, tmp_path):
     assert pairs == [("fgsm", 0.05), ("fgsm", 0.3), ("pgd", 0.05), ("pgd", 0.3)]
     for r in payload["results"]:
         assert 0 <= r["accuracy"] <= 1
-        assert {"objective", "steps", "step_size", "restarts", "random_start", "decay",
-                "seed"} <= r["params"].keys()
+        assert {
+            "objective",
+            "steps",
+            "step_size",
+            "restarts",
+            "random_start",
+            "decay",
+            "seed",
+        } <= r["params"].keys()
     pgd = payload["results"][2]["params"]
     assert pgd["steps"] == 3 and pgd["step_size"] == 0.0125 and pgd["objective"] == "mean-ce"
     fgsm = [r["params"] for r in payload["results"][:2]]
@@ -66,9 +98,24 @@ def test_default_is_paper_protocol_table(ckpt, tmp_path):
 
 def test_protocol_filter_and_out_files(ckpt, tmp_path):
     out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
-    res = run(*base(ckpt, tmp_path), "--protocol", "strong", "--attacks", "pgd", "--steps", "2",
-              "--restarts", "2", "--eps", "0.1", "--objective", "logits", "--out", out_json,
-              "--json")
+    res = run(
+        *base(ckpt, tmp_path),
+        "--protocol",
+        "strong",
+        "--attacks",
+        "pgd",
+        "--steps",
+        "2",
+        "--restarts",
+        "2",
+        "--eps",
+        "0.1",
+        "--objective",
+        "logits",
+        "--out",
+        out_json,
+        "--json",
+    )
     assert res.exit_code == 0, res.stderr
     written = json.loads(out_json.read_text())
     assert written["results"] == json.loads(res.stdout)["results"]
@@ -81,11 +128,22 @@ def test_protocol_filter_and_out_files(ckpt, tmp_path):
     assert float(rows[1]["eps"]) == 0.1 and rows[1]["objective"] == "mean-ce"
 
 
-@pytest.mark.parametrize("args", [
-    ["--eps", "0"], ["--eps", "1.5"], ["--eps", "abc"], ["--steps", "0"], ["--restarts", "0"],
-    ["--attacks", "nope"], ["--protocol", "weird"], ["--objective", "hinge"], ["--test-limit", "0"],
-    ["--out", "results.txt"], ["--protocol", "paper", "--attacks", "square"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--eps", "0"],
+        ["--eps", "1.5"],
+        ["--eps", "abc"],
+        ["--steps", "0"],
+        ["--restarts", "0"],
+        ["--attacks", "nope"],
+        ["--protocol", "weird"],
+        ["--objective", "hinge"],
+        ["--test-limit", "0"],
+        ["--out", "results.txt"],
+        ["--protocol", "paper", "--attacks", "square"],
+    ],
+)
 def test_bad_input_is_one_line_exit_2(ckpt, tmp_path, args):
     res = run(*base(ckpt, tmp_path), *args)
     assert res.exit_code == 2, (args, res.stdout, res.stderr)

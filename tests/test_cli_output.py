@@ -27,8 +27,13 @@ runner = CliRunner()
 def _checkpoint(path):
     torch.manual_seed(0)
     ens = build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4)
-    meta = {"dataset": "synthetic", "family": "fashionmnist", "input_shape": [1, 12, 12],
-            "num_classes": 4, "defense": "baseline"}
+    meta = {
+        "dataset": "synthetic",
+        "family": "fashionmnist",
+        "input_shape": [1, 12, 12],
+        "num_classes": 4,
+        "defense": "baseline",
+    }
     return save_ensemble(ens, path, meta)
 
 
@@ -40,15 +45,36 @@ def ckpt(tmp_path_factory):
 # --- figures ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("suffix,magic", [(".png", b"\x89PNG"), (".pdf", b"%PDF"),
-                                          (".svg", b"<?xml")])
-def test_transfer_figure_format_follows_the_suffix_and_names_the_model(ckpt, tmp_path, suffix,
-                                                                       magic):
+@pytest.mark.parametrize(
+    "suffix,magic", [(".png", b"\x89PNG"), (".pdf", b"%PDF"), (".svg", b"<?xml")]
+)
+def test_transfer_figure_format_follows_the_suffix_and_names_the_model(
+    ckpt, tmp_path, suffix, magic
+):
     pytest.importorskip("matplotlib")
     figure = tmp_path / f"t{suffix}"
-    res = runner.invoke(app, ["transfer", str(ckpt), "--attacks", "fgsm", "--eps", "0.1,0.2",
-                              "--test-limit", "8", "--device", "cpu", "--data-dir",
-                              str(tmp_path), "--figure", str(figure), "--dpi", "40", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "transfer",
+            str(ckpt),
+            "--attacks",
+            "fgsm",
+            "--eps",
+            "0.1,0.2",
+            "--test-limit",
+            "8",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(tmp_path),
+            "--figure",
+            str(figure),
+            "--dpi",
+            "40",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     assert figure.read_bytes().startswith(magic)
     payload = json.loads(res.stdout)  # --eps is a list in transfer too: one matrix per radius
@@ -68,8 +94,7 @@ def test_figure_suffix_and_dpi_are_checked_first(tmp_path):
         check_figure(tmp_path / "a.png", dpi=0)
     res = runner.invoke(app, ["transfer", "x.safetensors", "--figure", "t.jpg"])
     assert res.exit_code == 2
-    assert res.stderr == ("error: --figure t.jpg: the file name must end in .png, .pdf or "
-                          ".svg\n")
+    assert res.stderr == ("error: --figure t.jpg: the file name must end in .png, .pdf or .svg\n")
 
 
 def test_sweep_contour_levels_do_not_cover_the_cell_values(tmp_path):
@@ -77,11 +102,24 @@ def test_sweep_contour_levels_do_not_cover_the_cell_values(tmp_path):
     from ncen_cli.plots import sweep_figure
     from ncen_cli.sweep import CellResult, SweepResult, expand_grid
 
-    cells = [CellResult(cell, 0.9, 0.1 * (i + 1), 0.09 * (i + 1), {"fgsm@0.1": 0.1 * (i + 1)},
-                        1.0, 1.0, 0.0, tmp_path / f"{cell.id}.safetensors", 1)
-             for i, cell in enumerate(expand_grid([0.0, 0.02, 0.06], [0.0, 0.04]))]
-    result = SweepResult(tmp_path, [0.0, 0.02, 0.06], [0.0, 0.04], cells,
-                         [{"attack": "fgsm", "eps": 0.1}])
+    cells = [
+        CellResult(
+            cell,
+            0.9,
+            0.1 * (i + 1),
+            0.09 * (i + 1),
+            {"fgsm@0.1": 0.1 * (i + 1)},
+            1.0,
+            1.0,
+            0.0,
+            tmp_path / f"{cell.id}.safetensors",
+            1,
+        )
+        for i, cell in enumerate(expand_grid([0.0, 0.02, 0.06], [0.0, 0.04]))
+    ]
+    result = SweepResult(
+        tmp_path, [0.0, 0.02, 0.06], [0.0, 0.04], cells, [{"attack": "fgsm", "eps": 0.1}]
+    )
     fig = sweep_figure(result)
     ax, bar = fig.axes
     assert ax.collections, "the contour lines are drawn"
@@ -171,8 +209,21 @@ def test_quiet_and_verbose_logging():
 
 
 def test_attack_quiet_prints_results_only(ckpt, tmp_path):
-    args = ["attack", str(ckpt), "--attacks", "fgsm", "--eps", "0.1", "--test-limit", "8",
-            "--device", "cpu", "--data-dir", str(tmp_path), "--json"]
+    args = [
+        "attack",
+        str(ckpt),
+        "--attacks",
+        "fgsm",
+        "--eps",
+        "0.1",
+        "--test-limit",
+        "8",
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(tmp_path),
+        "--json",
+    ]
     res = runner.invoke(app, [*args, "-q"])
     assert res.exit_code == 0 and res.stderr == ""
     assert json.loads(res.stdout)["n"] == 8
@@ -195,9 +246,11 @@ def test_device_line_for_a_gpu():
     from ncen_cli.cli.info import device_line
 
     assert device_line({"device": "cuda:0", "name": "NVIDIA H200", "memory_gib": 139.8}) == (
-        "cuda:0: NVIDIA H200, 139.8 GiB")
+        "cuda:0: NVIDIA H200, 139.8 GiB"
+    )
     assert device_line({"device": "cpu", "threads": 2, "native_bf16": False}) == (
-        "cpu: 2 threads, no native bf16")
+        "cpu: 2 threads, no native bf16"
+    )
 
 
 # --- the checkpoint's dataset and data folder, one check for attack, transfer and inspect ----
@@ -209,14 +262,20 @@ EVALUATING = ("attack", "transfer", "inspect")
 def test_a_dataset_that_does_not_fit_the_checkpoint_is_refused_alike(tmp_path, command):
     torch.manual_seed(0)
     ens = build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 10)  # synthetic has 4 classes
-    path = save_ensemble(ens, tmp_path / "ten.safetensors", {
-        "dataset": "synthetic", "input_shape": [1, 12, 12], "num_classes": 10})
-    res = runner.invoke(app, [command, str(path), "--test-limit", "8", "--device", "cpu",
-                              "--data-dir", str(tmp_path)])
+    path = save_ensemble(
+        ens,
+        tmp_path / "ten.safetensors",
+        {"dataset": "synthetic", "input_shape": [1, 12, 12], "num_classes": 10},
+    )
+    res = runner.invoke(
+        app,
+        [command, str(path), "--test-limit", "8", "--device", "cpu", "--data-dir", str(tmp_path)],
+    )
     assert res.exit_code == 2, res.output
     assert res.stderr == (
         "error: dataset 'synthetic' has 4 classes of shape (1, 12, 12), the checkpoint expects 10 "
-        f"of (1, 12, 12) ({path}); pass the --dataset it was trained on\n")
+        f"of (1, 12, 12) ({path}); pass the --dataset it was trained on\n"
+    )
 
 
 @pytest.mark.parametrize("command", EVALUATING)
@@ -224,16 +283,37 @@ def test_the_recorded_dataset_and_data_folder_are_the_defaults(tmp_path, command
     torch.manual_seed(0)
     ens = build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4)
     gone = tmp_path / "moved-away"
-    path = save_ensemble(ens, tmp_path / "rec.safetensors", {
-        "dataset": "synthetic", "input_shape": [1, 12, 12], "num_classes": 4,
-        "config": {"data_dir": str(gone)}})
+    path = save_ensemble(
+        ens,
+        tmp_path / "rec.safetensors",
+        {
+            "dataset": "synthetic",
+            "input_shape": [1, 12, 12],
+            "num_classes": 4,
+            "config": {"data_dir": str(gone)},
+        },
+    )
     res = runner.invoke(app, [command, str(path), "--test-limit", "8", "--device", "cpu"])
     assert res.exit_code == 2 and res.stderr == (
         f"error: the data folder recorded in {path} ({gone}) is not a folder here; pass "
-        "--data-dir\n")
+        "--data-dir\n"
+    )
     gone.mkdir()
-    res = runner.invoke(app, [command, str(path), "--test-limit", "8", "--device", "cpu",
-                              "--json", "--attacks", "fgsm", "--eps", "0.1"][
-        : None if command != "inspect" else -4])
+    res = runner.invoke(
+        app,
+        [
+            command,
+            str(path),
+            "--test-limit",
+            "8",
+            "--device",
+            "cpu",
+            "--json",
+            "--attacks",
+            "fgsm",
+            "--eps",
+            "0.1",
+        ][: None if command != "inspect" else -4],
+    )
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)  # read synthetic (the recorded dataset) from the recorded folder

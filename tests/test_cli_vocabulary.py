@@ -27,7 +27,7 @@ runner = CliRunner()
 def _table(heading: str) -> list[list[str]]:
     """The rows of the first Markdown table after ``heading`` in docs/usage.md."""
     text = USAGE.read_text(encoding="utf-8")
-    section = text[text.index(heading):]
+    section = text[text.index(heading) :]
     rows = []
     for line in section.splitlines()[1:]:
         if line.startswith("|"):
@@ -58,8 +58,9 @@ def _options() -> dict[str, dict[str, object]]:
     commands = {"ncen": group, **{n: load_command(n) for n in COMMANDS}}
     found: dict[str, dict[str, object]] = {}
     for name, command in commands.items():
-        ctx = root if name == "ncen" else command.context_class(command, info_name=name,
-                                                                 parent=root)
+        ctx = (
+            root if name == "ncen" else command.context_class(command, info_name=name, parent=root)
+        )
         found[name] = {}
         for param in command.get_params(ctx):  # with -h/--help
             if getattr(param, "param_type_name", "") == "argument" or param.hidden:
@@ -82,7 +83,8 @@ def test_every_visible_option_is_in_the_vocabulary_table_for_its_command():
         for spelling in options:
             assert spelling in table, f"ncen {command} {spelling} is not in docs/usage.md's table"
             assert command in table[spelling][1], (
-                f"ncen {command} {spelling}: the table does not list {command} for it")
+                f"ncen {command} {spelling}: the table does not list {command} for it"
+            )
 
 
 def test_every_table_row_exists_in_each_command_it_names():
@@ -111,11 +113,16 @@ def test_no_concept_is_spelled_two_ways():
 
 
 def test_deprecated_spellings_table_matches_the_code():
-    documented = {(old.strip("`"), command.strip(), new.strip("`"))
-                  for old, commands, new in _table("Spellings of 0.1")
-                  for command in commands.split(",")}
-    in_code = {(old, command, new) for command, spellings in DEPRECATED_SPELLINGS.items()
-               for old, new in spellings.items()}
+    documented = {
+        (old.strip("`"), command.strip(), new.strip("`"))
+        for old, commands, new in _table("Spellings of 0.1")
+        for command in commands.split(",")
+    }
+    in_code = {
+        (old, command, new)
+        for command, spellings in DEPRECATED_SPELLINGS.items()
+        for old, new in spellings.items()
+    }
     assert documented == in_code
 
 
@@ -125,19 +132,24 @@ def test_rewrite_deprecated_maps_each_old_spelling_once_with_a_warning(capsys):
             args = ["ckpt", old, "3", f"{old}=4", "--", old]
             assert rewrite_deprecated(command, args) == ["ckpt", new, "3", f"{new}=4", "--", old]
             lines = capsys.readouterr().err.splitlines()
-            assert lines == [f"warning: ncen {command} {old} is deprecated and will be removed in "
-                             f"the next release; use {new}"]
+            assert lines == [
+                f"warning: ncen {command} {old} is deprecated and will be removed in "
+                f"the next release; use {new}"
+            ]
     assert rewrite_deprecated("train", ["--limit", "3"]) == ["--limit", "3"]  # not train's
 
 
-@pytest.mark.parametrize("command,args,new", [
-    ("attack", ["--limit", "0"], "--test-limit"),
-    ("inspect", ["--limit", "0"], "--test-limit"),
-    ("transfer", ["--limit", "0"], "--test-limit"),
-    ("transfer", ["--png", "fig.bmp"], "--figure"),
-    ("transfer", ["--attack", "pgd", "--eps", "2"], "--attacks"),
-    ("sweep", ["--png", "fig.bmp"], "--figure"),
-])
+@pytest.mark.parametrize(
+    "command,args,new",
+    [
+        ("attack", ["--limit", "0"], "--test-limit"),
+        ("inspect", ["--limit", "0"], "--test-limit"),
+        ("transfer", ["--limit", "0"], "--test-limit"),
+        ("transfer", ["--png", "fig.bmp"], "--figure"),
+        ("transfer", ["--attack", "pgd", "--eps", "2"], "--attacks"),
+        ("sweep", ["--png", "fig.bmp"], "--figure"),
+    ],
+)
 def test_old_spellings_still_work_end_to_end(tmp_path, command, args, new):
     argv = [command, *(["ckpt.safetensors"] if command != "sweep" else []), *args]
     result = runner.invoke(app, argv)
@@ -182,32 +194,39 @@ sys.stderr.write("PROBE " + json.dumps({"code": code, "torch": "torch" in sys.mo
 
 
 def _probe(args: list[str], env: dict[str, str] | None = None) -> tuple[dict, list[str], str]:
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args)], capture_output=True,
-                          text=True, timeout=120,
-                          env={**os.environ, "NCEN_OFFLINE": "1", **(env or {})})
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NCEN_OFFLINE": "1", **(env or {})},
+    )
     lines = done.stderr.splitlines()
     probe = json.loads(lines[-1].removeprefix("PROBE "))
     return probe, lines[:-1], done.stdout
 
 
-@pytest.mark.parametrize("args", [
-    ["attack", "x.safetensors", "--bogus"],
-    ["attack", "x.safetensors", "--steps", "many"],
-    ["attack", "x.safetensors", "--test-limit", "0"],
-    ["attack", "x.safetensors", "--eps", "1.5"],
-    ["attack", "x.safetensors", "--out", "r.txt"],
-    ["attack"],
-    ["transfer", "x.safetensors", "--bogus"],
-    ["transfer", "x.safetensors", "--eps", "0"],
-    ["transfer", "x.safetensors", "--test-limit", "-1"],
-    ["transfer", "x.safetensors", "--figure", "fig.bmp"],
-    ["transfer", "x.safetensors", "--protocol", "weird"],
-    ["inspect", "x.safetensors", "--batch-size", "0"],
-    ["inspect", "x.safetensors", "--seed", "x"],
-    ["inspect", "x.safetensors", "--out", "r.csv"],
-    ["sweep", "--figure", "fig.jpeg"],
-    ["train", "--epochs", "many"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["attack", "x.safetensors", "--bogus"],
+        ["attack", "x.safetensors", "--steps", "many"],
+        ["attack", "x.safetensors", "--test-limit", "0"],
+        ["attack", "x.safetensors", "--eps", "1.5"],
+        ["attack", "x.safetensors", "--out", "r.txt"],
+        ["attack"],
+        ["transfer", "x.safetensors", "--bogus"],
+        ["transfer", "x.safetensors", "--eps", "0"],
+        ["transfer", "x.safetensors", "--test-limit", "-1"],
+        ["transfer", "x.safetensors", "--figure", "fig.bmp"],
+        ["transfer", "x.safetensors", "--protocol", "weird"],
+        ["inspect", "x.safetensors", "--batch-size", "0"],
+        ["inspect", "x.safetensors", "--seed", "x"],
+        ["inspect", "x.safetensors", "--out", "r.csv"],
+        ["sweep", "--figure", "fig.jpeg"],
+        ["train", "--epochs", "many"],
+    ],
+)
 def test_usage_errors_are_one_line_exit_2_without_torch(args):
     probe, lines, stdout = _probe(args)
     assert probe == {"code": 2, "torch": False}, (probe, lines)
@@ -223,7 +242,8 @@ def test_a_click_usage_error_names_the_command_and_its_help():
     result = runner.invoke(app, ["trian"])
     assert result.exit_code == 2 and result.stderr == (
         "error: ncen: no such command 'trian'; did you mean 'train', 'transfer'? "
-        "(see ncen --help)\n")
+        "(see ncen --help)\n"
+    )
 
 
 # --- shell completion ------------------------------------------------------------------------
@@ -240,24 +260,36 @@ def test_show_completion_prints_a_script_for_the_shell():
 
 
 def test_install_completion_writes_the_script_under_home(tmp_path):
-    probe, lines, stdout = _probe(["--install-completion", "bash"],
-                                  {"HOME": str(tmp_path), **EXPLICIT_SHELL})
+    probe, lines, stdout = _probe(
+        ["--install-completion", "bash"], {"HOME": str(tmp_path), **EXPLICIT_SHELL}
+    )
     assert probe["code"] in (0, None), (probe, lines, stdout)
     script = tmp_path / ".bash_completions" / "ncen.sh"
     assert "_NCEN_COMPLETE" in script.read_text()
     assert str(script) in (tmp_path / ".bashrc").read_text()
 
 
-@pytest.mark.parametrize("words,cword,expected", [
-    ("ncen tr", 1, {"train", "transfer"}),
-    ("ncen attack x --test", 3, {"--test-limit"}),
-    ("ncen sweep --fig", 2, {"--figure"}),
-    ("ncen inspect x --thr", 3, {"--threads"}),
-])
+@pytest.mark.parametrize(
+    "words,cword,expected",
+    [
+        ("ncen tr", 1, {"train", "transfer"}),
+        ("ncen attack x --test", 3, {"--test-limit"}),
+        ("ncen sweep --fig", 2, {"--figure"}),
+        ("ncen inspect x --thr", 3, {"--threads"}),
+    ],
+)
 def test_completion_through_the_lazy_command_group(words, cword, expected):
-    done = subprocess.run([sys.executable, "-c", PROBE, "[]"], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "COMP_WORDS": words,
-                                            "COMP_CWORD": str(cword),
-                                            "_NCEN_COMPLETE": "complete_bash"})
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, "[]"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(cword),
+            "_NCEN_COMPLETE": "complete_bash",
+        },
+    )
     assert set(done.stdout.split()) == expected, done.stderr
     assert json.loads(done.stderr.splitlines()[-1].removeprefix("PROBE "))["torch"] is False

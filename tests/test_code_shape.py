@@ -56,17 +56,25 @@ def test_the_checker_sees_a_long_function_and_a_wide_signature(tmp_path):
     package = tmp_path / "pkg"
     (package / "cli").mkdir(parents=True)
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_LINES))
-    (package / "a.py").write_text(f"def long():\n{body}\n\n\ndef wide(a, b, c, d, e, f, g, h, i):"
-                                  "\n    pass\n\n\ndef fine(self, a, b, c, d, e, f, g, h, *, i):"
-                                  "\n    pass\n")
-    (package / "cli" / "c.py").write_text("@app.command('x')\ndef cmd(a, b, c, d, e, f, g, h, i):"
-                                          "\n    pass\n")
-    assert offenders(package) == [("pkg/a.py long", "1", f"{MAX_LINES + 1} lines"),
-                                  ("pkg/a.py wide", "84", "9 positional parameters")]
+    (package / "a.py").write_text(
+        f"def long():\n{body}\n\n\ndef wide(a, b, c, d, e, f, g, h, i):"
+        "\n    pass\n\n\ndef fine(self, a, b, c, d, e, f, g, h, *, i):"
+        "\n    pass\n"
+    )
+    (package / "cli" / "c.py").write_text(
+        "@app.command('x')\ndef cmd(a, b, c, d, e, f, g, h, i):\n    pass\n"
+    )
+    assert offenders(package) == [
+        ("pkg/a.py long", "1", f"{MAX_LINES + 1} lines"),
+        ("pkg/a.py wide", "84", "9 positional parameters"),
+    ]
 
 
 @pytest.mark.parametrize("limit", ["lines", "positional parameters"])
 def test_no_function_is_too_long_or_too_wide(limit):
-    found = [f"{where}:{line} {why}" for where, line, why in offenders()
-             if why.endswith(limit) and where not in KNOWN_OFFENDERS]
+    found = [
+        f"{where}:{line} {why}"
+        for where, line, why in offenders()
+        if why.endswith(limit) and where not in KNOWN_OFFENDERS
+    ]
     assert not found, "\n".join(found)

@@ -12,9 +12,31 @@ from typer.testing import CliRunner
 from ncen_cli.cli import app
 
 runner = CliRunner()
-FLAGS = ["--dataset", "synthetic", "--members", "2xresnet20", "--epochs", "1", "--batch-size",
-         "16", "--train-limit", "16", "--test-limit", "16", "--no-noise", "--seed", "5",
-         "--lambda-cos", "0.03", "-p", "lambda_norm=0.01", "--device", "cpu", "--threads", "1"]
+FLAGS = [
+    "--dataset",
+    "synthetic",
+    "--members",
+    "2xresnet20",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--train-limit",
+    "16",
+    "--test-limit",
+    "16",
+    "--no-noise",
+    "--seed",
+    "5",
+    "--lambda-cos",
+    "0.03",
+    "-p",
+    "lambda_norm=0.01",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 # the same settings as a file: keys with '-' or '_', a boolean, a list for the repeatable --param
 FILE = """members = "2xresnet20"
 dataset = "synthetic"
@@ -68,8 +90,9 @@ def test_checkpoint_config_reruns_to_the_same_bytes(flags_run, tmp_path):
     assert table["seed"] == 5 and table["members"] == "resnet20,resnet20"
     assert "device" not in table  # runtime options are not recorded
     out = tmp_path / "again.safetensors"
-    _ok(["train", "--config", str(settings), "--device", "cpu", "--threads", "1",
-         "--out", str(out)])
+    _ok(
+        ["train", "--config", str(settings), "--device", "cpu", "--threads", "1", "--out", str(out)]
+    )
     assert out.read_bytes() == flags_run.read_bytes()
 
 
@@ -89,19 +112,22 @@ def test_flags_override_the_file_and_print_config_round_trips(tmp_path):
 
 def test_sweep_reads_and_prints_config_files(tmp_path):
     settings = tmp_path / "sweep.toml"
-    settings.write_text('lambda-cos = [0, 0.02]\nlambda_norm = "0.04"\ndataset = "synthetic"\n'
-                        "eval-limit = 8\n")
+    settings.write_text(
+        'lambda-cos = [0, 0.02]\nlambda_norm = "0.04"\ndataset = "synthetic"\neval-limit = 8\n'
+    )
     printed = tomllib.loads(_ok(["sweep", "--config", str(settings), "--print-config"]))
     assert printed["lambda-cos"] == "0,0.02" and printed["lambda-norm"] == "0.04"
-    assert printed["attack-limit"] == 8 and printed["dataset"] == "synthetic"  # eval-limit: old name
+    assert (
+        printed["attack-limit"] == 8 and printed["dataset"] == "synthetic"
+    )  # eval-limit: old name
 
 
 @pytest.mark.parametrize("command", ["train", "sweep"])
 def test_unknown_keys_and_bad_files_are_one_line_errors(command, tmp_path):
     settings = tmp_path / "bad.toml"
-    settings.write_text('seed = 1\nlearning_rate = 0.1\n')
+    settings.write_text("seed = 1\nlearning_rate = 0.1\n")
     assert "unknown key 'learning_rate'" in _error([command, "--config", str(settings)])
-    settings.write_text('seed = \n')
+    settings.write_text("seed = \n")
     assert "not valid TOML" in _error([command, "--config", str(settings)])
     settings.write_text('out = "x.safetensors"\n')  # where results go is not a setting
     assert "unknown key 'out'" in _error([command, "--config", str(settings)])

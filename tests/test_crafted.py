@@ -42,8 +42,17 @@ def _context(step: int = 0) -> CraftContext:
 
 
 def test_crafting_generator_depends_on_seed_epoch_step_and_rank_only() -> None:
-    draw = [torch.rand(3, generator=crafting_generator(*a)) for a in
-            [(1, 2, 3, 0), (1, 2, 3, 0), (1, 2, 4, 0), (1, 3, 3, 0), (2, 2, 3, 0), (1, 2, 3, 1)]]
+    draw = [
+        torch.rand(3, generator=crafting_generator(*a))
+        for a in [
+            (1, 2, 3, 0),
+            (1, 2, 3, 0),
+            (1, 2, 4, 0),
+            (1, 3, 3, 0),
+            (2, 2, 3, 0),
+            (1, 2, 3, 1),
+        ]
+    ]
     assert torch.equal(draw[0], draw[1])
     assert all(not torch.equal(draw[0], d) for d in draw[2:])
 
@@ -93,9 +102,13 @@ def test_adv_fraction_replaces_the_first_part_of_the_batch() -> None:
 
 @pytest.mark.parametrize(
     "override, message",
-    [({"steps": 2.5}, "--steps must be a whole number"), ({"steps": 0}, "--steps must be >= 1"),
-     ({"adv_fraction": 1.5}, "--adv-fraction must be <= 1"), ({"eps": 2}, "--eps must be <= 1"),
-     ({"eps": float("nan")}, "--eps must be >= 0")],
+    [
+        ({"steps": 2.5}, "--steps must be a whole number"),
+        ({"steps": 0}, "--steps must be >= 1"),
+        ({"adv_fraction": 1.5}, "--adv-fraction must be <= 1"),
+        ({"eps": 2}, "--eps must be <= 1"),
+        ({"eps": float("nan")}, "--eps must be >= 0"),
+    ],
 )
 def test_bad_adv_train_hyperparameters_are_usage_errors(override, message) -> None:
     with pytest.raises(UsageError, match=message):
@@ -162,18 +175,48 @@ def test_composition_takes_the_regularizer_on_the_crafted_batch() -> None:
 
 
 def test_adv_train_trains_and_records_its_settings(tmp_path) -> None:
-    config = TrainConfig(members=["resnet20", "resnet20"], dataset="synthetic", epochs=1,
-                         batch_size=16, train_limit=32, test_limit=16, device="cpu",
-                         defense="ncen+adv-train", hyperparameters={"steps": 2})
+    config = TrainConfig(
+        members=["resnet20", "resnet20"],
+        dataset="synthetic",
+        epochs=1,
+        batch_size=16,
+        train_limit=32,
+        test_limit=16,
+        device="cpu",
+        defense="ncen+adv-train",
+        hyperparameters={"steps": 2},
+    )
     result = train(config, tmp_path / "a.safetensors")
     assert result.metadata["defense"] == "ncen+adv-train"
     assert result.metadata["hyperparameters"]["steps"] == 2.0
     assert {"cos", "norm"} <= set(result.history[0].terms)
 
 
-ADV_ARGS = ["train", "--dataset", "synthetic", "--members", "2xresnet20", "--epochs", "3",
-            "--batch-size", "16", "--train-limit", "48", "--test-limit", "16", "--device", "cpu",
-            "--threads", "1", "--seed", "7", "--defense", "adv-train", "-p", "steps=2"]
+ADV_ARGS = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--members",
+    "2xresnet20",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "16",
+    "--train-limit",
+    "48",
+    "--test-limit",
+    "16",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--seed",
+    "7",
+    "--defense",
+    "adv-train",
+    "-p",
+    "steps=2",
+]
 
 
 def test_adv_train_sigkill_then_resume_equals_uninterrupted_run(tmp_path) -> None:
@@ -202,8 +245,9 @@ def test_ncen_plugins_lists_the_crafting_defenses_with_their_hyperparameters() -
 
     result = CliRunner().invoke(app, ["plugins", "--json"])
     assert result.exit_code == 0, result.output
-    rows = {r["name"]: r for r in json.loads(result.output)["plugins"]
-            if r["group"] == "ncen.defenses"}
+    rows = {
+        r["name"]: r for r in json.loads(result.output)["plugins"] if r["group"] == "ncen.defenses"
+    }
     hyper = rows["adv-train"]["hyperparameters"]
     assert set(hyper) == {"eps", "steps", "step_scale", "adv_fraction"}
     assert hyper["eps"]["per_dataset"] == {"fashionmnist": 0.1, "cifar10": 8 / 255}

@@ -18,8 +18,9 @@ from ncen_cli.registry import DEFENSES
 def loss_terms(name: str, grads: torch.Tensor, **hyperparameters: float) -> dict[str, torch.Tensor]:
     """The terms of registered defense ``name`` on input gradients grads (k, B, *shape)."""
     k, batch = grads.shape[:2]
-    inputs = DefenseInputs(grads[0], torch.zeros(batch, dtype=torch.long),
-                           grads.new_zeros(k, batch, 2), grads)
+    inputs = DefenseInputs(
+        grads[0], torch.zeros(batch, dtype=torch.long), grads.new_zeros(k, batch, 2), grads
+    )
     return DEFENSES.get(name).loss_terms(inputs, **hyperparameters)
 
 
@@ -141,13 +142,15 @@ def test_regularizer_gradient_reaches_parameters(fn):
 def test_hyperparameter_defaults_live_only_in_the_registered_defense(module):
     """One ``terms`` per module, and none of its parameters has a default of its own (the only
     defaults are the Defense's Hyperparameter table)."""
-    defaults = [p.name for p in inspect.signature(module.terms).parameters.values()
-                if p.default is not inspect.Parameter.empty]
+    defaults = [
+        p.name
+        for p in inspect.signature(module.terms).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    ]
     assert defaults == []
     assert not hasattr(module, "regularizer")
 
 
 def test_registered_defaults_are_the_papers():
     assert DEFENSES.get("ncen").resolve("cifar10") == {"lambda_cos": 0.06, "lambda_norm": 0.04}
-    assert DEFENSES.get("ncen").resolve("fashionmnist") == {"lambda_cos": 0.02,
-                                                            "lambda_norm": 0.02}
+    assert DEFENSES.get("ncen").resolve("fashionmnist") == {"lambda_cos": 0.02, "lambda_norm": 0.02}

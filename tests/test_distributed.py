@@ -48,8 +48,9 @@ ACCURACY_SIZES = (11, 1)  # not divisible by the world size; fewer examples than
 
 def _build_tiny(input_shape: tuple[int, int, int], num_classes: int, activation: str) -> nn.Module:
     c, h, w = input_shape
-    return nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.Tanh(), nn.Flatten(),
-                         nn.Linear(4 * h * w, num_classes))
+    return nn.Sequential(
+        nn.Conv2d(c, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * h * w, num_classes)
+    )
 
 
 TINY_ARCH = Architecture(TINY, "BN-free test member", _build_tiny)
@@ -77,9 +78,15 @@ def _grads(ensemble) -> list[torch.Tensor]:
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     """One rank: runs every multi-process check and saves what the parent compares."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), NCEN_DIST_TIMEOUT="60",
-                      OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        NCEN_DIST_TIMEOUT="60",
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     ARCHS.register(TINY, TINY_ARCH)  # a fresh process: the fixture's registration is not here
     assert distributed.context() == distributed.SINGLE  # a pure query: nothing started yet
@@ -105,8 +112,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     ensemble = _ensemble(seed=1).eval()
     arrays = make_arrays(8, 16, seed=3)
     for n in ACCURACY_SIZES:
-        results[f"accuracy_{n}"] = clean_accuracy(ensemble, arrays.test_x[:n], arrays.test_y[:n],
-                                                  4, torch.device("cpu"), dist=ctx)
+        results[f"accuracy_{n}"] = clean_accuracy(
+            ensemble, arrays.test_x[:n], arrays.test_y[:n], 4, torch.device("cpu"), dist=ctx
+        )
         results[f"shards_{n}"] = ctx.gather_objects(ctx.shard(n))
 
     # 3. small helpers
@@ -122,7 +130,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     # 3b. a process group alone changes nothing: without dist= evaluate, transfer_matrix and
     # clean_accuracy see every example (no double sharding in a user's own DDP script)
     runs = [AttackRun("fgsm", AttackSettings(eps=0.1, steps=1, step_size=0.1))]
-    x, y = arrays.test_x[:ACCURACY_SIZES[0]], arrays.test_y[:ACCURACY_SIZES[0]]
+    x, y = arrays.test_x[: ACCURACY_SIZES[0]], arrays.test_y[: ACCURACY_SIZES[0]]
     plain = evaluate(ensemble, x, y, runs, batch_size=4, checks=False)
     sharded = evaluate(ensemble, x, y, runs, batch_size=4, checks=False, dist=ctx)
     results["evaluate"] = {"plain": plain.to_json(), "sharded": sharded.to_json()}
@@ -131,20 +139,34 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     # 4. train() end to end: 40 images + 40 noisy copies in global batches of 79 -> the last
     # global batch has 1 image, so rank 1 gets an empty share; then a resume of the finished run
-    config = TrainConfig(members=[TINY, TINY], dataset="synthetic", epochs=1, batch_size=79,
-                         eval_batch_size=4, device="cpu", seed=0)
+    config = TrainConfig(
+        members=[TINY, TINY],
+        dataset="synthetic",
+        epochs=1,
+        batch_size=79,
+        eval_batch_size=4,
+        device="cpu",
+        seed=0,
+    )
     out = Path(out_dir) / "tiny.safetensors"
     saved_state = Path(out_dir) / "state-after-epoch-1"
-    first = train(config, out, arrays=make_arrays(40, 11, seed=2), dist=ctx,
-                  on_epoch=lambda _: shutil.copyfile(resume_path(out), saved_state))
+    first = train(
+        config,
+        out,
+        arrays=make_arrays(40, 11, seed=2),
+        dist=ctx,
+        on_epoch=lambda _: shutil.copyfile(resume_path(out), saved_state),
+    )
     if rank == 0:  # the finished run deleted its resume state: restore the epoch-1 one
         shutil.copyfile(saved_state, resume_path(out))
     ctx.barrier()
     again = train(config, out, resume=True, arrays=make_arrays(40, 11, seed=2), dist=ctx)
-    results["train"] = {"world_size": first.metadata["world_size"],
-                        "accuracy": first.history[-1].test_accuracy,
-                        "resumed_from": again.resumed_from_epoch,
-                        "params": [p.detach().clone() for p in first.ensemble.parameters()]}
+    results["train"] = {
+        "world_size": first.metadata["world_size"],
+        "accuracy": first.history[-1].test_accuracy,
+        "resumed_from": again.resumed_from_epoch,
+        "params": [p.detach().clone() for p in first.ensemble.parameters()],
+    }
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     distributed.shutdown()
 
@@ -159,8 +181,9 @@ def _free_port() -> int:
 def ranks(tmp_path_factory) -> list[dict]:
     """Run :func:`_worker` on 2 gloo ranks once; every rank's saved results."""
     out_dir = tmp_path_factory.mktemp("dist")
-    procs = mp.start_processes(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD,
-                               join=False, start_method="spawn")
+    procs = mp.start_processes(
+        _worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + DEADLINE_S
     try:
         while not procs.join(timeout=1):
@@ -185,16 +208,19 @@ def test_two_ranks_give_the_global_batch_gradient(ranks, name):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     if name == "unequal":
         # the weighting matters: the plain mean of the two shares' gradients is not the answer
-        naive = [(a + b) / 2 for a, b in zip(ranks[0]["local_unequal"], ranks[1]["local_unequal"],
-                                             strict=True)]
+        naive = [
+            (a + b) / 2
+            for a, b in zip(ranks[0]["local_unequal"], ranks[1]["local_unequal"], strict=True)
+        ]
         assert max(float((a - b).abs().max()) for a, b in zip(naive, expected, strict=True)) > 1e-6
 
 
 @pytest.mark.parametrize("n", ACCURACY_SIZES)
 def test_sharded_accuracy_equals_one_process(ranks, n):
     arrays = make_arrays(8, 16, seed=3)
-    single = clean_accuracy(_ensemble(seed=1).eval(), arrays.test_x[:n], arrays.test_y[:n], 4,
-                            torch.device("cpu"))
+    single = clean_accuracy(
+        _ensemble(seed=1).eval(), arrays.test_x[:n], arrays.test_y[:n], 4, torch.device("cpu")
+    )
     assert [r[f"accuracy_{n}"] for r in ranks] == [single] * WORLD
     shards = ranks[0][f"shards_{n}"]
     covered = [i for s in shards for i in range(n)[s]]
@@ -214,7 +240,7 @@ def test_evaluate_shards_only_when_given_the_context(ranks):
     """Without ``dist=`` every rank evaluates all 11 examples (a user's DDP script is not
     sharded behind its back); with the context the shares' counts add up to the same report."""
     arrays = make_arrays(8, 16, seed=3)
-    x, y = arrays.test_x[:ACCURACY_SIZES[0]], arrays.test_y[:ACCURACY_SIZES[0]]
+    x, y = arrays.test_x[: ACCURACY_SIZES[0]], arrays.test_y[: ACCURACY_SIZES[0]]
     runs = [AttackRun("fgsm", AttackSettings(eps=0.1, steps=1, step_size=0.1))]
     single = evaluate(_ensemble(seed=1).eval(), x, y, runs, batch_size=4, checks=False).to_json()
     for r in ranks:
@@ -222,7 +248,8 @@ def test_evaluate_shards_only_when_given_the_context(ranks):
         for report in (r["evaluate"]["plain"], r["evaluate"]["sharded"]):
             assert report["clean_correct"] == single["clean_correct"]
             assert [res["correct"] for res in report["results"]] == [
-                res["correct"] for res in single["results"]]
+                res["correct"] for res in single["results"]
+            ]
         assert r["transfer_n"] == len(x)
         assert r["accuracy_plain"] == r["accuracy_11"]
 
@@ -240,10 +267,36 @@ def test_torchrun_ncen_train_writes_one_checkpoint(tmp_path):
     out = tmp_path / "run" / "dist.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NCEN_DIST_TIMEOUT": "60"}
     env.pop("NCEN_DATA_DIR", None)  # the synthetic dataset reads no folder
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(WORLD), "-m", "ncen_cli", "train", "--members", "resnet20,resnet20", "--dataset",
-           "synthetic", "--epochs", "1", "--train-limit", "24", "--test-limit", "9",
-           "--batch-size", "16", "--seed", "0", "--device", "cpu", "--out", str(out), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(WORLD),
+        "-m",
+        "ncen_cli",
+        "train",
+        "--members",
+        "resnet20,resnet20",
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--train-limit",
+        "24",
+        "--test-limit",
+        "9",
+        "--batch-size",
+        "16",
+        "--seed",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--json",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=DEADLINE_S)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout)  # exactly one JSON document: rank 0 alone reports

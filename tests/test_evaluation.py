@@ -73,8 +73,16 @@ def data(n: int = 20, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 def test_paper_protocol_is_table_two():
     runs = paper_protocol("fashionmnist")
     got = {(r.attack, r.settings.eps) for r in runs}
-    assert got == {("fgsm", 0.1), ("fgsm", 0.3), ("mifgsm", 0.1), ("mifgsm", 0.3),
-                   ("pgd", 0.1), ("pgd", 0.15), ("bim", 0.1), ("bim", 0.15)}
+    assert got == {
+        ("fgsm", 0.1),
+        ("fgsm", 0.3),
+        ("mifgsm", 0.1),
+        ("mifgsm", 0.3),
+        ("pgd", 0.1),
+        ("pgd", 0.15),
+        ("bim", 0.1),
+        ("bim", 0.15),
+    }
     for r in runs:
         s = r.settings
         assert s.objective == "mean-ce"
@@ -99,8 +107,10 @@ def test_strong_protocol():
     runs = strong_protocol("fashionmnist", restarts=3)
     assert {r.settings.eps for r in runs} == {0.1, 0.15, 0.3}
     pgd = [r.settings for r in runs if r.attack == "pgd"]
-    assert pgd and all(s.steps >= 50 and s.step_size <= s.eps / 4 and s.restarts == 3
-                       and s.random_start for s in pgd)
+    assert pgd and all(
+        s.steps >= 50 and s.step_size <= s.eps / 4 and s.restarts == 3 and s.random_start
+        for s in pgd
+    )
     for name in ("apgd-ce", "apgd-dlr"):
         assert all(r.settings.steps == 100 for r in runs if r.attack == name)
     # every gradient attack on every objective that can be stronger; APGD-DLR once per eps
@@ -112,14 +122,22 @@ def test_strong_protocol():
     assert {r.settings.objective for r in prob if r.attack == "pgd"} == {"mean-ce", "prob"}
     one = strong_protocol("fashionmnist", objective="logits", eps=[0.1])
     assert [(r.attack, r.settings.objective) for r in one] == [
-        ("fgsm", "logits"), ("pgd", "logits"), ("apgd-ce", "logits"), ("apgd-dlr", "dlr")]
+        ("fgsm", "logits"),
+        ("pgd", "logits"),
+        ("apgd-ce", "logits"),
+        ("apgd-dlr", "dlr"),
+    ]
     assert {r.settings.eps for r in strong_protocol("cifar10")} == {0.01, 0.02, 0.03, 0.09}
 
 
 def test_custom_and_override_runs():
     runs = custom_runs(["fgsm", "apgd-dlr"], [0.05, 0.3], "fashionmnist", objective="logits")
     assert [(r.attack, r.settings.eps) for r in runs] == [
-        ("fgsm", 0.05), ("fgsm", 0.3), ("apgd-dlr", 0.05), ("apgd-dlr", 0.3)]
+        ("fgsm", 0.05),
+        ("fgsm", 0.3),
+        ("apgd-dlr", 0.05),
+        ("apgd-dlr", 0.3),
+    ]
     assert runs[0].settings.objective == "logits"
     assert runs[2].settings.objective == "dlr"  # its own loss, --objective does not apply
     out = override_runs(runs, steps=7, step_size=0.01, restarts=2)
@@ -147,8 +165,12 @@ def test_evaluate_counts_match_a_hand_computation():
         clean = int((ens(xf).argmax(-1) == y).sum())
     xr = xf.clone().requires_grad_(True)
     logits = torch.stack([m(xr) for m in ens.members])
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.repeat(2),
-                                             reduction="none").view(2, -1).mean(0).sum()
+    loss = (
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.repeat(2), reduction="none")
+        .view(2, -1)
+        .mean(0)
+        .sum()
+    )
     (grad,) = torch.autograd.grad(loss, xr)
     with torch.no_grad():
         adv_correct = int((ens((xf + 0.1 * grad.sign()).clamp(0, 1)).argmax(-1) == y).sum())
@@ -157,15 +179,28 @@ def test_evaluate_counts_match_a_hand_computation():
     (res,) = report.results
     assert (res.correct, res.n, res.accuracy) == (adv_correct, 20, adv_correct / 20)
     assert res.ci_low <= res.accuracy <= res.ci_high
-    assert res.params == {"objective": "mean-ce", "steps": 1, "step_size": 0.1, "restarts": 1,
-                          "random_start": False, "decay": 1.0, "seed": 0}
+    assert res.params == {
+        "objective": "mean-ce",
+        "steps": 1,
+        "step_size": 0.1,
+        "restarts": 1,
+        "random_start": False,
+        "decay": 1.0,
+        "seed": 0,
+    }
     payload = report.to_json()
     assert {"clean_accuracy", "n", "results", "checks"} <= payload.keys()
     assert {"attack", "eps", "accuracy", "params"} <= payload["results"][0].keys()
     assert all({"name", "passed", "detail"} <= c.keys() for c in payload["checks"])
     names = [c["name"] for c in payload["checks"]]
-    assert {"eval-mode", "logits", "zero-gradients", "iterative-vs-fgsm", "monotone-in-eps",
-            "black-box-weaker"} <= set(names)
+    assert {
+        "eval-mode",
+        "logits",
+        "zero-gradients",
+        "iterative-vs-fgsm",
+        "monotone-in-eps",
+        "black-box-weaker",
+    } <= set(names)
 
 
 def test_evaluate_is_seeded_and_batch_independent_for_deterministic_attacks():
@@ -182,8 +217,10 @@ def test_checks_pass_on_a_sound_model_and_large_eps():
     ens = ensemble()
     x, y = data(20)
     runs = [AttackRun("fgsm", AttackSettings(eps=e, step_size=e)) for e in (0.05, 0.2)]
-    runs += [AttackRun("pgd", AttackSettings(eps=e, steps=10, step_size=e / 4, random_start=True))
-             for e in (0.05, 0.2)]
+    runs += [
+        AttackRun("pgd", AttackSettings(eps=e, steps=10, step_size=e / 4, random_start=True))
+        for e in (0.05, 0.2)
+    ]
     report = evaluate(ens, x, y, runs, batch_size=10, check_large_eps=True)
     checks = {c.name: c for c in report.checks}
     for name in ("eval-mode", "logits", "zero-gradients", "iterative-vs-fgsm", "large-eps"):
@@ -210,15 +247,25 @@ def result(attack: str, eps: float, accuracy: float, n: int = 1000) -> AttackRes
 
 
 def test_result_checks_flag_masking_signs():
-    runs = [AttackRun("fgsm", AttackSettings(eps=0.1)),
-            AttackRun("pgd", AttackSettings(eps=0.1, steps=10, step_size=0.025)),
-            AttackRun("pgd", AttackSettings(eps=0.3, steps=10, step_size=0.03)),
-            AttackRun("square", AttackSettings(eps=0.1, steps=10))]
-    good = [result("fgsm", 0.1, 0.5), result("pgd", 0.1, 0.3), result("pgd", 0.3, 0.0),
-            result("square", 0.1, 0.4)]
+    runs = [
+        AttackRun("fgsm", AttackSettings(eps=0.1)),
+        AttackRun("pgd", AttackSettings(eps=0.1, steps=10, step_size=0.025)),
+        AttackRun("pgd", AttackSettings(eps=0.3, steps=10, step_size=0.03)),
+        AttackRun("square", AttackSettings(eps=0.1, steps=10)),
+    ]
+    good = [
+        result("fgsm", 0.1, 0.5),
+        result("pgd", 0.1, 0.3),
+        result("pgd", 0.3, 0.0),
+        result("square", 0.1, 0.4),
+    ]
     assert all(c.passed for c in result_checks(good, runs))
-    bad = [result("fgsm", 0.1, 0.2), result("pgd", 0.1, 0.3), result("pgd", 0.3, 0.5),
-           result("square", 0.1, 0.1)]
+    bad = [
+        result("fgsm", 0.1, 0.2),
+        result("pgd", 0.1, 0.3),
+        result("pgd", 0.3, 0.5),
+        result("square", 0.1, 0.1),
+    ]
     checks = {c.name: c for c in result_checks(bad, runs)}
     assert checks["iterative-vs-fgsm"].passed is False
     assert checks["monotone-in-eps"].passed is False and "pgd" in checks["monotone-in-eps"].detail
@@ -226,8 +273,10 @@ def test_result_checks_flag_masking_signs():
 
 
 def test_step_budget_check_flags_attacks_that_cannot_reach_eps():
-    reach = [AttackRun("pgd", AttackSettings(eps=0.05, steps=10, step_size=0.0125)),
-             AttackRun("bim", AttackSettings(eps=0.1, steps=10, step_size=0.01))]  # exactly eps
+    reach = [
+        AttackRun("pgd", AttackSettings(eps=0.05, steps=10, step_size=0.0125)),
+        AttackRun("bim", AttackSettings(eps=0.1, steps=10, step_size=0.01)),
+    ]  # exactly eps
     short = reach + [AttackRun("pgd", AttackSettings(eps=0.3, steps=10, step_size=0.0125))]
     results = [result(r.attack, r.settings.eps, 0.1) for r in short]
     ok = {c.name: c for c in result_checks(results[:2], reach)}["step-budget"]
@@ -237,7 +286,8 @@ def test_step_budget_check_flags_attacks_that_cannot_reach_eps():
     assert "pgd@0.3: 10 x 0.0125 = 0.125 < eps" in check.detail
     apgd = [AttackRun("apgd-ce", AttackSettings(eps=0.3, steps=100))]  # adaptive step: n/a
     assert {c.name: c for c in result_checks([result("apgd-ce", 0.3, 0.0)], apgd)}[
-        "step-budget"].passed is None
+        "step-budget"
+    ].passed is None
 
 
 def test_evaluate_rejects_bad_runs():

@@ -30,15 +30,19 @@ from ncen_cli.transfer import run_settings, source_stream
 def test_runs_for_builds_every_protocol_the_commands_use():
     assert runs_for("fashionmnist") == paper_protocol("fashionmnist")
     assert runs_for("cifar10", "strong", restarts=3) == override_runs(
-        strong_protocol("cifar10", restarts=3), restarts=3)  # --restarts: every run
+        strong_protocol("cifar10", restarts=3), restarts=3
+    )  # --restarts: every run
     custom = runs_for("fashionmnist", "custom", attacks=["pgd", "square"], eps=[0.2], steps=7)
     assert custom == override_runs(custom_runs(["pgd", "square"], [0.2], "fashionmnist"), steps=7)
     paper_pgd = runs_for("fashionmnist", "paper", attacks=["pgd"], step_size=0.01)
     assert [(r.attack, r.settings.eps, r.settings.step_size) for r in paper_pgd] == [
-        ("pgd", 0.1, 0.01), ("pgd", 0.15, 0.01)]
+        ("pgd", 0.1, 0.01),
+        ("pgd", 0.15, 0.01),
+    ]
     # the CLI's builder is runs_for behind its option parsing
     assert build_runs("fashionmnist", "strong", "pgd", "0.1", 5, None, 2, None) == runs_for(
-        "fashionmnist", "strong", attacks=["pgd"], eps=[0.1], steps=5, restarts=2)
+        "fashionmnist", "strong", attacks=["pgd"], eps=[0.1], steps=5, restarts=2
+    )
 
 
 def test_runs_for_refuses_what_no_protocol_runs():
@@ -95,7 +99,9 @@ def test_context_is_a_pure_query_and_initialize_needs_torchrun(monkeypatch):
     assert distributed.SINGLE.shard(5) == slice(0, 5)
     t = torch.ones(2)
     assert distributed.SINGLE.all_reduce_sum(t) is t and distributed.SINGLE.sum_counts(3, 4) == (
-        3, 4)
+        3,
+        4,
+    )
 
 
 def test_a_process_group_of_one_changes_nothing(tmp_path):
@@ -124,8 +130,14 @@ def test_runtime_settings_hold_inside_the_scope_only():
 
 def test_plan_run_resolves_without_training_or_touching_torch(tmp_path):
     threads = torch.get_num_threads()
-    config = TrainConfig(members=["resnet20", "resnet20"], dataset="synthetic", noise_eps=None,
-                         device="cpu", threads=1 if threads != 1 else 2, batch_size=16)
+    config = TrainConfig(
+        members=["resnet20", "resnet20"],
+        dataset="synthetic",
+        noise_eps=None,
+        device="cpu",
+        threads=1 if threads != 1 else 2,
+        batch_size=16,
+    )
     out = tmp_path / "run.safetensors"
     plan = plan_run(config, out, arrays=make_arrays(40, 8, seed=0))
     assert plan.epochs >= 1 and plan.recorded["epochs"] == plan.epochs

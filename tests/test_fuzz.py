@@ -36,20 +36,60 @@ from ncen_cli.training import TrainConfig, resume_path, train
 
 LONG = os.environ.get("NCEN_FUZZ", "").lower() == "long"
 FUZZ_EXAMPLES = 300 if LONG else 12
-FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=not LONG, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=not LONG,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 runner = CliRunner()
-TINY = ["--members", "2xresnet20", "--epochs", "1", "--batch-size", "16", "--train-limit", "16",
-        "--test-limit", "16", "--no-noise", "--device", "cpu", "--threads", "1"]
-SWEEP = ["sweep", "--dataset", "synthetic", *TINY, "--lambda-cos", "0", "--lambda-norm", "0",
-         "--attacks", "fgsm", "--eps", "0.1", "--attack-limit", "4"]
+TINY = [
+    "--members",
+    "2xresnet20",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--train-limit",
+    "16",
+    "--test-limit",
+    "16",
+    "--no-noise",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
+SWEEP = [
+    "sweep",
+    "--dataset",
+    "synthetic",
+    *TINY,
+    "--lambda-cos",
+    "0",
+    "--lambda-norm",
+    "0",
+    "--attacks",
+    "fgsm",
+    "--eps",
+    "0.1",
+    "--attack-limit",
+    "4",
+]
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            if p.is_file() else "special"
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_file()
+        else "special"
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def assert_clean_failure(args: list[str], folder: Path) -> str:
@@ -81,59 +121,99 @@ def _dumps(value: object, deep: str | None = None) -> str:
     return text.replace(json.dumps(DEEP_MARK), deep) if deep is not None else text
 
 
-JUNK = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
-                 st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12),
-                 st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4),
-                                                                      st.integers(), max_size=2))
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 DEEP = st.integers(40, 200_000).map(_deep_text)  # JSON text
 
 
 def _not(kinds: tuple[type, ...]) -> st.SearchStrategy:
-    return JUNK.filter(lambda v: not isinstance(v, kinds) or isinstance(v, bool) and
-                       bool not in kinds)
+    return JUNK.filter(
+        lambda v: not isinstance(v, kinds) or isinstance(v, bool) and bool not in kinds
+    )
 
 
 BAD_METADATA: dict[str, st.SearchStrategy] = {
     "format": st.one_of(JUNK, st.text()).filter(lambda v: v != "ncen-ensemble"),
-    "schema_version": st.one_of(_not((int,)), st.booleans(), st.integers(max_value=0),
-                                st.integers(min_value=2, max_value=2**80)),
+    "schema_version": st.one_of(
+        _not((int,)),
+        st.booleans(),
+        st.integers(max_value=0),
+        st.integers(min_value=2, max_value=2**80),
+    ),
     "members": st.one_of(
         _not((list,)),
         st.lists(st.one_of(st.integers(), st.none(), st.floats()), min_size=2, max_size=4),
         st.lists(st.just("resnet20"), max_size=1),
         st.lists(st.just("resnet20"), min_size=MAX_MEMBERS + 1, max_size=3000),
-        st.lists(st.text(min_size=1, max_size=10).filter(lambda s: not s.startswith("resnet")),
-                 min_size=2, max_size=4)),
+        st.lists(
+            st.text(min_size=1, max_size=10).filter(lambda s: not s.startswith("resnet")),
+            min_size=2,
+            max_size=4,
+        ),
+    ),
     "input_shape": st.one_of(
         _not((list,)),
         st.lists(st.integers(1, 12), max_size=5).filter(lambda v: len(v) != 3),
         st.tuples(st.integers(-5, 0), st.integers(1, 12), st.integers(1, 12)).map(list),
         st.tuples(st.just(1), st.integers(4097, 2**62), st.just(12)).map(list),
-        st.lists(st.one_of(st.text(max_size=3), st.floats(0.5, 3.5)), min_size=3, max_size=3)),
-    "num_classes": st.one_of(_not((int,)), st.booleans(), st.integers(max_value=1),
-                             st.integers(min_value=MAX_CLASSES + 1, max_value=10**15)),
-    "activation": st.one_of(_not((str,)), st.text(max_size=8).filter(
-        lambda s: s not in ("relu", "leakyrelu"))),
-    "combine": st.one_of(_not((str,)), st.text(max_size=8).filter(
-        lambda s: s not in ("mean-logits", "mean-prob"))),
+        st.lists(st.one_of(st.text(max_size=3), st.floats(0.5, 3.5)), min_size=3, max_size=3),
+    ),
+    "num_classes": st.one_of(
+        _not((int,)),
+        st.booleans(),
+        st.integers(max_value=1),
+        st.integers(min_value=MAX_CLASSES + 1, max_value=10**15),
+    ),
+    "activation": st.one_of(
+        _not((str,)), st.text(max_size=8).filter(lambda s: s not in ("relu", "leakyrelu"))
+    ),
+    "combine": st.one_of(
+        _not((str,)), st.text(max_size=8).filter(lambda s: s not in ("mean-logits", "mean-prob"))
+    ),
     "dataset": _not((str,)),
-    "hyperparameters": st.one_of(_not((dict,)), st.dictionaries(
-        st.text(max_size=5), st.one_of(st.text(max_size=3), st.none(), st.lists(st.integers())),
-        min_size=1, max_size=3)),
-    "classes": st.one_of(_not((list,)), st.lists(st.text(min_size=1, max_size=3), min_size=2,
-                                                  max_size=9).filter(lambda v: len(v) != 4)),
+    "hyperparameters": st.one_of(
+        _not((dict,)),
+        st.dictionaries(
+            st.text(max_size=5),
+            st.one_of(st.text(max_size=3), st.none(), st.lists(st.integers())),
+            min_size=1,
+            max_size=3,
+        ),
+    ),
+    "classes": st.one_of(
+        _not((list,)),
+        st.lists(st.text(min_size=1, max_size=3), min_size=2, max_size=9).filter(
+            lambda v: len(v) != 4
+        ),
+    ),
 }
 
 
 # --------------------------------------------------------------------- checkpoints
 
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict]:
     """A valid 2 x resnet20 checkpoint for the synthetic dataset: its tensors and metadata."""
     path = tmp_path_factory.mktemp("template") / "m.safetensors"
-    save_ensemble(build_ensemble(["resnet20"] * 2, (1, 12, 12), 4), path,
-                  {"dataset": "synthetic", "family": "fashionmnist", "input_shape": [1, 12, 12],
-                   "num_classes": 4, "classes": ["a", "b", "c", "d"]})
+    save_ensemble(
+        build_ensemble(["resnet20"] * 2, (1, 12, 12), 4),
+        path,
+        {
+            "dataset": "synthetic",
+            "family": "fashionmnist",
+            "input_shape": [1, 12, 12],
+            "num_classes": 4,
+            "classes": ["a", "b", "c", "d"],
+        },
+    )
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(f.metadata()["ncen"])
@@ -141,8 +221,20 @@ def template(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _attack(path: Path) -> list[str]:
-    return ["attack", str(path), "--attacks", "fgsm", "--eps", "0.1", "--test-limit", "4",
-            "--device", "cpu", "--out", str(path.parent / "results.json")]
+    return [
+        "attack",
+        str(path),
+        "--attacks",
+        "fgsm",
+        "--eps",
+        "0.1",
+        "--test-limit",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        str(path.parent / "results.json"),
+    ]
 
 
 def test_the_template_checkpoint_itself_is_accepted(template, tmp_path):
@@ -162,11 +254,19 @@ def test_fuzz_checkpoint_metadata(template, data):
         meta[data.draw(st.sampled_from(sorted(meta)))] = DEEP_MARK
         header = _dumps(meta, data.draw(DEEP))
     elif key == "text":  # the ncen entry is not a JSON object at all
-        header = data.draw(st.one_of(st.text(max_size=30), JUNK.map(json.dumps)).filter(
-            lambda t: not t.strip().startswith("{")))
+        header = data.draw(
+            st.one_of(st.text(max_size=30), JUNK.map(json.dumps)).filter(
+                lambda t: not t.strip().startswith("{")
+            )
+        )
     elif key == "drop":
-        meta.pop(data.draw(st.sampled_from(["format", "schema_version", "members",
-                                            "input_shape", "num_classes"])))
+        meta.pop(
+            data.draw(
+                st.sampled_from(
+                    ["format", "schema_version", "members", "input_shape", "num_classes"]
+                )
+            )
+        )
         header = json.dumps(meta)
     else:
         meta[key] = data.draw(BAD_METADATA[key], label=key)
@@ -179,7 +279,7 @@ def test_fuzz_checkpoint_metadata(template, data):
 
 def _header(blob: bytes) -> tuple[dict, bytes]:
     (size,) = struct.unpack("<Q", blob[:8])
-    return json.loads(blob[8:8 + size]), blob[8 + size:]
+    return json.loads(blob[8 : 8 + size]), blob[8 + size :]
 
 
 def _pack(header: dict, data: bytes) -> bytes:
@@ -201,38 +301,64 @@ def test_fuzz_checkpoint_header_and_tensors(template, data):
         blob = path.read_bytes()
         header, body = _header(blob)
         names = sorted(k for k in header if k != "__metadata__")
-        kind = data.draw(st.sampled_from(["truncate", "length", "dtype", "shape", "offsets",
-                                          "rename", "drop", "extra", "garbage"]), label="kind")
+        kind = data.draw(
+            st.sampled_from(
+                [
+                    "truncate",
+                    "length",
+                    "dtype",
+                    "shape",
+                    "offsets",
+                    "rename",
+                    "drop",
+                    "extra",
+                    "garbage",
+                ]
+            ),
+            label="kind",
+        )
         name = data.draw(st.sampled_from(names), label="tensor")
         entry = header[name]
         if kind == "truncate":
-            blob = blob[:data.draw(st.integers(0, len(blob) - 1))]
+            blob = blob[: data.draw(st.integers(0, len(blob) - 1))]
         elif kind == "length":
-            size = data.draw(st.integers(0, 2**64 - 1).filter(lambda n: n != len(blob) - 8
-                                                                 - len(body)))
+            size = data.draw(
+                st.integers(0, 2**64 - 1).filter(lambda n: n != len(blob) - 8 - len(body))
+            )
             blob = struct.pack("<Q", size) + blob[8:]
         elif kind == "garbage":
             blob = data.draw(st.binary(max_size=200))
         else:
             if kind == "dtype":
-                entry["dtype"] = data.draw(st.sampled_from(
-                    [d for d in DTYPES if d != entry["dtype"]]))
+                entry["dtype"] = data.draw(
+                    st.sampled_from([d for d in DTYPES if d != entry["dtype"]])
+                )
             elif kind == "shape":
-                entry["shape"] = data.draw(st.lists(st.integers(0, 2**20), max_size=4).filter(
-                    lambda s: s != entry["shape"]))
+                entry["shape"] = data.draw(
+                    st.lists(st.integers(0, 2**20), max_size=4).filter(
+                        lambda s: s != entry["shape"]
+                    )
+                )
             elif kind == "offsets":
-                entry["data_offsets"] = data.draw(st.lists(
-                    st.integers(0, len(body) * 2), min_size=2, max_size=2).filter(
-                    lambda o: o != entry["data_offsets"]))
+                entry["data_offsets"] = data.draw(
+                    st.lists(st.integers(0, len(body) * 2), min_size=2, max_size=2).filter(
+                        lambda o: o != entry["data_offsets"]
+                    )
+                )
             elif kind == "rename":
-                header[data.draw(st.text(min_size=1, max_size=20).filter(
-                    lambda n: n not in header))] = header.pop(name)
+                header[
+                    data.draw(st.text(min_size=1, max_size=20).filter(lambda n: n not in header))
+                ] = header.pop(name)
             elif kind == "drop":
                 header.pop(name)
             else:
-                header[data.draw(st.sampled_from(["members.2.conv1.weight", "members.0.extra",
-                                                  "optim.0.step", "x"]))] = {
-                    "dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+                header[
+                    data.draw(
+                        st.sampled_from(
+                            ["members.2.conv1.weight", "members.0.extra", "optim.0.step", "x"]
+                        )
+                    )
+                ] = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
             blob = _pack(header, body)
         path.write_bytes(blob)
         assert_clean_failure(_attack(path), Path(tmp))
@@ -246,15 +372,30 @@ def test_a_fifo_named_like_a_checkpoint_is_refused_without_blocking(tmp_path):
 
 # --------------------------------------------------------------------- npz datasets
 
+
 def _arrays(n: int, labels: st.SearchStrategy, data) -> tuple[np.ndarray, np.ndarray]:
     x = np.zeros((n, 12, 12), dtype=np.uint8)
     y = np.array([data.draw(labels) for _ in range(n)], dtype=np.int64)
     return x, y
 
 
-NPZ_DEFECTS = ["negative_label", "huge_label", "empty", "length", "x_float", "y_float", "x_ndim",
-               "split_shapes", "missing_key", "npy", "zero_bytes", "random_bytes", "truncated",
-               "object", "fifo"]
+NPZ_DEFECTS = [
+    "negative_label",
+    "huge_label",
+    "empty",
+    "length",
+    "x_float",
+    "y_float",
+    "x_ndim",
+    "split_shapes",
+    "missing_key",
+    "npy",
+    "zero_bytes",
+    "random_bytes",
+    "truncated",
+    "object",
+    "fifo",
+]
 
 
 @FUZZ
@@ -265,8 +406,9 @@ def test_fuzz_npz_datasets(data):
     ok_labels = st.integers(0, 3)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        arrays = {s: _arrays(data.draw(st.integers(1, 8)), ok_labels, data)
-                  for s in ("train", "test")}
+        arrays = {
+            s: _arrays(data.draw(st.integers(1, 8)), ok_labels, data) for s in ("train", "test")
+        }
         x, y = arrays[split]
         target = folder / f"{split}.npz"
         if defect == "negative_label":
@@ -300,15 +442,17 @@ def test_fuzz_npz_datasets(data):
             target.write_bytes(data.draw(st.binary(min_size=1, max_size=300)))
         elif defect == "truncated":
             blob = target.read_bytes()
-            target.write_bytes(blob[:data.draw(st.integers(1, len(blob) - 1))])
+            target.write_bytes(blob[: data.draw(st.integers(1, len(blob) - 1))])
         elif defect == "object":
             np.savez(target, x=np.array([{"a": 1}] * len(y), dtype=object), y=y)
         elif defect == "fifo":
             target.unlink()
             os.mkfifo(target)
         out = folder / "out" / "run.safetensors"
-        assert_clean_failure(["train", "--dataset", "npz", "--data-dir", str(folder), *TINY,
-                              "--out", str(out)], folder)
+        assert_clean_failure(
+            ["train", "--dataset", "npz", "--data-dir", str(folder), *TINY, "--out", str(out)],
+            folder,
+        )
 
 
 @pytest.mark.parametrize("label", [10, 255, -1])
@@ -317,21 +461,41 @@ def test_fashionmnist_files_with_labels_outside_its_ten_classes(tmp_path, label)
     for split in ("train", "test"):
         np.savez(tmp_path / f"fashionmnist_{split}.npz", x=x, y=np.array([0, 1, 2, label]))
     out = tmp_path / "o" / "r.safetensors"
-    line = assert_clean_failure(["train", "--dataset", "fashionmnist", "--data-dir",
-                                 str(tmp_path), *TINY, "--out", str(out)], tmp_path)
+    line = assert_clean_failure(
+        [
+            "train",
+            "--dataset",
+            "fashionmnist",
+            "--data-dir",
+            str(tmp_path),
+            *TINY,
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     assert f"label {label} is outside [0, " in line
 
 
 # --------------------------------------------------------------------- resume states
+
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A 2-epoch run interrupted after epoch 1 (checkpoint + resume state): a finished run
     deletes its resume state, so the states to fuzz are those of interrupted runs."""
     out = tmp_path_factory.mktemp("run") / "run.safetensors"
-    config = TrainConfig(members=["resnet20", "resnet20"], dataset="synthetic", epochs=2,
-                         batch_size=16, train_limit=16, test_limit=16, noise=False,
-                         device="cpu", threads=1)
+    config = TrainConfig(
+        members=["resnet20", "resnet20"],
+        dataset="synthetic",
+        epochs=2,
+        batch_size=16,
+        train_limit=16,
+        test_limit=16,
+        noise=False,
+        device="cpu",
+        threads=1,
+    )
 
     def stop(_record) -> None:
         raise KeyboardInterrupt
@@ -353,22 +517,25 @@ def test_the_interrupted_run_itself_resumes_cleanly(finished_run, tmp_path):
 
 
 RESUME_KEYS = {
-    "epochs_done": st.one_of(st.text(max_size=6), st.integers(2, 2**70).map(str),
-                             st.just("0"), st.just("-1")).filter(
-        lambda t: not (t.isdigit() and int(t) == 1)),
+    "epochs_done": st.one_of(
+        st.text(max_size=6), st.integers(2, 2**70).map(str), st.just("0"), st.just("-1")
+    ).filter(lambda t: not (t.isdigit() and int(t) == 1)),
     "config": st.one_of(st.text(max_size=10), JUNK.map(json.dumps), DEEP),
     "param_groups": st.one_of(
         _not((list,)).map(json.dumps),
         st.lists(_not((dict,)), min_size=1, max_size=2).map(json.dumps),
         st.just(json.dumps([{"lr": 0.1}])),
         st.just(json.dumps([{"params": [0, 1]}])),
-        st.text(max_size=10)),
+        st.text(max_size=10),
+    ),
     "history": st.one_of(
         _not((list,)).map(json.dumps),
         st.just("[]"),
-        st.lists(st.dictionaries(st.text(max_size=4), JUNK, max_size=3), min_size=1,
-                 max_size=2).map(json.dumps),
-        DEEP),
+        st.lists(
+            st.dictionaries(st.text(max_size=4), JUNK, max_size=3), min_size=1, max_size=2
+        ).map(json.dumps),
+        DEEP,
+    ),
 }
 
 
@@ -383,38 +550,53 @@ def test_fuzz_resume_states(finished_run, data):
         with safe_open(str(state), framework="pt") as f:
             meta = dict(f.metadata())
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        kind = data.draw(st.sampled_from(sorted(RESUME_KEYS) + ["drop_tensor", "rename_tensor",
-                                                                "dtype", "shape", "rng",
-                                                                "nan", "truncate"]), label="kind")
+        kind = data.draw(
+            st.sampled_from(
+                sorted(RESUME_KEYS)
+                + ["drop_tensor", "rename_tensor", "dtype", "shape", "rng", "nan", "truncate"]
+            ),
+            label="kind",
+        )
         name = data.draw(st.sampled_from(sorted(tensors)), label="tensor")
         if kind in RESUME_KEYS:
             meta[kind] = data.draw(RESUME_KEYS[kind], label=kind)
         elif kind == "drop_tensor":
             tensors.pop(name)
         elif kind == "rename_tensor":
-            tensors[data.draw(st.sampled_from(["members.9.x", "optim.99999.exp_avg", "rng",
-                                               "optim.x.y"]))] = tensors.pop(name)
+            tensors[
+                data.draw(
+                    st.sampled_from(["members.9.x", "optim.99999.exp_avg", "rng", "optim.x.y"])
+                )
+            ] = tensors.pop(name)
         elif kind == "dtype":
-            tensors[name] = tensors[name].to(torch.float64 if tensors[name].is_floating_point()
-                                             else torch.float32)
+            tensors[name] = tensors[name].to(
+                torch.float64 if tensors[name].is_floating_point() else torch.float32
+            )
         elif kind == "shape":
             tensors[name] = torch.zeros(tensors[name].numel() + 1)
         elif kind == "rng":
             tensors["rng.torch"] = torch.zeros(data.draw(st.integers(0, 64)), dtype=torch.uint8)
         elif kind == "nan":
-            key = data.draw(st.sampled_from(sorted(k for k in tensors
-                                                   if k.startswith("members.")
-                                                   and tensors[k].is_floating_point())))
+            key = data.draw(
+                st.sampled_from(
+                    sorted(
+                        k
+                        for k in tensors
+                        if k.startswith("members.") and tensors[k].is_floating_point()
+                    )
+                )
+            )
             tensors[key] = tensors[key].clone().fill_(float("nan"))
         save_file(tensors, str(state), metadata=meta)
         if kind == "truncate":
             blob = state.read_bytes()
-            state.write_bytes(blob[:data.draw(st.integers(0, len(blob) - 1))])
+            state.write_bytes(blob[: data.draw(st.integers(0, len(blob) - 1))])
         line = assert_clean_failure(_resume_args(out), Path(tmp))
         assert str(state) in line or "other settings" in line or "resume state" in line
 
 
 # --------------------------------------------------------------------- sweep folders
+
 
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory) -> Path:
@@ -433,23 +615,35 @@ def test_the_finished_sweep_itself_reruns_cleanly(finished_sweep, tmp_path):
 
 MANIFEST_KEYS = {
     "format": JUNK,
-    "schema_version": st.one_of(_not((int,)), st.booleans(), st.integers(max_value=0),
-                                st.integers(2, 2**70)),
+    "schema_version": st.one_of(
+        _not((int,)), st.booleans(), st.integers(max_value=0), st.integers(2, 2**70)
+    ),
     "shared": _not((dict,)),
-    "grid": st.one_of(_not((dict,)), st.fixed_dictionaries({"lambda_cos": st.one_of(
-        _not((list,)), st.lists(st.one_of(st.text(max_size=3), st.none()), min_size=1,
-                                max_size=3))})),
+    "grid": st.one_of(
+        _not((dict,)),
+        st.fixed_dictionaries(
+            {
+                "lambda_cos": st.one_of(
+                    _not((list,)),
+                    st.lists(st.one_of(st.text(max_size=3), st.none()), min_size=1, max_size=3),
+                )
+            }
+        ),
+    ),
 }
 RESULT_KEYS = {
     "id": _not((str,)),
     "shared": _not((dict,)),
     "clean_accuracy": st.one_of(st.text(max_size=3), st.lists(st.integers(), max_size=2)),
     "score": st.one_of(st.text(max_size=3), st.dictionaries(st.text(max_size=2), st.integers())),
-    "attacks": st.one_of(_not((dict,)), st.dictionaries(st.text(max_size=4), st.text(max_size=2),
-                                                        min_size=1, max_size=2)),
+    "attacks": st.one_of(
+        _not((dict,)),
+        st.dictionaries(st.text(max_size=4), st.text(max_size=2), min_size=1, max_size=2),
+    ),
     "seconds": st.one_of(st.text(max_size=3), st.none()),
-    "checkpoint": st.one_of(_not((str,)), st.sampled_from(["../../escape.safetensors", "",
-                                                           "a/b.safetensors", ".."])),
+    "checkpoint": st.one_of(
+        _not((str,)), st.sampled_from(["../../escape.safetensors", "", "a/b.safetensors", ".."])
+    ),
     "epochs": st.one_of(st.text(max_size=3), st.integers(max_value=-1), st.floats()),
 }
 
@@ -465,11 +659,17 @@ def test_fuzz_sweep_folders(finished_sweep, data):
         target = data.draw(st.sampled_from(["manifest", "result"]), label="file")
         path, keys = (manifest, MANIFEST_KEYS) if target == "manifest" else (result, RESULT_KEYS)
         content = json.loads(path.read_text())
-        kind = data.draw(st.sampled_from([*sorted(keys), "drop", "text", "deep", "folder"]),
-                         label="kind")
+        kind = data.draw(
+            st.sampled_from([*sorted(keys), "drop", "text", "deep", "folder"]), label="kind"
+        )
         if kind == "text":
-            path.write_text(data.draw(st.one_of(st.text(max_size=30), JUNK.map(json.dumps)).filter(
-                lambda t: not t.strip().startswith("{"))))
+            path.write_text(
+                data.draw(
+                    st.one_of(st.text(max_size=30), JUNK.map(json.dumps)).filter(
+                        lambda t: not t.strip().startswith("{")
+                    )
+                )
+            )
         elif kind == "deep":
             content[data.draw(st.sampled_from(sorted(content)))] = DEEP_MARK
             path.write_text(_dumps(content, data.draw(DEEP)))
@@ -488,12 +688,27 @@ def test_fuzz_sweep_folders(finished_sweep, data):
 def test_damaged_torchvision_files_are_not_reported_as_a_failed_download(tmp_path):
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         (raw / name).write_bytes(b"\x00\x00\x08\x03 damaged")
     out = tmp_path / "o" / "r.safetensors"
-    line = assert_clean_failure(["train", "--dataset", "fashionmnist", "--data-dir",
-                                 str(tmp_path), *TINY, "--out", str(out)], tmp_path)
+    line = assert_clean_failure(
+        [
+            "train",
+            "--dataset",
+            "fashionmnist",
+            "--data-dir",
+            str(tmp_path),
+            *TINY,
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+    )
     assert "damaged" in line and "download failed" not in line
 
 

@@ -89,7 +89,7 @@ def test_terms_are_the_training_steps_terms_in_eval_mode():
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (16, 1, 12, 12), generator=gen, dtype=torch.uint8)
     y = torch.randint(0, 4, (16,), generator=gen)
-    (xb, yb), = iterate_eval_batches(x, y, 16)
+    ((xb, yb),) = iterate_eval_batches(x, y, 16)
     xb = xb.double()
     logits, grads = _input_gradients(ensemble, xb, yb)
     ours = batch_terms(DefenseInputs(xb, yb, logits, grads))
@@ -104,8 +104,13 @@ def test_terms_are_the_training_steps_terms_in_eval_mode():
 def _checkpoint(path, shape=(1, 12, 12), classes=4):
     torch.manual_seed(0)
     ens = build_ensemble(["resnet20", "resnet20", "resnet20"], shape, classes)
-    meta = {"dataset": "synthetic", "family": "fashionmnist", "input_shape": list(shape),
-            "num_classes": classes, "defense": "baseline"}
+    meta = {
+        "dataset": "synthetic",
+        "family": "fashionmnist",
+        "input_shape": list(shape),
+        "num_classes": classes,
+        "defense": "baseline",
+    }
     return save_ensemble(ens, path, meta)
 
 
@@ -115,19 +120,44 @@ def ckpt(tmp_path_factory):
 
 
 def test_json_shape(ckpt):
-    res = runner.invoke(app, ["inspect", str(ckpt), "--json", "--test-limit", "12", "--batch-size",
-                              "5", "--device", "cpu", "--seed", "3"])
+    res = runner.invoke(
+        app,
+        [
+            "inspect",
+            str(ckpt),
+            "--json",
+            "--test-limit",
+            "12",
+            "--batch-size",
+            "5",
+            "--device",
+            "cpu",
+            "--seed",
+            "3",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["n"] == 12 and out["batches"] == 3 and out["members"] == ["resnet20"] * 3
     assert len(out["member_accuracy"]) == 3
     assert [(p["i"], p["j"]) for p in out["pairs"]] == [(0, 1), (0, 2), (1, 2)]
     for p in out["pairs"]:
-        assert {"grad_cosine_mean", "grad_cosine_quartiles", "disagreement",
-                "error_correlation"} <= set(p)
+        assert {
+            "grad_cosine_mean",
+            "grad_cosine_quartiles",
+            "disagreement",
+            "error_correlation",
+        } <= set(p)
         assert -1 <= p["grad_cosine_mean"] <= 1 and len(p["grad_cosine_quartiles"]) == 3
-    assert set(out["terms"]) == {"ncen.cos", "ncen.norm", "ncen-official.cos",
-                                 "ncen-official.norm", "gal", "gpmr.div", "gpmr.eq"}
+    assert set(out["terms"]) == {
+        "ncen.cos",
+        "ncen.norm",
+        "ncen-official.cos",
+        "ncen-official.norm",
+        "gal",
+        "gpmr.div",
+        "gpmr.eq",
+    }
     assert out["norm_dispersion"] >= 0
     table = runner.invoke(app, ["inspect", str(ckpt), "--test-limit", "12", "--device", "cpu"])
     assert table.exit_code == 0 and "grad cosine mean" in table.stdout and "gpmr.eq" in table.stdout

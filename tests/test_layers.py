@@ -130,10 +130,15 @@ def test_input_gradients_only_gives_the_same_double_backward():
     """For a forward run inside the marker the layers skip parameter-gradient graphs; what is
     asked for (the input gradient and its derivative w.r.t. the parameters) is unchanged."""
     torch.manual_seed(4)
-    reference = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(),
-                              nn.Conv2d(4, 3, 3, stride=2, padding=1)).double()
-    fast = nn.Sequential(Conv2d(2, 4, 3, padding=1), BatchNorm2d(4), nn.Tanh(),
-                         Conv2d(4, 3, 3, stride=2, padding=1)).double()
+    reference = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.Tanh(),
+        nn.Conv2d(4, 3, 3, stride=2, padding=1),
+    ).double()
+    fast = nn.Sequential(
+        Conv2d(2, 4, 3, padding=1), BatchNorm2d(4), nn.Tanh(), Conv2d(4, 3, 3, stride=2, padding=1)
+    ).double()
     fast.load_state_dict(reference.state_dict())
     x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
     results = []
@@ -153,8 +158,9 @@ def test_input_gradients_only_gives_the_same_double_backward():
 
 def _fast_net(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(Conv2d(2, 4, 3, padding=1), BatchNorm2d(4), nn.Tanh(),
-                         Conv2d(4, 3, 3, stride=2, padding=1)).double()
+    return nn.Sequential(
+        Conv2d(2, 4, 3, padding=1), BatchNorm2d(4), nn.Tanh(), Conv2d(4, 3, 3, stride=2, padding=1)
+    ).double()
 
 
 def _input_only_member(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -228,9 +234,15 @@ def _small_net() -> nn.Sequential:
     """conv-BN-ReLU-conv(stride 2)-BN-ReLU-pool-linear with ncen's layers:
     (B, 1, 8, 8) -> (B, 3)."""
     return nn.Sequential(
-        Conv2d(1, 4, 3, padding=1), BatchNorm2d(4), nn.ReLU(),
-        Conv2d(4, 6, 3, stride=2, padding=1, bias=False), BatchNorm2d(6), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+        Conv2d(1, 4, 3, padding=1),
+        BatchNorm2d(4),
+        nn.ReLU(),
+        Conv2d(4, 6, 3, stride=2, padding=1, bias=False),
+        BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
     )
 
 
@@ -277,8 +289,9 @@ def _hvp_by_double_backprop(net: nn.Module, x: torch.Tensor, head: torch.Tensor,
     loss = (head * torch.tanh(net(xi))).sum()
     (g,) = torch.autograd.grad(loss, xi, create_graph=True)
     grads = torch.autograd.grad(loss + (g * v).sum(), list(net.parameters()))
-    return torch.cat([t.flatten() for t in grads]), torch.cat([b.flatten().double()
-                                                               for b in net.buffers()])
+    return torch.cat([t.flatten() for t in grads]), torch.cat(
+        [b.flatten().double() for b in net.buffers()]
+    )
 
 
 def _hvp_by_forward_mode(net: nn.Module, x: torch.Tensor, head: torch.Tensor, v: torch.Tensor):
@@ -290,8 +303,9 @@ def _hvp_by_forward_mode(net: nn.Module, x: torch.Tensor, head: torch.Tensor, v:
         directional = (head * (1 - torch.tanh(out) ** 2) * tangent).sum()
         loss = (head * torch.tanh(out)).sum()
     grads = torch.autograd.grad(loss + directional, list(net.parameters()))
-    return torch.cat([t.flatten() for t in grads]), torch.cat([b.flatten().double()
-                                                               for b in net.buffers()])
+    return torch.cat([t.flatten() for t in grads]), torch.cat(
+        [b.flatten().double() for b in net.buffers()]
+    )
 
 
 def _forward_mode_case(seed: int):

@@ -31,9 +31,24 @@ from ncen_cli.training import TrainConfig, resume_path, train
 
 runner = CliRunner()
 TINY = [
-    "train", "--dataset", "synthetic", "--members", "2xresnet20", "--epochs", "1",
-    "--batch-size", "16", "--train-limit", "16", "--test-limit", "16", "--no-noise",
-    "--device", "cpu", "--threads", "1",
+    "train",
+    "--dataset",
+    "synthetic",
+    "--members",
+    "2xresnet20",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "16",
+    "--train-limit",
+    "16",
+    "--test-limit",
+    "16",
+    "--no-noise",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
 ]
 
 
@@ -47,15 +62,25 @@ def _one_error_line(result, code: int | tuple[int, ...]) -> str:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _model(path: Path) -> Path:
     """An untrained 2 x resnet20 checkpoint for the synthetic dataset (12x12 grey, 4 classes)."""
-    return save_ensemble(build_ensemble(["resnet20"] * 2, (1, 12, 12), 4), path,
-                         {"dataset": "synthetic", "family": "fashionmnist",
-                          "input_shape": [1, 12, 12], "num_classes": 4})
+    return save_ensemble(
+        build_ensemble(["resnet20"] * 2, (1, 12, 12), 4),
+        path,
+        {
+            "dataset": "synthetic",
+            "family": "fashionmnist",
+            "input_shape": [1, 12, 12],
+            "num_classes": 4,
+        },
+    )
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -67,6 +92,7 @@ def _default_sigint() -> None:
 
 
 # --- existing --out -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["checkpoint", "text", "folder", "symlink", "fifo"])
 def test_existing_out_of_any_kind_is_refused_and_left_alone(tmp_path, kind):
@@ -115,7 +141,8 @@ def test_resume_of_a_finished_run_without_resume_state_says_so(tmp_path):
 
 def test_resume_of_a_path_that_holds_no_run_is_an_error(tmp_path):
     line = _one_error_line(
-        runner.invoke(app, [*TINY, "--out", str(tmp_path / "typo.safetensors"), "--resume"]), 2)
+        runner.invoke(app, [*TINY, "--out", str(tmp_path / "typo.safetensors"), "--resume"]), 2
+    )
     assert "no run" in line
 
 
@@ -130,8 +157,10 @@ def test_unwritable_out_folder_is_reported_before_any_data_is_loaded(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     # fashionmnist is not there (offline): had data been loaded first, that would be the error
-    result = runner.invoke(app, [*TINY[:2], "fashionmnist", *TINY[3:],
-                                 "--out", str(blocker / "sub" / "run.safetensors")])
+    result = runner.invoke(
+        app,
+        [*TINY[:2], "fashionmnist", *TINY[3:], "--out", str(blocker / "sub" / "run.safetensors")],
+    )
     line = _one_error_line(result, (1, 2))
     assert "is not a folder" in line and "fashionmnist" not in line
 
@@ -140,18 +169,56 @@ def test_attack_out_and_transfer_png_follow_the_same_rules(tmp_path):
     ckpt = _model(tmp_path / "m.safetensors")
     results = tmp_path / "results.json"
     results.write_text("{}")
-    line = _one_error_line(runner.invoke(app, [
-        "attack", str(ckpt), "--attacks", "fgsm", "--eps", "0.1", "--test-limit", "4",
-        "--device", "cpu", "--out", str(results)]), 2)
+    line = _one_error_line(
+        runner.invoke(
+            app,
+            [
+                "attack",
+                str(ckpt),
+                "--attacks",
+                "fgsm",
+                "--eps",
+                "0.1",
+                "--test-limit",
+                "4",
+                "--device",
+                "cpu",
+                "--out",
+                str(results),
+            ],
+        ),
+        2,
+    )
     assert "--overwrite" in line and results.read_text() == "{}"
-    ok = runner.invoke(app, ["attack", str(ckpt), "--attacks", "fgsm", "--eps", "0.1", "--test-limit",
-                             "4", "--device", "cpu", "--out", str(results), "--overwrite"])
+    ok = runner.invoke(
+        app,
+        [
+            "attack",
+            str(ckpt),
+            "--attacks",
+            "fgsm",
+            "--eps",
+            "0.1",
+            "--test-limit",
+            "4",
+            "--device",
+            "cpu",
+            "--out",
+            str(results),
+            "--overwrite",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert "results" in json.loads(results.read_text()) and not lock_path(results).exists()
     png = tmp_path / "t.png"
     png.write_bytes(b"mine")
-    line = _one_error_line(runner.invoke(app, [
-        "transfer", str(ckpt), "--test-limit", "4", "--device", "cpu", "--figure", str(png)]), 2)
+    line = _one_error_line(
+        runner.invoke(
+            app,
+            ["transfer", str(ckpt), "--test-limit", "4", "--device", "cpu", "--figure", str(png)],
+        ),
+        2,
+    )
     assert "--figure" in line and png.read_bytes() == b"mine"
 
 
@@ -168,8 +235,9 @@ with output_lock(sys.argv[1]):
 
 def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
     out = tmp_path / "run.safetensors"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE,
-                              text=True, env=_env())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, env=_env()
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         started = time.perf_counter()
@@ -178,8 +246,9 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
         assert f"pid {holder.pid}" in line and "being written" in line
         assert time.perf_counter() - started < 30  # at once: no training happened
         assert not out.exists()
-        sweep = runner.invoke(app, ["sweep", *TINY[1:], "--lambda-cos", "0", "--lambda-norm", "0",
-                                    "--out", str(out)])
+        sweep = runner.invoke(
+            app, ["sweep", *TINY[1:], "--lambda-cos", "0", "--lambda-norm", "0", "--out", str(out)]
+        )
         assert f"pid {holder.pid}" in _one_error_line(sweep, 1)
     finally:
         holder.kill()
@@ -188,8 +257,9 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
 
 def test_stale_lock_and_temp_files_of_a_killed_writer_are_cleaned(tmp_path):
     out = tmp_path / "run.safetensors"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE,
-                              text=True, env=_env())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, env=_env()
+    )
     assert holder.stdout.readline().strip() == "locked"
     temp = tmp_path / ".run.safetensors.k3j2l1.tmp"  # what atomic_write leaves on SIGKILL
     temp.write_bytes(b"half a checkpoint")
@@ -219,8 +289,12 @@ def test_lock_is_reentrant_across_sequential_runs_and_names_a_live_holder(tmp_pa
 def test_concurrent_train_on_one_out_one_wins_the_other_fails(tmp_path):
     out = tmp_path / "run.safetensors"
     args = [sys.executable, "-m", "ncen_cli", *TINY, "--out", str(out)]
-    procs = [subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outcomes = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
     codes = [c for c, _ in outcomes]
     # never two "wrote": the loser either finds the lock or, if the winner already finished,
@@ -233,6 +307,7 @@ def test_concurrent_train_on_one_out_one_wins_the_other_fails(tmp_path):
 
 # --- file modes -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
 def test_every_written_file_honours_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
@@ -242,9 +317,17 @@ def test_every_written_file_honours_the_umask(tmp_path, umask, mode):
         atomic_write_json(tmp_path / "r.json", {"a": 1})
         # a finished run deletes its resume state: an interrupted one keeps it
         stopped = tmp_path / "stopped.safetensors"
-        config = TrainConfig(members=["resnet20"] * 2, dataset="synthetic", epochs=2,
-                             batch_size=16, train_limit=16, test_limit=16, noise=False,
-                             device="cpu", threads=1)
+        config = TrainConfig(
+            members=["resnet20"] * 2,
+            dataset="synthetic",
+            epochs=2,
+            batch_size=16,
+            train_limit=16,
+            test_limit=16,
+            noise=False,
+            device="cpu",
+            threads=1,
+        )
         with pytest.raises(InterruptedRun):
             train(config, stopped, on_epoch=_stop)
     finally:
@@ -259,6 +342,7 @@ def _stop(_record) -> None:
 
 # --- broken models --------------------------------------------------------------------------
 
+
 def test_a_step_that_breaks_the_weights_stops_and_keeps_the_last_finite_epoch(tmp_path):
     from ncen_cli.defenses.base import Defense
     from ncen_cli.registry import registered
@@ -271,12 +355,25 @@ def test_a_step_that_breaks_the_weights_stops_and_keeps_the_last_finite_epoch(tm
         return {"poison": torch.sqrt(zero) if calls["n"] > 1 else zero}
 
     out = tmp_path / "run.safetensors"
-    config = TrainConfig(members=["resnet20"] * 2, dataset="synthetic", defense="poisoned",
-                         epochs=3, batch_size=16, train_limit=16, test_limit=16, noise=False,
-                         device="cpu", threads=1)
+    config = TrainConfig(
+        members=["resnet20"] * 2,
+        dataset="synthetic",
+        defense="poisoned",
+        epochs=3,
+        batch_size=16,
+        train_limit=16,
+        test_limit=16,
+        noise=False,
+        device="cpu",
+        threads=1,
+    )
     with (
-        registered("defenses", Defense("poisoned", "test", {}, poisoned,
-                                       needs_input_gradients=False, needs_logits=True)),
+        registered(
+            "defenses",
+            Defense(
+                "poisoned", "test", {}, poisoned, needs_input_gradients=False, needs_logits=True
+            ),
+        ),
         pytest.raises(NonFiniteModelError, match=r"non-finite weights after step 1 of epoch 2"),
     ):
         train(config, out)
@@ -289,19 +386,36 @@ def test_a_step_that_breaks_the_weights_stops_and_keeps_the_last_finite_epoch(tm
 def test_non_finite_checkpoint_is_refused_at_load(tmp_path, where):
     ens = build_ensemble(["resnet20"] * 2, (1, 12, 12), 4)
     state = ens.members.state_dict()
-    name = next(n for n in state if n.endswith("running_var" if where == "bn_buffer"
-                                               else "weight"))
+    name = next(n for n in state if n.endswith("running_var" if where == "bn_buffer" else "weight"))
     state[name].view(-1)[0] = float("nan")
-    path = save_ensemble(ens, tmp_path / "nan.safetensors", {
-        "dataset": "synthetic", "input_shape": [1, 12, 12], "num_classes": 4})
+    path = save_ensemble(
+        ens,
+        tmp_path / "nan.safetensors",
+        {"dataset": "synthetic", "input_shape": [1, 12, 12], "num_classes": 4},
+    )
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         load_ensemble(path)
-    result = runner.invoke(app, ["attack", str(path), "--attacks", "fgsm", "--eps", "0.1",
-                                 "--test-limit", "4", "--device", "cpu", "--strict"])
+    result = runner.invoke(
+        app,
+        [
+            "attack",
+            str(path),
+            "--attacks",
+            "fgsm",
+            "--eps",
+            "0.1",
+            "--test-limit",
+            "4",
+            "--device",
+            "cpu",
+            "--strict",
+        ],
+    )
     assert "NaN or infinite" in _one_error_line(result, 1)
 
 
 # --- disk full, overflowing options, environment, Ctrl-C ------------------------------------
+
 
 def _small_file_limit() -> None:
     _default_sigint()
@@ -311,9 +425,14 @@ def _small_file_limit() -> None:
 
 def test_full_disk_while_saving_is_one_line_and_leaves_no_temp_file(tmp_path):
     out = tmp_path / "run.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "ncen_cli", *TINY, "--out", str(out)],
-                          env=_env(), capture_output=True, text=True, timeout=300,
-                          preexec_fn=_small_file_limit)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ncen_cli", *TINY, "--out", str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_small_file_limit,
+    )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot write"), proc.stderr
@@ -335,45 +454,55 @@ def test_atomic_write_turns_a_safetensors_write_failure_into_one_error(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["--lr", "3.4e37"], "--lr"),
-    (["--lr", "1e39"], "--lr"),
-    (["--seed", str(2**63)], "--seed"),
-    (["--seed", "-1"], "--seed"),
-    (["--members", "99999999999xresnet20"], "at most"),
-    (["--members", "ensemble1-k99999999999"], "at most"),
-    (["--batch-size", str(2**70)], "--batch-size"),
-    (["--lambda-cos", "inf"], "--lambda-cos"),
-    (["--param", "lambda_norm=nan"], "--param"),
-    (["--fd-scale", "inf"], "--fd-scale"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--lr", "3.4e37"], "--lr"),
+        (["--lr", "1e39"], "--lr"),
+        (["--seed", str(2**63)], "--seed"),
+        (["--seed", "-1"], "--seed"),
+        (["--members", "99999999999xresnet20"], "at most"),
+        (["--members", "ensemble1-k99999999999"], "at most"),
+        (["--batch-size", str(2**70)], "--batch-size"),
+        (["--lambda-cos", "inf"], "--lambda-cos"),
+        (["--param", "lambda_norm=nan"], "--param"),
+        (["--fd-scale", "inf"], "--fd-scale"),
+    ],
+)
 def test_numeric_extremes_in_train_options_are_one_line(tmp_path, args, needle):
     result = runner.invoke(app, [*TINY, "--out", str(tmp_path / "r.safetensors"), *args])
     line = _one_error_line(result, (1, 2))
     assert needle is None or needle in line
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["--seed", str(2**63)], "--seed"),
-    (["--step-size", "inf"], "--step-size"),
-    (["--steps", str(2**70)], "--steps"),
-    (["--restarts", str(2**40)], "--restarts"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--seed", str(2**63)], "--seed"),
+        (["--step-size", "inf"], "--step-size"),
+        (["--steps", str(2**70)], "--steps"),
+        (["--restarts", str(2**40)], "--restarts"),
+    ],
+)
 def test_numeric_extremes_in_attack_options_are_one_line(tmp_path, args, needle):
     ckpt = _model(tmp_path / "m.safetensors")
-    result = runner.invoke(app, ["attack", str(ckpt), "--attacks", "pgd", "--eps", "0.1",
-                                 "--device", "cpu", *args])
+    result = runner.invoke(
+        app, ["attack", str(ckpt), "--attacks", "pgd", "--eps", "0.1", "--device", "cpu", *args]
+    )
     line = _one_error_line(result, (1, 2))
     assert needle is None or needle in line
 
 
-@pytest.mark.parametrize(("env", "needle"), [
-    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE"),
-    ({"WORLD_SIZE": "-3"}, "WORLD_SIZE"),
-    ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK"),
-    ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK"),
-    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "9"}, "LOCAL_RANK"),
-])
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE"),
+        ({"WORLD_SIZE": "-3"}, "WORLD_SIZE"),
+        ({"WORLD_SIZE": "2", "RANK": "x"}, "RANK"),
+        ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "9"}, "LOCAL_RANK"),
+    ],
+)
 def test_bad_torchrun_environment_is_one_line(tmp_path, monkeypatch, env, needle):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -387,10 +516,14 @@ def test_bad_torchrun_environment_is_one_line(tmp_path, monkeypatch, env, needle
 @pytest.mark.parametrize("delay", [0.15, 0.4, 0.8, 1.5, 2.5, 4.0])
 def test_ctrl_c_at_any_moment_of_start_up_exits_130_with_one_line(tmp_path, delay):
     long_run = [*TINY, "--epochs", "400", "--train-limit", "64", "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-m", "ncen_cli", *long_run,
-                             "--out", str(tmp_path / "r.safetensors")],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ncen_cli", *long_run, "--out", str(tmp_path / "r.safetensors")],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -30,15 +30,17 @@ DISTS = {
     "ncen-hostile-exit": "[ncen.defenses]\nexits = ncen_hostile_exit:DEFENSE\n",
     "ncen-hostile-interrupt": "[ncen.attacks]\ninterrupts = ncen_hostile_interrupt:ATTACK\n",
     "ncen-hostile-wrongtype": "[ncen.defenses]\nwrongtype = ncen_hostile_wrongtype:DEFENSE\n"
-                              "[ncen.attacks]\nwrongattack = ncen_hostile_wrongtype:ATTACK\n",
+    "[ncen.attacks]\nwrongattack = ncen_hostile_wrongtype:ATTACK\n",
     # two plugins claim one new name; one plugin claims a built-in's name
     "ncen-hostile-twin-a": "[ncen.defenses]\ntwin = ncen_hostile_twin_a:DEFENSE\n"
-                           "gal = ncen_hostile_twin_a:DEFENSE\n",
+    "gal = ncen_hostile_twin_a:DEFENSE\n",
     "ncen-hostile-twin-b": "[ncen.defenses]\ntwin = ncen_hostile_twin_b:DEFENSE\n",
 }
 # the user presses Ctrl-C while this (slow) plugin imports: a real SIGINT, not the plugin's raise
-SLOW_MODULES = {"ncen_slow_import": "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
-                                    "time.sleep(30)\nDEFENSE = None\n"}
+SLOW_MODULES = {
+    "ncen_slow_import": "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\n"
+    "time.sleep(30)\nDEFENSE = None\n"
+}
 SLOW_DISTS = {"ncen-slow-import": "[ncen.defenses]\nslow = ncen_slow_import:DEFENSE\n"}
 
 
@@ -78,8 +80,9 @@ def slow_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _rows(result) -> dict[tuple[str, str, str], dict]:
     assert result.exit_code == 0, result.output
-    return {(r["group"], r["name"], r["distribution"]): r
-            for r in json.loads(result.stdout)["plugins"]}
+    return {
+        (r["group"], r["name"], r["distribution"]): r for r in json.loads(result.stdout)["plugins"]
+    }
 
 
 def test_plugins_lists_everything_whatever_a_plugin_raises(hostile_plugins):
@@ -96,8 +99,13 @@ def test_a_real_ctrl_c_during_a_plugin_import_is_not_taken_for_the_plugin_failin
     with pytest.raises(KeyboardInterrupt):  # in-process: the registry lets it through
         DEFENSES.get("slow")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(slow_plugin), *sys.path])}
-    proc = subprocess.run([sys.executable, "-m", "ncen_cli", "plugins"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ncen_cli", "plugins"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip() == "error: interrupted", proc.stderr
 
@@ -120,8 +128,20 @@ def test_name_clashes_are_reported_and_named_when_used(hostile_plugins):
     shadowed = rows[("ncen.defenses", "gal", "ncen-hostile-twin-a")]
     assert shadowed["shadowed"] and not shadowed["loaded"]
     assert rows[("ncen.defenses", "gal", "ncen")]["loaded"]  # the built-in wins
-    result = CliRunner().invoke(app, ["train", "--defense", "twin", "--dataset", "synthetic",
-                                      "--device", "cpu", "--epochs", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--defense",
+            "twin",
+            "--dataset",
+            "synthetic",
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+        ],
+    )
     assert result.exit_code == 2 and "Traceback" not in result.output
     line = result.stderr.strip()
     assert len(line.splitlines()) == 1

@@ -23,7 +23,8 @@ def test_the_paper_protocol_reads_the_eps_table():
     assert protocol_eps("cifar10") == [0.01, 0.02, 0.03, 0.09]
     runs = paper_protocol("fashionmnist")
     assert {(r.attack, r.settings.eps) for r in runs} == {
-        (attack, eps) for attack, values in PAPER_EPS["fashionmnist"].items() for eps in values}
+        (attack, eps) for attack, values in PAPER_EPS["fashionmnist"].items() for eps in values
+    }
 
 
 def test_known_family_is_silent(caplog):
@@ -43,16 +44,17 @@ def test_unknown_family_falls_back_with_one_warning_naming_it(caplog):
 
 
 @pytest.mark.parametrize(("channels", "family"), [(1, "fashionmnist"), (3, "cifar10")])
-def test_a_dataset_without_family_is_never_assigned_one_silently(tmp_path, caplog, channels,
-                                                                 family):
+def test_a_dataset_without_family_is_never_assigned_one_silently(
+    tmp_path, caplog, channels, family
+):
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
         x = rng.integers(0, 256, (6, 8, 8, channels), dtype=np.uint8)
-        np.savez(tmp_path / f"{split}.npz", x=x if channels == 3 else x[..., 0],
-                 y=np.arange(6) % 2)
+        np.savez(tmp_path / f"{split}.npz", x=x if channels == 3 else x[..., 0], y=np.arange(6) % 2)
     with caplog.at_level(logging.WARNING, logger="ncen.presets"):
         arrays = load_dataset("npz", tmp_path, download=False)
     assert arrays.family == family
     assert [r.getMessage() for r in caplog.records] == [
-        f"dataset npz names no family; using {family}'s paper presets ({channels}-channel images)"]
+        f"dataset npz names no family; using {family}'s paper presets ({channels}-channel images)"
+    ]
     assert family_for_channels("x", channels) == family

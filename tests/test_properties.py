@@ -61,8 +61,9 @@ def _registered(name: str, **hyperparameters: float):
 
     def regularizer(g: torch.Tensor) -> torch.Tensor:
         k, batch = g.shape[:2]
-        inputs = DefenseInputs(g[0], torch.zeros(batch, dtype=torch.long),
-                               g.new_zeros(k, batch, 2), g)
+        inputs = DefenseInputs(
+            g[0], torch.zeros(batch, dtype=torch.long), g.new_zeros(k, batch, 2), g
+        )
         return sum(DEFENSES.get(name).loss_terms(inputs, **hyperparameters).values())
 
     return regularizer

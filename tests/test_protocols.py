@@ -96,8 +96,9 @@ def test_authors_wrapper_matches_a_transcription_in_train_mode_and_restores_buff
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(m.training for m in ens.modules())
     # the oracle (their code) does move its running statistics: ours stay put
-    assert not torch.equal(buffers(oracle)["members.0.bn.running_mean"],
-                           before["members.0.bn.running_mean"])
+    assert not torch.equal(
+        buffers(oracle)["members.0.bn.running_mean"], before["members.0.bn.running_mean"]
+    )
 
 
 def test_batch_statistics_restores_buffers_when_the_body_raises():
@@ -116,8 +117,9 @@ def test_authors_protocol_records_quirks_and_leaves_buffers_bit_identical():
     x, y = data()
     runs = authors_protocol("fashionmnist", eps=[0.1])
     assert [r.attack for r in runs] == ["fgsm", "mifgsm", "pgd", "bim"]
-    assert all(r.settings.objective == "logits" and r.settings.extra["early_stop"] is False
-               for r in runs)
+    assert all(
+        r.settings.objective == "logits" and r.settings.extra["early_stop"] is False for r in runs
+    )
     assert runs[1].settings.extra["momentum_l1_floor"] == 1e-6
     report = evaluate(ens, x, y, runs, batch_size=8, quirks=AuthorsQuirks())
     assert all(torch.equal(before[k], v) for k, v in buffers(ens).items())
@@ -147,7 +149,8 @@ def test_authors_clean_pass_uses_batch_statistics_and_each_quirk_switches_off():
     assert plain.results[0].n == len(x)  # not conditioned
     assert {c.name: c for c in plain.checks}["eval-mode"].passed is True
     assert AuthorsQuirks.parse("conditional,batchnorm-train") == AuthorsQuirks(
-        member_softmax=False, output_softmax=False, advertorch_iterations=False)
+        member_softmax=False, output_softmax=False, advertorch_iterations=False
+    )
     with pytest.raises(UsageError):
         AuthorsQuirks.parse("double-softmax")
 
@@ -156,17 +159,24 @@ def result(attack: str, eps: float, mask: list[int], objective: str = "mean-ce")
     robust = torch.tensor(mask, dtype=torch.bool)
     correct, n = int(robust.sum()), len(mask)
     low, high = wilson_interval(correct, n)
-    return AttackResult(attack, eps, correct / n, correct, n, low, high,
-                        {"objective": objective}, 1.0, robust)
+    return AttackResult(
+        attack, eps, correct / n, correct, n, low, high, {"objective": objective}, 1.0, robust
+    )
 
 
 def test_worst_case_is_the_per_example_and_over_runs():
-    rs = [result("fgsm", 0.1, [1, 1, 0, 1, 1]), result("pgd", 0.1, [1, 0, 1, 1, 1], "logits"),
-          result("apgd-ce", 0.1, [1, 1, 1, 1, 0]), result("pgd", 0.3, [0, 0, 1, 0, 0]),
-          result("fgsm", 0.3, [1, 0, 1, 0, 0])]
+    rs = [
+        result("fgsm", 0.1, [1, 1, 0, 1, 1]),
+        result("pgd", 0.1, [1, 0, 1, 1, 1], "logits"),
+        result("apgd-ce", 0.1, [1, 1, 1, 1, 0]),
+        result("pgd", 0.3, [0, 0, 1, 0, 0]),
+        result("fgsm", 0.3, [1, 0, 1, 0, 0]),
+    ]
     worst = worst_case_results(rs)
     assert [(w.attack, w.eps, w.correct, w.n) for w in worst] == [
-        ("worst-case", 0.1, 2, 5), ("worst-case", 0.3, 1, 5)]
+        ("worst-case", 0.1, 2, 5),
+        ("worst-case", 0.3, 1, 5),
+    ]
     assert worst[0].robust.tolist() == [True, False, False, True, False]
     assert worst[0].params["over"] == ["fgsm/mean-ce", "pgd/logits", "apgd-ce/mean-ce"]
     assert worst_case_results(rs[:1]) == []  # one run at an eps: nothing to combine
@@ -180,8 +190,12 @@ def test_evaluate_worst_case_row_is_below_every_component():
             m[1].weight.copy_(torch.randn(3, 16, generator=gen))
     x, y = data(40)
     runs = [AttackRun("fgsm", AttackSettings(eps=0.05, objective=o)) for o in ("mean-ce", "logits")]
-    runs += [AttackRun("pgd", AttackSettings(eps=0.05, steps=3, step_size=0.02, random_start=True,
-                                             objective=o)) for o in ("mean-ce", "logits")]
+    runs += [
+        AttackRun(
+            "pgd", AttackSettings(eps=0.05, steps=3, step_size=0.02, random_start=True, objective=o)
+        )
+        for o in ("mean-ce", "logits")
+    ]
     report = evaluate(Ensemble(members), x, y, runs, batch_size=16, worst_case=True)
     worst, *parts = report.results
     assert worst.attack == "worst-case" and len(parts) == 4
@@ -190,7 +204,12 @@ def test_evaluate_worst_case_row_is_below_every_component():
     payload = report.to_json()
     assert "robust" not in payload["results"][0]
     assert [r["params"]["objective"] for r in payload["results"]] == [
-        "worst-case", "mean-ce", "logits", "mean-ce", "logits"]
+        "worst-case",
+        "mean-ce",
+        "logits",
+        "mean-ce",
+        "logits",
+    ]
     json.dumps(payload)
 
 
@@ -224,11 +243,32 @@ def test_non_finite_outputs_are_refused():
 
 def test_cli_refuses_a_checkpoint_with_nan_weights(tmp_path):
     path = tmp_path / "nan.safetensors"
-    meta = {"dataset": "synthetic", "family": "fashionmnist", "input_shape": [1, 12, 12],
-            "num_classes": 4, "defense": "baseline"}
+    meta = {
+        "dataset": "synthetic",
+        "family": "fashionmnist",
+        "input_shape": [1, 12, 12],
+        "num_classes": 4,
+        "defense": "baseline",
+    }
     save_ensemble(nan_ensemble(), path, meta)
-    res = runner.invoke(app, ["attack", str(path), "--data-dir", str(tmp_path), "--device", "cpu",
-                              "--test-limit", "8", "--attacks", "fgsm", "--eps", "0.1", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "attack",
+            str(path),
+            "--data-dir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--test-limit",
+            "8",
+            "--attacks",
+            "fgsm",
+            "--eps",
+            "0.1",
+            "--json",
+        ],
+    )
     assert res.exit_code == 1  # refused when the checkpoint is loaded, before any attack runs
     assert "NaN or infinite" in res.stderr and res.stdout == ""
     assert len(res.stderr.strip().splitlines()) == 1
@@ -237,14 +277,41 @@ def test_cli_refuses_a_checkpoint_with_nan_weights(tmp_path):
 def test_cli_authors_and_strong_json(tmp_path):
     path = tmp_path / "bn.safetensors"
     torch.manual_seed(0)
-    meta = {"dataset": "synthetic", "family": "fashionmnist", "input_shape": [1, 12, 12],
-            "num_classes": 4, "defense": "baseline"}
+    meta = {
+        "dataset": "synthetic",
+        "family": "fashionmnist",
+        "input_shape": [1, 12, 12],
+        "num_classes": 4,
+        "defense": "baseline",
+    }
     save_ensemble(build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4), path, meta)
     before = path.read_bytes()
-    base = [str(path), "--data-dir", str(tmp_path), "--device", "cpu", "--test-limit", "12",
-            "--eps", "0.1", "--steps", "2", "--json"]
-    res = runner.invoke(app, ["attack", *base, "--protocol", "authors", "--quirks",
-                              "output-softmax,batchnorm-train,conditional", "--strict"])
+    base = [
+        str(path),
+        "--data-dir",
+        str(tmp_path),
+        "--device",
+        "cpu",
+        "--test-limit",
+        "12",
+        "--eps",
+        "0.1",
+        "--steps",
+        "2",
+        "--json",
+    ]
+    res = runner.invoke(
+        app,
+        [
+            "attack",
+            *base,
+            "--protocol",
+            "authors",
+            "--quirks",
+            "output-softmax,batchnorm-train,conditional",
+            "--strict",
+        ],
+    )
     assert res.exit_code == 1, res.stderr  # --strict: the honest-protocol check fails by design
     res = runner.invoke(app, ["attack", *base, "--protocol", "authors", "--attacks", "fgsm"])
     assert res.exit_code == 0, res.stderr
@@ -267,14 +334,23 @@ def test_sweep_strong_scoring_runs_every_objective_and_scores_the_worst():
 
     runs = runs_for("fashionmnist", "score", attacks=["apgd-ce", "apgd-dlr", "pgd"], eps=[0.1])
     assert [(r.attack, r.settings.objective) for r in runs] == [
-        ("apgd-ce", "mean-ce"), ("apgd-ce", "logits"), ("apgd-dlr", "dlr"), ("pgd", "mean-ce")]
+        ("apgd-ce", "mean-ce"),
+        ("apgd-ce", "logits"),
+        ("apgd-dlr", "dlr"),
+        ("pgd", "mean-ce"),
+    ]
     prob = runs_for("fashionmnist", "score", attacks=["apgd-ce"], eps=[0.1], combine="mean-prob")
     assert [r.settings.objective for r in prob] == ["mean-ce", "prob"]
-    rs = [result("apgd-ce", 0.1, [1, 1, 0, 1]), result("apgd-ce", 0.1, [1, 0, 1, 1], "logits"),
-          result("apgd-dlr", 0.1, [0, 1, 1, 1], "dlr")]
+    rs = [
+        result("apgd-ce", 0.1, [1, 1, 0, 1]),
+        result("apgd-ce", 0.1, [1, 0, 1, 1], "logits"),
+        result("apgd-dlr", 0.1, [0, 1, 1, 1], "dlr"),
+    ]
     scored = worst_over_objectives(rs)
     assert [(r.attack, r.correct, r.params["objective"]) for r in scored] == [
-        ("apgd-ce", 2, "worst-of:mean-ce,logits"), ("apgd-dlr", 3, "dlr")]
+        ("apgd-ce", 2, "worst-of:mean-ce,logits"),
+        ("apgd-dlr", 3, "dlr"),
+    ]
 
 
 def test_transfer_authors_crafts_on_softmax_members(tmp_path):
@@ -288,16 +364,39 @@ def test_transfer_authors_crafts_on_softmax_members(tmp_path):
     plain = transfer_matrix(ens, x, y, "bim", settings)
     soft = transfer_matrix(ens, x, y, "bim", settings, member_softmax=True)
     assert soft.params["authors.member_softmax"] is True and "authors.member_softmax" not in (
-        plain.params)
+        plain.params
+    )
     assert soft.clean == plain.clean  # the softmax changes the crafting loss, not predictions
     ens.members[1].load_state_dict(ens.members[0].state_dict())  # agreeing members: some kept
     path = tmp_path / "t.safetensors"
-    meta = {"dataset": "synthetic", "family": "fashionmnist", "input_shape": [1, 12, 12],
-            "num_classes": 4, "defense": "baseline"}
+    meta = {
+        "dataset": "synthetic",
+        "family": "fashionmnist",
+        "input_shape": [1, 12, 12],
+        "num_classes": 4,
+        "defense": "baseline",
+    }
     save_ensemble(ens, path, meta)
-    res = runner.invoke(app, ["transfer", str(path), "--data-dir", str(tmp_path), "--device",
-                              "cpu", "--test-limit", "100", "--attacks", "mifgsm", "--steps", "2",
-                              "--protocol", "authors", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "transfer",
+            str(path),
+            "--data-dir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--test-limit",
+            "100",
+            "--attacks",
+            "mifgsm",
+            "--steps",
+            "2",
+            "--protocol",
+            "authors",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     params = json.loads(res.stdout)["params"]
     assert params["only_correct"] is True and params["authors.member_softmax"] is True

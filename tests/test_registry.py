@@ -66,19 +66,25 @@ def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     site = tmp_path / "site"
     info = site / "ncen_registry_test_plugin-0.1.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {DIST}\nVersion: 0.1\n",
-                                   encoding="utf-8")
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {DIST}\nVersion: 0.1\n", encoding="utf-8"
+    )
     (info / "entry_points.txt").write_text(
         "[ncen.attacks]\nalias-attack = ncen_registry_test_mod:MISNAMED\n"
-        "old-attack = ncen_registry_test_old:ATTACK\n", encoding="utf-8")
+        "old-attack = ncen_registry_test_old:ATTACK\n",
+        encoding="utf-8",
+    )
     (site / "ncen_registry_test_mod.py").write_text(
         "from ncen_cli.attacks.pgd import PGD\n"
         "MISNAMED = PGD.__class__('other-name', 'misnamed', PGD.run, PGD.defaults)\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     (site / "ncen_registry_test_old.py").write_text(
         "from ncen_cli.attacks.base import Attack\n"
         "ATTACK = Attack(name='old-attack', summary='API 2', perturb=lambda *a: a[1],\n"
-        "                defaults=lambda eps: {})\n", encoding="utf-8")
+        "                defaults=lambda eps: {})\n",
+        encoding="utf-8",
+    )
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.delenv("NCEN_PLUGINS", raising=False)
     return site
@@ -87,15 +93,17 @@ def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_name_mismatch_and_old_api_are_load_failures_shown_by_ncen_plugins(plugin_site) -> None:
     result = CliRunner().invoke(app, ["plugins", "--json"])
     assert result.exit_code == 0, result.output
-    rows = {r["name"]: r for r in json.loads(result.stdout)["plugins"]
-            if r["distribution"] == DIST}
+    rows = {r["name"]: r for r in json.loads(result.stdout)["plugins"] if r["distribution"] == DIST}
     assert set(rows) == {"alias-attack", "old-attack"}
     assert all(r["loaded"] is False for r in rows.values())
     assert rows["alias-attack"]["error"] == (
         "ncen_registry_test_mod:MISNAMED is named 'other-name' but registered as 'alias-attack'; "
-        "the entry-point name and the object's name must agree")
+        "the entry-point name and the object's name must agree"
+    )
     assert rows["old-attack"]["error"].startswith(
-        "TypeError: attack 'old-attack' is written for ncen plugin API 2 (Attack(perturb=...))")
-    with pytest.raises(UsageError, match="attack 'alias-attack' from '.*' failed to load: .* is "
-                                         "named 'other-name'"):
+        "TypeError: attack 'old-attack' is written for ncen plugin API 2 (Attack(perturb=...))"
+    )
+    with pytest.raises(
+        UsageError, match="attack 'alias-attack' from '.*' failed to load: .* is named 'other-name'"
+    ):
         ATTACKS.get("alias-attack")

@@ -69,16 +69,25 @@ def test_newcombe_properties():
 def row(attack, eps, mask, objective="mean-ce"):
     n, correct = len(mask), sum(mask)
     low, high = rr.wilson(correct, n)
-    return {"attack": attack, "eps": eps, "accuracy": correct / n, "correct": correct, "n": n,
-            "ci_low": low, "ci_high": high, "params": {"objective": objective},
-            "mask": rr.pack_mask(mask)}
+    return {
+        "attack": attack,
+        "eps": eps,
+        "accuracy": correct / n,
+        "correct": correct,
+        "n": n,
+        "ci_low": low,
+        "ci_high": high,
+        "params": {"objective": objective},
+        "mask": rr.pack_mask(mask),
+    }
 
 
 def write_stage(folder: Path, method: str, stage: str, payload: dict, budget: dict) -> None:
     path = folder / method / f"{stage}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**payload, "stage": stage, "method": method, "budget": budget,
-                                "seconds": 1.0}))
+    path.write_text(
+        json.dumps({**payload, "stage": stage, "method": method, "budget": budget, "seconds": 1.0})
+    )
 
 
 def fake_results(folder: Path, budget: dict) -> None:
@@ -87,17 +96,51 @@ def fake_results(folder: Path, budget: dict) -> None:
     strong_base = [True] * 100 + [False] * 100
     for method, paper_mask, cos in (("baseline", strong_base, 0.4), ("ncen", strong_ncen, 0.1)):
         write_stage(folder, method, "train", {"clean_accuracy": 0.9}, budget)
-        write_stage(folder, method, "paper", {"results": [row("pgd", 0.1, paper_mask),
-                                                          row("fgsm", 0.1, [True] * n)]}, budget)
-        write_stage(folder, method, "strong", {"results": [
-            row("worst-case", 0.1, paper_mask, "worst"), row("pgd", 0.1, [True] * n)]}, budget)
-        write_stage(folder, method, "inspect", {"diagnostics": {
-            "n": n, "pairs": [{"grad_cosine_mean": cos, "disagreement": 0.1}],
-            "norm_dispersion": 0.2, "ensemble_accuracy": 0.9, "terms": {}}}, budget)
+        write_stage(
+            folder,
+            method,
+            "paper",
+            {"results": [row("pgd", 0.1, paper_mask), row("fgsm", 0.1, [True] * n)]},
+            budget,
+        )
+        write_stage(
+            folder,
+            method,
+            "strong",
+            {"results": [row("worst-case", 0.1, paper_mask, "worst"), row("pgd", 0.1, [True] * n)]},
+            budget,
+        )
+        write_stage(
+            folder,
+            method,
+            "inspect",
+            {
+                "diagnostics": {
+                    "n": n,
+                    "pairs": [{"grad_cosine_mean": cos, "disagreement": 0.1}],
+                    "norm_dispersion": 0.2,
+                    "ensemble_accuracy": 0.9,
+                    "terms": {},
+                }
+            },
+            budget,
+        )
     for lam, cos in ((0.02, 0.3), (0.5, 0.05)):
-        write_stage(folder, f"ncen@{lam}", "inspect", {"diagnostics": {
-            "n": n, "pairs": [{"grad_cosine_mean": cos, "disagreement": 0.1}],
-            "norm_dispersion": 0.2, "ensemble_accuracy": 0.9, "terms": {}}}, budget)
+        write_stage(
+            folder,
+            f"ncen@{lam}",
+            "inspect",
+            {
+                "diagnostics": {
+                    "n": n,
+                    "pairs": [{"grad_cosine_mean": cos, "disagreement": 0.1}],
+                    "norm_dispersion": 0.2,
+                    "ensemble_accuracy": 0.9,
+                    "terms": {},
+                }
+            },
+            budget,
+        )
 
 
 def test_summary_from_a_folder_of_stage_files(tmp_path):
@@ -106,8 +149,11 @@ def test_summary_from_a_folder_of_stage_files(tmp_path):
     methods = ["baseline", "ncen", "ncen@0.02", "ncen@0.5"]
     results = rr.read_results(tmp_path, budget)
     summary = rr.build_summary(results, methods, budget)
-    paired = {(r["protocol"], r["attack"]): r for r in summary["paired"]
-              if r["method"] == "ncen" and r["baseline"] == "baseline"}
+    paired = {
+        (r["protocol"], r["attack"]): r
+        for r in summary["paired"]
+        if r["method"] == "ncen" and r["baseline"] == "baseline"
+    }
     pgd = paired[("paper", "pgd")]
     assert pgd["difference"] == pytest.approx(0.25) and pgd["ci"][0] > 0
     assert pgd["n"] == 200 and pgd["discordant"] == [50, 0]
@@ -143,8 +189,19 @@ def test_no_results_lists_every_stage_and_concludes_nothing(tmp_path):
 
 def test_report_only_writes_both_files(tmp_path):
     doc, js = tmp_path / "r.md", tmp_path / "r.json"
-    reproduce.main(["--report-only", "--results", str(tmp_path / "none"), "--doc", str(doc),
-                    "--json", str(js), "--methods", "baseline,ncen@0.1"])
+    reproduce.main(
+        [
+            "--report-only",
+            "--results",
+            str(tmp_path / "none"),
+            "--doc",
+            str(doc),
+            "--json",
+            str(js),
+            "--methods",
+            "baseline,ncen@0.1",
+        ]
+    )
     summary = json.loads(js.read_text())
     assert summary["missing"][0] == "baseline train"
     assert summary["budget"]["lr_step_epochs"] == 3 and summary["budget"]["epochs"] == 8
@@ -152,8 +209,7 @@ def test_report_only_writes_both_files(tmp_path):
 
 
 def test_method_names_and_schedule():
-    assert reproduce.method_defense("ncen@0.1") == ("ncen", {"lambda_cos": 0.1,
-                                                             "lambda_norm": 0.1})
+    assert reproduce.method_defense("ncen@0.1") == ("ncen", {"lambda_cos": 0.1, "lambda_norm": 0.1})
     assert reproduce.method_defense("ncen-official") == ("ncen-official", {})
     assert [reproduce.lr_step(e) for e in (40, 8, 3, 1)] == [15, 3, 1, 1]
     args = reproduce.parse_args(["--data-dir", "x", "--full"])
@@ -165,8 +221,9 @@ def test_authors_masks_are_placed_on_all_images():
     """The authors' protocol attacks only the clean-correct images: their masks go back to
     their positions, a clean-wrong image counting as not robust."""
     robust = torch.tensor([True, False, True])
-    result = SimpleNamespace(to_json=lambda: {"results": [{"attack": "pgd"}]},
-                             results=[SimpleNamespace(robust=robust)])
+    result = SimpleNamespace(
+        to_json=lambda: {"results": [{"attack": "pgd"}]}, results=[SimpleNamespace(robust=robust)]
+    )
     clean = torch.tensor([True, False, True, True, False])
     payload = reproduce.with_masks(result, clean)
     assert rr.unpack_mask(payload["results"][0]["mask"]) == [True, False, False, True, False]
@@ -174,9 +231,19 @@ def test_authors_masks_are_placed_on_all_images():
 
 def test_unknown_method_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        reproduce.main(["--report-only", "--methods", "baseline,ncen@abc",
-                        "--results", str(tmp_path), "--doc", str(tmp_path / "r.md"),
-                        "--json", str(tmp_path / "r.json")])
+        reproduce.main(
+            [
+                "--report-only",
+                "--methods",
+                "baseline,ncen@abc",
+                "--results",
+                str(tmp_path),
+                "--doc",
+                str(tmp_path / "r.md"),
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
     assert exit_info.value.code == 2
     assert "ncen@abc" in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
@@ -186,29 +253,53 @@ def test_a_checkpoint_of_another_budget_is_refused(tmp_path):
     from ncen_cli.errors import UsageError
     from ncen_cli.training import TrainConfig
 
-    config = TrainConfig(defense="ncen", epochs=8, train_limit=20000, lr_step_epochs=3,
-                         hyperparameters={"lambda_cos": 0.1, "lambda_norm": 0.1})
-    recorded = {"defense": "ncen", "epochs": 8, "train_limit": 20000, "lr_step_epochs": 3,
-                "seed": 0, "members": config.members,
-                "hyperparameters": {"lambda_cos": 0.1, "lambda_norm": 0.1, "other": 1.0}}
+    config = TrainConfig(
+        defense="ncen",
+        epochs=8,
+        train_limit=20000,
+        lr_step_epochs=3,
+        hyperparameters={"lambda_cos": 0.1, "lambda_norm": 0.1},
+    )
+    recorded = {
+        "defense": "ncen",
+        "epochs": 8,
+        "train_limit": 20000,
+        "lr_step_epochs": 3,
+        "seed": 0,
+        "members": config.members,
+        "hyperparameters": {"lambda_cos": 0.1, "lambda_norm": 0.1, "other": 1.0},
+    }
     reproduce.check_checkpoint_config(tmp_path / "c.safetensors", recorded, config)  # same run
     with pytest.raises(UsageError, match="epochs"):
-        reproduce.check_checkpoint_config(tmp_path / "c.safetensors",
-                                          {**recorded, "epochs": 2}, config)
+        reproduce.check_checkpoint_config(
+            tmp_path / "c.safetensors", {**recorded, "epochs": 2}, config
+        )
     with pytest.raises(UsageError, match="hyperparameters"):
         reproduce.check_checkpoint_config(
             tmp_path / "c.safetensors",
-            {**recorded, "hyperparameters": {"lambda_cos": 0.5, "lambda_norm": 0.5}}, config)
+            {**recorded, "hyperparameters": {"lambda_cos": 0.5, "lambda_norm": 0.5}},
+            config,
+        )
 
 
 def test_authors_minus_paper_and_settling_budget(tmp_path):
     budget = {"epochs": 8}
     n = 100
     for method in ("baseline", "ncen"):
-        write_stage(tmp_path, method, "paper", {"results": [
-            row("pgd", 0.1, [True] * 50 + [False] * 50)]}, budget)
-        write_stage(tmp_path, method, "authors", {"results": [
-            row("pgd", 0.1, [True] * 90 + [False] * 10, "logits")]}, budget)
+        write_stage(
+            tmp_path,
+            method,
+            "paper",
+            {"results": [row("pgd", 0.1, [True] * 50 + [False] * 50)]},
+            budget,
+        )
+        write_stage(
+            tmp_path,
+            method,
+            "authors",
+            {"results": [row("pgd", 0.1, [True] * 90 + [False] * 10, "logits")]},
+            budget,
+        )
     summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
     gap = summary["authors_minus_paper"]
     assert [r["method"] for r in gap] == ["baseline", "ncen"]

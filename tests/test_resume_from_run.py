@@ -30,17 +30,43 @@ from ncen_cli.training import resume_path
 runner = CliRunner()
 # every recorded setting differs from the command's default, so a resume that ignored the
 # record would train something else (and fail the bit-identity check)
-RUN_ARGS = ["train", "--dataset", "synthetic", "--members", "2xresnet20", "--epochs", "3",
-            "--batch-size", "16", "--train-limit", "48", "--test-limit", "16", "--seed", "7",
-            "--lr", "0.002", "--lambda-cos", "0.05", "--no-augment", "--noise-eps", "0.2"]
+RUN_ARGS = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--members",
+    "2xresnet20",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "16",
+    "--train-limit",
+    "48",
+    "--test-limit",
+    "16",
+    "--seed",
+    "7",
+    "--lr",
+    "0.002",
+    "--lambda-cos",
+    "0.05",
+    "--no-augment",
+    "--noise-eps",
+    "0.2",
+]
 RUNTIME = ["--device", "cpu", "--threads", "1"]
 
 
 def _ncen(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "NCEN_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ncen_cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [sys.executable, "-m", "ncen_cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _epochs_saved(out: Path) -> int:
@@ -111,8 +137,7 @@ def test_the_ctrl_c_hint_works_verbatim(straight, tmp_path):
     # the hint as a user pastes it (split as a shell would), nothing added: the run completes
     # with the recorded settings (weights are compared in the SIGKILL test, whose resume names
     # the same runtime options as the uninterrupted run)
-    done = subprocess.run([ncen, *words[1:]], capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run([ncen, *words[1:]], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("wrote ")
     assert load_ensemble(out).metadata["epochs_done"] == 3
@@ -128,12 +153,31 @@ def interrupted(tmp_path) -> Path:
     from ncen_cli.training import train
 
     out = tmp_path / "int.safetensors"
-    config = build_config(members="2xresnet20", dataset="synthetic", data_dir=None,
-                          lambda_cos=0.05, activation="relu", combine="mean-prob", epochs=2,
-                          batch_size=16, lr=0.002, augment=False, noise=False, noise_eps=None,
-                          train_limit=16, test_limit=16, seed=3, device="cpu", precision="fp32",
-                          threads=1, member_threads=None, deterministic=False,
-                          double_backprop="exact", fd_scale=0.03, download=False)
+    config = build_config(
+        members="2xresnet20",
+        dataset="synthetic",
+        data_dir=None,
+        lambda_cos=0.05,
+        activation="relu",
+        combine="mean-prob",
+        epochs=2,
+        batch_size=16,
+        lr=0.002,
+        augment=False,
+        noise=False,
+        noise_eps=None,
+        train_limit=16,
+        test_limit=16,
+        seed=3,
+        device="cpu",
+        precision="fp32",
+        threads=1,
+        member_threads=None,
+        deterministic=False,
+        double_backprop="exact",
+        fd_scale=0.03,
+        download=False,
+    )
 
     def stop(_record) -> None:
         raise KeyboardInterrupt
@@ -153,16 +197,43 @@ def _error(args: list[str]) -> str:
 
 def test_a_conflicting_option_is_refused_naming_each_field(interrupted):
     before = resume_path(interrupted).read_bytes()
-    line = _error(["train", "--resume", str(interrupted), "--lr", "0.5", "--epochs", "9",
-                   "--lambda-cos", "0.1", "--no-noise"])  # --no-noise: the recorded value
+    line = _error(
+        [
+            "train",
+            "--resume",
+            str(interrupted),
+            "--lr",
+            "0.5",
+            "--epochs",
+            "9",
+            "--lambda-cos",
+            "0.1",
+            "--no-noise",
+        ]
+    )  # --no-noise: the recorded value
     assert "lr: 0.002 -> 0.5" in line and "epochs: 2 -> 9" in line
     assert "hyperparameters.lambda_cos: 0.05 -> 0.1" in line and "noise:" not in line
     assert resume_path(interrupted).read_bytes() == before
 
 
 def test_the_older_spelling_and_runtime_options_are_accepted(interrupted):
-    result = runner.invoke(app, ["train", "--out", str(interrupted), "--resume", "--epochs", "2",
-                                 "--device", "cpu", "--threads", "1", "--download", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--out",
+            str(interrupted),
+            "--resume",
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--download",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["resumed_from_epoch"] == 1
     assert not resume_path(interrupted).exists()
@@ -177,8 +248,9 @@ def test_resume_print_config_shows_the_recorded_settings(interrupted):
 
 def test_resume_of_no_run_and_of_two_runs_is_an_error(interrupted, tmp_path):
     assert "no run" in _error(["train", "--resume", str(tmp_path / "typo.safetensors")])
-    assert "two runs" in _error(["train", "--resume", str(interrupted),
-                                 "--out", str(tmp_path / "other.safetensors")])
+    assert "two runs" in _error(
+        ["train", "--resume", str(interrupted), "--out", str(tmp_path / "other.safetensors")]
+    )
     assert "only taken with --resume" in _error(["train", str(interrupted)])
 
 

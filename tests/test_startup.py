@@ -34,15 +34,31 @@ sys.stderr.write("PROBE " + json.dumps({"code": code, "heavy": heavy, "commands"
 
 
 def _probe(args: list[str]) -> tuple[dict, str]:
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "NCEN_OFFLINE": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NCEN_OFFLINE": "1"},
+    )
     line = [x for x in done.stderr.splitlines() if x.startswith("PROBE ")][-1]
     return json.loads(line.removeprefix("PROBE ")), done.stdout
 
 
-@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--version"], ["trian"], [],
-                                  ["train", "--bogus"], ["train", "--epochs", "many"],
-                                  ["train", "--help"], ["sweep", "--seed", "x"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["-h"],
+        ["--version"],
+        ["trian"],
+        [],
+        ["train", "--bogus"],
+        ["train", "--epochs", "many"],
+        ["train", "--help"],
+        ["sweep", "--seed", "x"],
+    ],
+)
 def test_help_version_and_typos_import_no_torch(args):
     result, _ = _probe(args)
     assert result["heavy"] == [], result

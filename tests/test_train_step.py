@@ -27,9 +27,15 @@ HP = {"lambda_cos": 0.5, "lambda_norm": 0.5}  # large weights: the regularizer m
 def tiny_member() -> nn.Module:
     """conv-BN-ReLU-conv(stride 2)-BN-ReLU-pool-linear: (B, 1, 8, 8) -> (B, 3) logits."""
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, CLASSES),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, CLASSES),
     )
 
 
@@ -94,10 +100,14 @@ def slow_official_regularizer(
         m = sum(norms) / k
         a = [(n - m) / (m + 1e-12) for n in norms]
         c = [torch.dot(f, g_ens) / (f.norm() * g_ens.norm() + 1e-12) for f in flat]
-        l_norm = torch.log(sum(torch.exp(a[i] * sum(a[j] for j in range(k) if j != i) / k)
-                               for i in range(k)))
-        l_cos = torch.log(sum(torch.exp(c[i]) * sum(torch.exp(c[j]) for j in range(k) if j != i)
-                              for i in range(k)))
+        l_norm = torch.log(
+            sum(torch.exp(a[i] * sum(a[j] for j in range(k) if j != i) / k) for i in range(k))
+        )
+        l_cos = torch.log(
+            sum(
+                torch.exp(c[i]) * sum(torch.exp(c[j]) for j in range(k) if j != i) for i in range(k)
+            )
+        )
         total = total + lambda_norm * l_norm + lambda_cos * l_cos
     return total / batch
 

@@ -127,7 +127,7 @@ def test_noise_copies_are_unaugmented_and_redrawn_each_epoch():
     aug = AugmentConfig(crop_padding=4, flip=True, noise_sigma=sigma)
     noise = {}
     for epoch in (0, 1):
-        (xb, _), = iterate_batches(x, y, 2 * n, seed=3, epoch=epoch, augment=aug)
+        ((xb, _),) = iterate_batches(x, y, 2 * n, seed=3, epoch=epoch, augment=aug)
         # the pipeline's order, re-derived from its (seed, epoch) generator
         order = torch.randperm(2 * n, generator=epoch_generator(3, epoch))
         is_noisy = order >= n

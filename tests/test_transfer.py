@@ -86,8 +86,15 @@ def hand_built() -> Ensemble:
 def run(**kwargs) -> TransferResult:
     arrays = make_arrays(n_train=8, n_test=64)
     settings = AttackSettings(eps=EPS, steps=1)
-    return transfer_matrix(hand_built(), arrays.test_x, arrays.test_y, attack="test-fgsm",
-                           settings=settings, batch_size=24, **kwargs)
+    return transfer_matrix(
+        hand_built(),
+        arrays.test_x,
+        arrays.test_y,
+        attack="test-fgsm",
+        settings=settings,
+        batch_size=24,
+        **kwargs,
+    )
 
 
 def member_accuracy(member: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -162,16 +169,37 @@ def test_json_schema():
 @pytest.fixture
 def checkpoint(tmp_path):
     ensemble = hand_built()
-    meta = {"members": ["test-right", "test-left", "test-const"], "dataset": "synthetic",
-            "family": "fashionmnist", "input_shape": [1, SIZE, SIZE], "num_classes": NUM_CLASSES}
+    meta = {
+        "members": ["test-right", "test-left", "test-const"],
+        "dataset": "synthetic",
+        "family": "fashionmnist",
+        "input_shape": [1, SIZE, SIZE],
+        "num_classes": NUM_CLASSES,
+    }
     return save_ensemble(ensemble, tmp_path / "hand.safetensors", meta)
 
 
 def test_cli_json_matches_the_api(checkpoint):
-    result = CliRunner().invoke(app, ["transfer", str(checkpoint), "--attacks", "test-fgsm",
-                                      "--eps", str(EPS), "--test-limit", "40", "--json",
-                                      "--batch-size", "16", "--device", "cpu",
-                                      "--data-dir", str(checkpoint.parent)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "transfer",
+            str(checkpoint),
+            "--attacks",
+            "test-fgsm",
+            "--eps",
+            str(EPS),
+            "--test-limit",
+            "40",
+            "--json",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(checkpoint.parent),
+        ],
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["n"] == 40
@@ -182,10 +210,25 @@ def test_cli_json_matches_the_api(checkpoint):
 def test_cli_table_and_png(checkpoint, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "heat.png"
-    result = CliRunner().invoke(app, ["transfer", str(checkpoint), "--attacks",
-                                      "test-fgsm,test-fgsm", "--eps", str(EPS), "--test-limit", "16",
-                                      "--figure", str(png),
-                                      "--device", "cpu", "--data-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "transfer",
+            str(checkpoint),
+            "--attacks",
+            "test-fgsm,test-fgsm",
+            "--eps",
+            str(EPS),
+            "--test-limit",
+            "16",
+            "--figure",
+            str(png),
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "0:test-right" in result.stdout and "ensemble" in result.stdout
     assert result.stdout.count("mean diagonal") == 2
@@ -205,8 +248,14 @@ def test_cli_table_and_png(checkpoint, tmp_path):
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(args, checkpoint, tmp_path):
-    argv = ["transfer", *[a.format(ckpt=checkpoint) for a in args], "--device", "cpu",
-            "--data-dir", str(tmp_path)]
+    argv = [
+        "transfer",
+        *[a.format(ckpt=checkpoint) for a in args],
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(tmp_path),
+    ]
     if args[0] == "missing.safetensors":
         argv[1] = str(tmp_path / "missing.safetensors")
     result = CliRunner().invoke(app, argv)
@@ -235,8 +284,9 @@ def test_crafting_runs_every_step_unless_told_otherwise():
 
     with registered("attacks", Attack("test-spy", "records settings", spy, lambda eps: {})):
         arrays = make_arrays(n_train=8, n_test=8)
-        result = transfer_matrix(hand_built(), arrays.test_x, arrays.test_y, "test-spy",
-                                 AttackSettings(eps=EPS))
+        result = transfer_matrix(
+            hand_built(), arrays.test_x, arrays.test_y, "test-spy", AttackSettings(eps=EPS)
+        )
         assert result.params["extra"] == {"early_stop": False}
         assert len(seen) == 3 and all(s.extra["early_stop"] is False for s in seen)
         mine = AttackSettings(eps=EPS, extra={"early_stop": True})

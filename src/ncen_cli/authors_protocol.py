@@ -68,8 +68,10 @@ class AuthorsQuirks:
             wanted = set()
         unknown = sorted(wanted - names)
         if unknown:
-            raise UsageError(f"unknown --quirks {', '.join(unknown)}; choose all, none or a comma "
-                             f"list of {', '.join(sorted(n.replace('_', '-') for n in names))}")
+            raise UsageError(
+                f"unknown --quirks {', '.join(unknown)}; choose all, none or a comma "
+                f"list of {', '.join(sorted(n.replace('_', '-') for n in names))}"
+            )
         return replace(cls(), **{n: n in wanted for n in names})
 
     def params(self) -> dict[str, Any]:

@@ -107,30 +107,48 @@ def _is_number(value: Any) -> bool:
 
 
 def _str_list(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, list) and low <= len(value) <= high and all(
-        isinstance(v, str) and 0 < len(v) <= 200 for v in value
+    return (
+        isinstance(value, list)
+        and low <= len(value) <= high
+        and all(isinstance(v, str) and 0 < len(v) <= 200 for v in value)
     )
 
 
 # key -> (required, test, what it must be)
 METADATA_SCHEMA: dict[str, tuple[bool, Any, str]] = {
     "schema_version": (True, lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "members": (True, lambda v: _str_list(v, 2, MAX_MEMBERS),
-                f"a list of 2 to {MAX_MEMBERS} architecture names"),
-    "input_shape": (True, lambda v: isinstance(v, list) and len(v) == 3
-                    and all(_is_int(d) for d in v) and 1 <= v[0] <= 16
-                    and all(1 <= d <= MAX_IMAGE_SIDE for d in v[1:]),
-                    f"[C, H, W] with 1 <= C <= 16 and sides <= {MAX_IMAGE_SIDE}"),
-    "num_classes": (True, lambda v: _is_int(v) and 2 <= v <= MAX_CLASSES,
-                    f"an integer in [2, {MAX_CLASSES}]"),
+    "members": (
+        True,
+        lambda v: _str_list(v, 2, MAX_MEMBERS),
+        f"a list of 2 to {MAX_MEMBERS} architecture names",
+    ),
+    "input_shape": (
+        True,
+        lambda v: (
+            isinstance(v, list)
+            and len(v) == 3
+            and all(_is_int(d) for d in v)
+            and 1 <= v[0] <= 16
+            and all(1 <= d <= MAX_IMAGE_SIDE for d in v[1:])
+        ),
+        f"[C, H, W] with 1 <= C <= 16 and sides <= {MAX_IMAGE_SIDE}",
+    ),
+    "num_classes": (
+        True,
+        lambda v: _is_int(v) and 2 <= v <= MAX_CLASSES,
+        f"an integer in [2, {MAX_CLASSES}]",
+    ),
     "activation": (False, lambda v: isinstance(v, str), "a name"),
     "combine": (False, lambda v: isinstance(v, str), "a name"),
     "dataset": (False, lambda v: isinstance(v, str), "a name"),
     "family": (False, lambda v: isinstance(v, str), "a name"),
     "defense": (False, lambda v: isinstance(v, str), "a name"),
     "classes": (False, lambda v: _str_list(v, 2, MAX_CLASSES), "a list of class names"),
-    "hyperparameters": (False, lambda v: isinstance(v, dict)
-                        and all(_is_number(x) for x in v.values()), "names -> finite numbers"),
+    "hyperparameters": (
+        False,
+        lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+        "names -> finite numbers",
+    ),
     "config": (False, lambda v: isinstance(v, dict), "an object"),
     "metrics": (False, lambda v: isinstance(v, dict), "an object"),
     "history": (False, lambda v: isinstance(v, list), "a list"),
@@ -161,8 +179,10 @@ def validate_metadata(meta: Any, source: str | Path) -> dict[str, Any]:
                 f"{source}: metadata '{key}' must be {wanted}, got {_short(meta[key])}"
             )
     if "classes" in meta and len(meta["classes"]) != meta["num_classes"]:
-        raise CheckpointError(f"{source}: metadata has {len(meta['classes'])} class names for "
-                              f"num_classes {meta['num_classes']}")
+        raise CheckpointError(
+            f"{source}: metadata has {len(meta['classes'])} class names for "
+            f"num_classes {meta['num_classes']}"
+        )
     return meta
 
 

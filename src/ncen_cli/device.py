@@ -190,8 +190,9 @@ def _restore_torch_settings(saved: dict[str, object]) -> None:
     torch.backends.cuda.matmul.allow_tf32 = bool(saved["matmul_tf32"])
     torch.backends.cudnn.allow_tf32 = bool(saved["cudnn_tf32"])
     torch.backends.cudnn.benchmark = bool(saved["cudnn_benchmark"])
-    torch.use_deterministic_algorithms(bool(saved["deterministic"]),
-                                       warn_only=bool(saved["deterministic_warn_only"]))
+    torch.use_deterministic_algorithms(
+        bool(saved["deterministic"]), warn_only=bool(saved["deterministic_warn_only"])
+    )
 
 
 def available_devices() -> list[dict[str, object]]:

@@ -168,12 +168,16 @@ def gradient_diversity(
     for i in range(k):
         for j in range(i + 1, k):
             values = cos[i, j].double()
-            pairs.append(PairDiagnostics(
-                i, j, float(values.mean()),
-                [float(q) for q in torch.quantile(values, torch.tensor(QUARTILES).double())],
-                float((preds[i] != preds[j]).double().mean()),
-                _error_correlation(errors[i], errors[j]),
-            ))
+            pairs.append(
+                PairDiagnostics(
+                    i,
+                    j,
+                    float(values.mean()),
+                    [float(q) for q in torch.quantile(values, torch.tensor(QUARTILES).double())],
+                    float((preds[i] != preds[j]).double().mean()),
+                    _error_correlation(errors[i], errors[j]),
+                )
+            )
     names = ensemble.metadata.get("members") or [type(m).__name__ for m in ensemble.members]
     return Diagnostics(
         n=n,

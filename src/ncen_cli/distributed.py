@@ -273,11 +273,17 @@ def _average_flat(ctx: DistContext, params: list[nn.Parameter], w: float) -> Non
     """:meth:`DistContext.average_gradients` on ``params`` (one flat buffer, weight ``w``)."""
     ref = next((p.grad for p in params if p.grad is not None), params[0])
     dtype = ref.dtype if ref.dtype.is_floating_point else torch.float32
-    pieces = [(p.grad.detach().to(dtype) * w if p.grad is not None
-               else torch.zeros(p.numel(), dtype=dtype, device=p.device)).reshape(-1)
-              for p in params]
-    present = torch.tensor([float(p.grad is not None) for p in params] + [w],
-                           dtype=dtype, device=ref.device)
+    pieces = [
+        (
+            p.grad.detach().to(dtype) * w
+            if p.grad is not None
+            else torch.zeros(p.numel(), dtype=dtype, device=p.device)
+        ).reshape(-1)
+        for p in params
+    ]
+    present = torch.tensor(
+        [float(p.grad is not None) for p in params] + [w], dtype=dtype, device=ref.device
+    )
     flat = ctx.all_reduce_sum(torch.cat([*pieces, present]))
     total_weight = float(flat[-1])
     counts = flat[len(flat) - len(params) - 1 : -1]

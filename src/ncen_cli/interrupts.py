@@ -73,8 +73,10 @@ def interrupt_command(signum: int, frame: FrameType | None) -> None:
 
 def importing() -> bool:
     """Whether a module is being imported right now (importlib marks its spec while it runs)."""
-    return any(getattr(getattr(module, "__spec__", None), "_initializing", False) is True
-               for module in list(sys.modules.values()))
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False) is True
+        for module in list(sys.modules.values())
+    )
 
 
 def install_startup_handler() -> None:

@@ -23,9 +23,11 @@ def figure_format(path: str | Path, option: str = "--figure") -> str:
     any other suffix (matplotlib would otherwise write PNG bytes under that name)."""
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in FIGURE_FORMATS:
-        raise UsageError(f"{option} {path}: the file name must end in "
-                         f"{', '.join('.' + f for f in FIGURE_FORMATS[:-1])} or "
-                         f".{FIGURE_FORMATS[-1]}")
+        raise UsageError(
+            f"{option} {path}: the file name must end in "
+            f"{', '.join('.' + f for f in FIGURE_FORMATS[:-1])} or "
+            f".{FIGURE_FORMATS[-1]}"
+        )
     return suffix
 
 
@@ -61,14 +63,19 @@ def save_figure(fig: object, path: str | Path, dpi: int) -> Path:
     plt = require_matplotlib()
     fmt = figure_format(path)
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(  # type: ignore[attr-defined]
-            tmp, format=fmt, dpi=dpi))
+        return atomic_write(
+            path,
+            lambda tmp: fig.savefig(  # type: ignore[attr-defined]
+                tmp, format=fmt, dpi=dpi
+            ),
+        )
     finally:
         plt.close(fig)
 
 
-def transfer_heatmap(results: Sequence[TransferResult], path: str | Path, dpi: int = 110,
-                     title: str = "") -> Path:
+def transfer_heatmap(
+    results: Sequence[TransferResult], path: str | Path, dpi: int = 110, title: str = ""
+) -> Path:
     """Save :func:`transfer_figure` to ``path`` (format from the suffix), atomically."""
     return save_figure(transfer_figure(results, title), path, dpi)
 
@@ -88,7 +95,10 @@ def transfer_figure(results: Sequence[TransferResult], title: str = "") -> Any:
     k = results[0].k
     width = 1.1 + 0.95 * (k + 1)
     fig, axes = plt.subplots(
-        1, len(results), figsize=(width * len(results) + 1.0, 0.8 * k + 1.9), squeeze=False,
+        1,
+        len(results),
+        figsize=(width * len(results) + 1.0, 0.8 * k + 1.9),
+        squeeze=False,
         constrained_layout=True,
     )
     image = None
@@ -102,9 +112,16 @@ def transfer_figure(results: Sequence[TransferResult], title: str = "") -> Any:
         ax.axvline(k - 0.5, color="white", linewidth=2.5)
         for i, row in enumerate(result.matrix):
             for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9,
-                        fontweight="bold" if i == j else "normal",
-                        color="black" if value > 0.6 else "white")
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    fontweight="bold" if i == j else "normal",
+                    color="black" if value > 0.6 else "white",
+                )
         eps = result.params.get("eps")
         summary = result.summary
         ax.set_title(
@@ -139,8 +156,9 @@ def sweep_figure(result: SweepResult) -> Any:
     by_pos = {(c.cell.lambda_cos, c.cell.lambda_norm): c.score for c in result.cells}
     grid = [[by_pos.get((r, c)) for c in cols] for r in rows]
     values = [[math.nan if v is None else v for v in row] for row in grid]
-    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 1.1 * len(cols)), 1.6 + 0.8 * len(rows)),
-                           constrained_layout=True)
+    fig, ax = plt.subplots(
+        figsize=(max(4.8, 1.6 + 1.1 * len(cols)), 1.6 + 0.8 * len(rows)), constrained_layout=True
+    )
     image = ax.imshow(values, origin="lower", cmap="viridis", aspect="auto")
     lines = None
     if len(rows) >= 2 and len(cols) >= 2 and all(v is not None for row in grid for v in row):
@@ -150,14 +168,27 @@ def sweep_figure(result: SweepResult) -> Any:
         for j, value in enumerate(row):
             if value is None:
                 continue
-            is_best = best is not None and (rows[i], cols[j]) == (best.cell.lambda_cos,
-                                                                  best.cell.lambda_norm)
-            ax.text(j, i, f"{value:.3f}" + (" *" if is_best else ""), ha="center", va="center",
-                    fontsize=9, fontweight="bold" if is_best else "normal", color="black",
-                    bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0, "pad": 1})
+            is_best = best is not None and (rows[i], cols[j]) == (
+                best.cell.lambda_cos,
+                best.cell.lambda_norm,
+            )
+            ax.text(
+                j,
+                i,
+                f"{value:.3f}" + (" *" if is_best else ""),
+                ha="center",
+                va="center",
+                fontsize=9,
+                fontweight="bold" if is_best else "normal",
+                color="black",
+                bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0, "pad": 1},
+            )
             if is_best:
-                ax.add_patch(plt.Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False,
-                                           edgecolor="red", linewidth=2.5))
+                ax.add_patch(
+                    plt.Rectangle(
+                        (j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor="red", linewidth=2.5
+                    )
+                )
     ax.set_xticks(range(len(cols)), [f"{v:g}" for v in cols])
     ax.set_yticks(range(len(rows)), [f"{v:g}" for v in rows])
     ax.set_xlabel("lambda_norm")

@@ -48,10 +48,18 @@ TRAINING: dict[str, TrainingPreset] = {
 
 # Table II of the paper: per family, the white-box attacks' eps values.
 PAPER_EPS: dict[str, dict[str, tuple[float, ...]]] = {
-    "fashionmnist": {"fgsm": (0.1, 0.3), "mifgsm": (0.1, 0.3), "pgd": (0.1, 0.15),
-                     "bim": (0.1, 0.15)},
-    "cifar10": {"fgsm": (0.03, 0.09), "mifgsm": (0.03, 0.09), "pgd": (0.01, 0.02),
-                "bim": (0.01, 0.02)},
+    "fashionmnist": {
+        "fgsm": (0.1, 0.3),
+        "mifgsm": (0.1, 0.3),
+        "pgd": (0.1, 0.15),
+        "bim": (0.1, 0.15),
+    },
+    "cifar10": {
+        "fgsm": (0.03, 0.09),
+        "mifgsm": (0.03, 0.09),
+        "pgd": (0.01, 0.02),
+        "bim": (0.01, 0.02),
+    },
 }
 
 FAMILIES = tuple(TRAINING)
@@ -64,9 +72,16 @@ def training_preset(family: str) -> TrainingPreset:
     if family in TRAINING:
         return TRAINING[family]
     preset = TRAINING[FALLBACK_FAMILY]
-    log.warning("dataset family '%s' has no paper presets; using %s's (epochs %d, noise eps %g, "
-                "crop padding %d, flip %s) where --epochs/--noise-eps are not given", family,
-                FALLBACK_FAMILY, preset.epochs, preset.noise_eps, preset.crop_padding, preset.flip)
+    log.warning(
+        "dataset family '%s' has no paper presets; using %s's (epochs %d, noise eps %g, "
+        "crop padding %d, flip %s) where --epochs/--noise-eps are not given",
+        family,
+        FALLBACK_FAMILY,
+        preset.epochs,
+        preset.noise_eps,
+        preset.crop_padding,
+        preset.flip,
+    )
     return preset
 
 
@@ -75,6 +90,10 @@ def family_for_channels(dataset: str, channels: int) -> str:
     images, ``cifar10`` for others; logs one warning line naming the choice, so that a 3-channel
     dataset never becomes "cifar10" silently."""
     family = "fashionmnist" if channels == 1 else "cifar10"
-    log.warning("dataset %s names no family; using %s's paper presets (%d-channel images)",
-                dataset, family, channels)
+    log.warning(
+        "dataset %s names no family; using %s's paper presets (%d-channel images)",
+        dataset,
+        family,
+        channels,
+    )
     return family

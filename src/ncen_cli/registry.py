@@ -166,8 +166,10 @@ class Registry:
                     return reg
             contract = _contract(self.kind)
             if not isinstance(loaded, contract):
-                reg.error = (f"{reg.value} is a {type(loaded).__name__}, not a "
-                             f"{contract.__name__} (the {GROUPS[self.kind]} contract)")
+                reg.error = (
+                    f"{reg.value} is a {type(loaded).__name__}, not a "
+                    f"{contract.__name__} (the {GROUPS[self.kind]} contract)"
+                )
             else:
                 reg.error = _name_mismatch(reg.name, loaded, reg.value)
                 reg.loaded = loaded if reg.error is None else None
@@ -187,8 +189,12 @@ class Registry:
                 f"by {', '.join(reg.clashes)}; keep one with NCEN_PLUGINS=<distribution>"
             )
         if reg.clashes and reg.builtin:
-            log.warning("%s '%s': the built-in is used; also registered by %s", self.kind[:-1],
-                        name, ", ".join(reg.clashes))
+            log.warning(
+                "%s '%s': the built-in is used; also registered by %s",
+                self.kind[:-1],
+                name,
+                ", ".join(reg.clashes),
+            )
         reg = self.load_registration(reg)
         if reg.error is not None:
             raise UsageError(
@@ -202,8 +208,10 @@ def _name_mismatch(name: str, obj: Any, where: str = "") -> str | None:
     own = getattr(obj, "name", name)
     if own == name:
         return None
-    return (f"{where or repr(obj)[:60]} is named '{own}' but registered as '{name}'; the "
-            "entry-point name and the object's name must agree")
+    return (
+        f"{where or repr(obj)[:60]} is named '{own}' but registered as '{name}'; the "
+        "entry-point name and the object's name must agree"
+    )
 
 
 def _contract(kind: str) -> type:

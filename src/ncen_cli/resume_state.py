@@ -99,12 +99,16 @@ def load_resume_state(
         ) from None
     wanted = json.loads(config_json)
     epochs_done, groups, history = _resume_fields(path, meta, int(wanted.get("epochs") or 0))
-    members = {k.removeprefix("members."): v for k, v in tensors.items()
-               if k.startswith("members.")}
+    members = {
+        k.removeprefix("members."): v for k, v in tensors.items() if k.startswith("members.")
+    }
     for name, ref in ensemble.members.state_dict().items():
         if members[name].shape != ref.shape or members[name].dtype != ref.dtype:
-            raise _bad_resume(path, f"tensor members.{name} is {members[name].dtype} "
-                              f"{tuple(members[name].shape)}, expected {tuple(ref.shape)}")
+            raise _bad_resume(
+                path,
+                f"tensor members.{name} is {members[name].dtype} "
+                f"{tuple(members[name].shape)}, expected {tuple(ref.shape)}",
+            )
     params = [p for g in optimizer.param_groups for p in g["params"]]
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -113,8 +117,11 @@ def load_resume_state(
             ref = params[int(index)]
             expected = ((), torch.float32) if name == "step" else (ref.shape, ref.dtype)
             if (value.shape, value.dtype) != expected:
-                raise _bad_resume(path, f"tensor {key} is {value.dtype} {tuple(value.shape)}, "
-                                  f"expected {expected[1]} {tuple(expected[0])}")
+                raise _bad_resume(
+                    path,
+                    f"tensor {key} is {value.dtype} {tuple(value.shape)}, "
+                    f"expected {expected[1]} {tuple(expected[0])}",
+                )
             opt_state.setdefault(int(index), {})[name] = value
     rng = tensors["rng.torch"]
     if rng.dtype != torch.uint8 or rng.ndim != 1:
@@ -165,9 +172,11 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             continue
         before, after = old.get(key), new.get(key)
         if key == "hyperparameters" and isinstance(before, dict) and isinstance(after, dict):
-            changes += [f"hyperparameters.{name}: {before.get(name)} -> {after.get(name)}"
-                        for name in sorted(set(before) | set(after))
-                        if before.get(name) != after.get(name)]
+            changes += [
+                f"hyperparameters.{name}: {before.get(name)} -> {after.get(name)}"
+                for name in sorted(set(before) | set(after))
+                if before.get(name) != after.get(name)
+            ]
         elif before != after:
             changes.append(f"{key}: {_short(before)} -> {_short(after)}")
     return changes
@@ -214,8 +223,12 @@ def _check_resume_names(
     fields: dict[int, set[str]] = {}
     for name in names - members - {"rng.torch"}:
         parts = name.split(".", 2)
-        if len(parts) != 3 or parts[0] != "optim" or not parts[1].isdigit() \
-                or int(parts[1]) >= n_params:
+        if (
+            len(parts) != 3
+            or parts[0] != "optim"
+            or not parts[1].isdigit()
+            or int(parts[1]) >= n_params
+        ):
             raise _bad_resume(path, f"unexpected tensor {name[:60]!r}")
         fields.setdefault(int(parts[1]), set()).add(parts[2])
     if fields and (len(fields) != n_params or len({frozenset(f) for f in fields.values()}) != 1):

@@ -188,24 +188,29 @@ def run_settings(run: AttackRun) -> dict[str, Any]:
     return {"attack": run.attack, **dataclasses.asdict(run.settings)}
 
 
-def shared_settings(base_config: TrainConfig, score_runs: Sequence[AttackRun],
-                    eval_limit: int | None) -> dict[str, Any]:
+def shared_settings(
+    base_config: TrainConfig, score_runs: Sequence[AttackRun], eval_limit: int | None
+) -> dict[str, Any]:
     """What every cell shares (the manifest's ``shared``): training minus the swept lambdas, and
     the scoring battery (its attacks' seed is the training seed). JSON-normalised so it compares
     equal to what a manifest file holds."""
     training = dataclasses.asdict(base_config)
     for key in RUNTIME_ONLY_FIELDS:
         training.pop(key)
-    training["hyperparameters"] = {k: v for k, v in sorted(training["hyperparameters"].items())
-                                   if k not in SWEPT}
+    training["hyperparameters"] = {
+        k: v for k, v in sorted(training["hyperparameters"].items()) if k not in SWEPT
+    }
     scoring = {"runs": [run_settings(r) for r in score_runs], "eval_limit": eval_limit}
     return json.loads(json.dumps({"training": training, "scoring": scoring}, sort_keys=True))
 
 
 def cell_config(base_config: TrainConfig, cell: Cell) -> TrainConfig:
     """The base config with the cell's lambdas."""
-    hyper = {**base_config.hyperparameters, "lambda_cos": cell.lambda_cos,
-             "lambda_norm": cell.lambda_norm}
+    hyper = {
+        **base_config.hyperparameters,
+        "lambda_cos": cell.lambda_cos,
+        "lambda_norm": cell.lambda_norm,
+    }
     return dataclasses.replace(base_config, hyperparameters=hyper)
 
 
@@ -213,8 +218,13 @@ def cell_dir(out_dir: Path, cell: Cell) -> Path:
     return out_dir / "cells" / cell.id
 
 
-def run_sweep(base_config: TrainConfig, lambda_cos: Sequence[float],
-              lambda_norm: Sequence[float], out_dir: str | Path, **kwargs: Any) -> SweepResult:
+def run_sweep(
+    base_config: TrainConfig,
+    lambda_cos: Sequence[float],
+    lambda_norm: Sequence[float],
+    out_dir: str | Path,
+    **kwargs: Any,
+) -> SweepResult:
     """Hold the sweep folder's lock (:mod:`ncen_cli.output_safety`; rank 0 of ``dist``) and
     run :func:`_run_sweep`, whose arguments it takes. A second sweep into the same folder fails at
     once naming the holder; temporary files of a killed sweep are removed."""
@@ -243,6 +253,55 @@ class _CellJob:
     on_batch: Callable[[int, int], None] | None
     on_eval: Progress | None
     evaluator: Evaluator
+
+
+def _open_folder(
+    out_dir: str | Path,
+    shared: dict[str, Any],
+    grid: dict[str, list[float]],
+    cells: list[Cell],
+    dist: DistContext,
+) -> tuple[Path, set[str]]:
+    """Check (or start) the sweep folder's manifest; returns the folder, which every rank takes
+    from rank 0 (a default name holds a timestamp), and the ids of the cells already finished."""
+    out_dir = Path(str(dist.broadcast_object(str(out_dir))))
+    _check_manifest(out_dir, shared)
+    finished_before = {c.id for c in cells if _finished(out_dir, c, shared) is not None}
+    if dist.is_main:
+        atomic_write_json(out_dir / MANIFEST, _manifest(out_dir, shared, grid))
+    dist.barrier()
+    return out_dir, finished_before
+
+
+def _checked_inputs(
+    base_config: TrainConfig,
+    score_runs: Sequence[AttackRun] | None,
+    eval_limit: int | None,
+    arrays: ImageArrays | None,
+) -> tuple[ImageArrays, list[AttackRun]]:
+    """Validate the sweep's settings and return its data and attack runs, before any training.
+    UsageError for a defense without both lambdas or an --attack-limit below 1."""
+    base_config.validate()
+    defense = get_defense(base_config.defense)  # a name or REGULARIZER+CRAFTER
+    missing = [k for k in SWEPT if k not in defense.hyperparameters]
+    if missing:
+        raise UsageError(
+            f"defense '{defense.name}' has no {', '.join(missing)}; sweep ncen or ncen-official"
+        )
+    if eval_limit is not None and eval_limit < 1:
+        raise UsageError(f"--attack-limit must be >= 1, got {eval_limit}")
+    if arrays is None:
+        arrays = load_dataset(
+            base_config.dataset,
+            base_config.data_dir,
+            base_config.download,
+            base_config.train_limit,
+            base_config.test_limit,
+            base_config.seed,
+        )
+    runs = list(score_runs) if score_runs is not None else runs_for(arrays.family, "score")
+    validate_runs(runs)
+    return arrays, runs
 
 
 def _run_sweep(
@@ -287,46 +346,51 @@ def _run_sweep(
             with other shared settings.
     """
     started = time.perf_counter()
-    base_config.validate()
-    defense = get_defense(base_config.defense)  # a name or REGULARIZER+CRAFTER
-    missing = [k for k in SWEPT if k not in defense.hyperparameters]
-    if missing:
-        raise UsageError(f"defense '{defense.name}' has no {', '.join(missing)}; "
-                         "sweep ncen or ncen-official")
-    if eval_limit is not None and eval_limit < 1:
-        raise UsageError(f"--attack-limit must be >= 1, got {eval_limit}")
     cells = expand_grid(lambda_cos, lambda_norm)
-    if arrays is None:
-        arrays = load_dataset(base_config.dataset, base_config.data_dir, base_config.download,
-                              base_config.train_limit, base_config.test_limit, base_config.seed)
-    runs = list(score_runs) if score_runs is not None else runs_for(arrays.family, "score")
-    validate_runs(runs)  # before any training
+    arrays, runs = _checked_inputs(base_config, score_runs, eval_limit, arrays)
     shared = shared_settings(base_config, runs, eval_limit)
-    grid = {"lambda_cos": sorted({float(v) for v in lambda_cos}),
-            "lambda_norm": sorted({float(v) for v in lambda_norm})}
+    grid = {
+        "lambda_cos": sorted({float(v) for v in lambda_cos}),
+        "lambda_norm": sorted({float(v) for v in lambda_norm}),
+    }
 
-    # every rank must use rank 0's folder (a default name holds a timestamp)
-    out_dir = Path(str(dist.broadcast_object(str(out_dir))))
-    _check_manifest(out_dir, shared)
-    finished_before = {c.id for c in cells if _finished(out_dir, c, shared) is not None}
-    if dist.is_main:
-        atomic_write_json(out_dir / MANIFEST, _manifest(out_dir, shared, grid))
-    dist.barrier()
+    out_dir, finished_before = _open_folder(out_dir, shared, grid, cells, dist)
 
-    job = _CellJob(base_config, out_dir, shared, arrays, arrays.test_x[:eval_limit],
-                   arrays.test_y[:eval_limit], runs, on_epoch, on_batch, on_eval, evaluator)
+    job = _CellJob(
+        base_config,
+        out_dir,
+        shared,
+        arrays,
+        arrays.test_x[:eval_limit],
+        arrays.test_y[:eval_limit],
+        runs,
+        on_epoch,
+        on_batch,
+        on_eval,
+        evaluator,
+    )
     mine = [c for c in cells if c.index % dist.world_size == dist.rank]
     _run_cells(job, mine, finished_before, on_cell_start, on_cell_done)
     results = _collect(out_dir, cells, shared, dist.enabled, poll_seconds)
     for result in results:
         result.skipped = result.cell.id in finished_before
-    return SweepResult(out_dir, grid["lambda_cos"], grid["lambda_norm"], results,
-                       shared["scoring"]["runs"], time.perf_counter() - started)
+    return SweepResult(
+        out_dir,
+        grid["lambda_cos"],
+        grid["lambda_norm"],
+        results,
+        shared["scoring"]["runs"],
+        time.perf_counter() - started,
+    )
 
 
-def _run_cells(job: _CellJob, mine: list[Cell], finished_before: set[str],
-               on_cell_start: Callable[[Cell, int, int], None] | None,
-               on_cell_done: Callable[[CellResult], None] | None) -> None:
+def _run_cells(
+    job: _CellJob,
+    mine: list[Cell],
+    finished_before: set[str],
+    on_cell_start: Callable[[Cell, int, int], None] | None,
+    on_cell_done: Callable[[CellResult], None] | None,
+) -> None:
     """Train and score this rank's cells in this process alone (cells finished before are
     skipped)."""
     todo = [c for c in mine if c.id not in finished_before]
@@ -351,15 +415,21 @@ def _run_cells(job: _CellJob, mine: list[Cell], finished_before: set[str],
             on_cell_done(done)
 
 
-def _manifest(out_dir: Path, shared: dict[str, Any], grid: dict[str, list[float]]
-              ) -> dict[str, Any]:
+def _manifest(
+    out_dir: Path, shared: dict[str, Any], grid: dict[str, list[float]]
+) -> dict[str, Any]:
     """The manifest to write: ``grid`` lists every value any run of this sweep asked for."""
     from ncen_cli import __version__
 
     old = read_manifest(out_dir).get("grid", {}) if (out_dir / MANIFEST).exists() else {}
     grid = {axis: sorted(set(values) | set(old.get(axis, []))) for axis, values in grid.items()}
-    return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "shared": shared, "grid": grid,
-            "ncen_version": __version__}
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "shared": shared,
+        "grid": grid,
+        "ncen_version": __version__,
+    }
 
 
 def _check_manifest(out_dir: Path, shared: dict[str, Any]) -> None:
@@ -369,16 +439,20 @@ def _check_manifest(out_dir: Path, shared: dict[str, Any]) -> None:
     manifest = out_dir / MANIFEST
     if not manifest.exists():
         if out_dir.exists() and any(out_dir.iterdir()):
-            raise UsageError(f"--out {out_dir} is not empty and holds no {MANIFEST}; "
-                             "choose a new or empty folder")
+            raise UsageError(
+                f"--out {out_dir} is not empty and holds no {MANIFEST}; "
+                "choose a new or empty folder"
+            )
         return
     recorded = read_manifest(out_dir)
     old = recorded.get("shared", {})
     if old != shared:
         diffs = _differences(old, shared)
-        raise UsageError(f"--out {out_dir} holds a sweep with other shared settings "
-                         f"({'; '.join(diffs[:4])}); rerun with the same options or choose "
-                         "another --out")
+        raise UsageError(
+            f"--out {out_dir} holds a sweep with other shared settings "
+            f"({'; '.join(diffs[:4])}); rerun with the same options or choose "
+            "another --out"
+        )
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
@@ -400,9 +474,14 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
         raise UsageError(f"{manifest}: schema_version must be an integer >= 1{damaged}")
     if version > SCHEMA_VERSION:
         raise UsageError(f"{manifest} was written by a newer ncen (schema {version}); upgrade ncen")
-    if not isinstance(recorded.get("shared"), dict) or not isinstance(grid, dict) or not all(
-        isinstance(grid.get(axis, []), list) and all(_is_finite_number(v) for v in grid[axis])
-        for axis in SWEPT if axis in grid
+    if (
+        not isinstance(recorded.get("shared"), dict)
+        or not isinstance(grid, dict)
+        or not all(
+            isinstance(grid.get(axis, []), list) and all(_is_finite_number(v) for v in grid[axis])
+            for axis in SWEPT
+            if axis in grid
+        )
     ):
         raise UsageError(f"{manifest}: 'shared' or 'grid' has the wrong shape{damaged}")
     return recorded
@@ -471,16 +550,26 @@ def _finished(out_dir: Path, cell: Cell, shared: dict[str, Any]) -> CellResult |
     except (CheckpointError, UnicodeDecodeError):
         data = None
     _check_result(data, path)
-    if data.get("shared") != shared or data.get("lambda_cos") != cell.lambda_cos \
-            or data.get("lambda_norm") != cell.lambda_norm:
+    if (
+        data.get("shared") != shared
+        or data.get("lambda_cos") != cell.lambda_cos
+        or data.get("lambda_norm") != cell.lambda_norm
+    ):
         return None
     return CellResult(
-        cell=cell, clean_accuracy=data["clean_accuracy"],
-        mean_adversarial_accuracy=data["mean_adversarial_accuracy"], score=data["score"],
-        attacks=data["attacks"], seconds=data["seconds"], train_seconds=data["train_seconds"],
-        eval_seconds=data["eval_seconds"], checkpoint=cell_dir(out_dir, cell) / data["checkpoint"],
-        epochs=data["epochs"], error=data.get("error"),
-        attack_results=data.get("attack_results", []), checks=data.get("checks") or [],
+        cell=cell,
+        clean_accuracy=data["clean_accuracy"],
+        mean_adversarial_accuracy=data["mean_adversarial_accuracy"],
+        score=data["score"],
+        attacks=data["attacks"],
+        seconds=data["seconds"],
+        train_seconds=data["train_seconds"],
+        eval_seconds=data["eval_seconds"],
+        checkpoint=cell_dir(out_dir, cell) / data["checkpoint"],
+        epochs=data["epochs"],
+        error=data.get("error"),
+        attack_results=data.get("attack_results", []),
+        checks=data.get("checks") or [],
     )
 
 
@@ -489,43 +578,65 @@ def _run_cell(job: _CellJob, cell: Cell) -> CellResult:
     out_dir, shared = job.out_dir, job.shared
     config = cell_config(job.base_config, cell)
     checkpoint = cell_dir(out_dir, cell) / "ensemble.safetensors"
-    payload: dict[str, Any] = {"id": cell.id, "lambda_cos": cell.lambda_cos,
-                               "lambda_norm": cell.lambda_norm, "shared": shared,
-                               "checkpoint": checkpoint.name}
+    payload: dict[str, Any] = {
+        "id": cell.id,
+        "lambda_cos": cell.lambda_cos,
+        "lambda_norm": cell.lambda_norm,
+        "shared": shared,
+        "checkpoint": checkpoint.name,
+    }
     try:
-        trained = train(config, checkpoint, resume=True, on_epoch=job.on_epoch,
-                        on_batch=job.on_batch, arrays=job.arrays)
+        trained = train(
+            config,
+            checkpoint,
+            resume=True,
+            on_epoch=job.on_epoch,
+            on_batch=job.on_batch,
+            arrays=job.arrays,
+        )
     except NonFiniteLossError as exc:  # a property of the cell (same seed: same failure)
         log.warning("cell %s: %s", cell.id, exc)
-        payload.update(clean_accuracy=None, mean_adversarial_accuracy=None, score=None,
-                       attacks={}, seconds=0.0, train_seconds=0.0, eval_seconds=0.0, epochs=0,
-                       error=str(exc), attack_results=[], checks=[])
+        payload.update(_failed_cell_fields(str(exc)))
         atomic_write_json(_result_path(out_dir, cell), payload)
         return _finished(out_dir, cell, shared)  # type: ignore[return-value]
     train_seconds = sum(r.seconds for r in trained.history)
     started = time.perf_counter()
-    runtime = Runtime.create(config.device, config.precision, config.threads,
-                             config.deterministic, config.seed)
+    runtime = Runtime.create(
+        config.device, config.precision, config.threads, config.deterministic, config.seed
+    )
     with runtime.applied():  # score with the cell's threads, as it trained
-        report = job.evaluator(trained.ensemble, job.x, job.y, job.runs,
-                               batch_size=config.eval_batch_size,
-                               device=next(trained.ensemble.parameters()).device,
-                               seed=config.seed, progress=job.on_eval)
+        report = job.evaluator(
+            trained.ensemble,
+            job.x,
+            job.y,
+            job.runs,
+            batch_size=config.eval_batch_size,
+            device=next(trained.ensemble.parameters()).device,
+            seed=config.seed,
+            progress=job.on_eval,
+        )
     eval_seconds = time.perf_counter() - started
     for check in getattr(report, "checks", []):
         if check.passed is False:
-            log.warning("cell %s: evaluation check %s failed: %s", cell.id, check.name,
-                        check.detail)
+            log.warning(
+                "cell %s: evaluation check %s failed: %s", cell.id, check.name, check.detail
+            )
     scored = worst_over_objectives(list(report.results))  # strong attacks: worst objective
     attacks = {attack_key(r.attack, r.eps): float(r.accuracy) for r in scored}
     mean_aae = sum(attacks.values()) / len(attacks)
     payload.update(
-        clean_accuracy=float(report.clean_accuracy), mean_adversarial_accuracy=mean_aae,
-        score=float(report.clean_accuracy) * mean_aae, attacks=attacks,
-        seconds=train_seconds + eval_seconds, train_seconds=train_seconds,
-        eval_seconds=eval_seconds, epochs=int(trained.metadata["epochs_done"]), error=None,
-        attack_results=[_plain(r.to_json() if hasattr(r, "to_json") else r)
-                        for r in report.results],
+        clean_accuracy=float(report.clean_accuracy),
+        mean_adversarial_accuracy=mean_aae,
+        score=float(report.clean_accuracy) * mean_aae,
+        attacks=attacks,
+        seconds=train_seconds + eval_seconds,
+        train_seconds=train_seconds,
+        eval_seconds=eval_seconds,
+        epochs=int(trained.metadata["epochs_done"]),
+        error=None,
+        attack_results=[
+            _plain(r.to_json() if hasattr(r, "to_json") else r) for r in report.results
+        ],
         checks=[_plain(c) for c in getattr(report, "checks", [])],
     )
     atomic_write_json(_result_path(out_dir, cell), payload)
@@ -533,16 +644,35 @@ def _run_cell(job: _CellJob, cell: Cell) -> CellResult:
     return _finished(out_dir, cell, shared)  # type: ignore[return-value]
 
 
+def _failed_cell_fields(error: str) -> dict[str, Any]:
+    """The result fields of a cell whose training failed (no scores, the error)."""
+    return {
+        "clean_accuracy": None,
+        "mean_adversarial_accuracy": None,
+        "score": None,
+        "attacks": {},
+        "seconds": 0.0,
+        "train_seconds": 0.0,
+        "eval_seconds": 0.0,
+        "epochs": 0,
+        "error": error,
+        "attack_results": [],
+        "checks": [],
+    }
+
+
 def _plain(value: Any) -> Any:
     """JSON-safe copy (dataclasses, tuples, paths and tensors become plain values)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
-    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist")
-                                 else str(o)))
+    return json.loads(
+        json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    )
 
 
-def _collect(out_dir: Path, cells: list[Cell], shared: dict[str, Any], wait: bool,
-             poll_seconds: float) -> list[CellResult]:
+def _collect(
+    out_dir: Path, cells: list[Cell], shared: dict[str, Any], wait: bool, poll_seconds: float
+) -> list[CellResult]:
     """Every cell's result in grid order; under torchrun, wait for the other ranks' cells."""
     while True:
         found = [_finished(out_dir, c, shared) for c in cells]

@@ -324,7 +324,8 @@ def resolve_double_backprop(mode: str) -> str:
             logger.warning(
                 "--double-backprop finite-diff is deprecated (its regularizer gradient was "
                 "inaccurate) and now runs the exact '%s' mode; it will be removed in the next "
-                "release", DEFAULT_DOUBLE_BACKPROP,
+                "release",
+                DEFAULT_DOUBLE_BACKPROP,
             )
         return DEFAULT_DOUBLE_BACKPROP
     if mode not in ("jvp", "exact"):

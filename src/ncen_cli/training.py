@@ -119,9 +119,13 @@ class TrainConfig:
         check_seed(self.seed)
         if self.lr > MAX_LR:  # Adam's first step is 10 x lr: 3.4e37 already overflows float32
             raise UsageError(f"--lr must be <= {MAX_LR:g}, got {self.lr:g}")
-        for name, count in (("--batch-size", self.batch_size), ("--epochs", self.epochs),
-                            ("--eval-batch-size", self.eval_batch_size),
-                            ("--train-limit", self.train_limit), ("--test-limit", self.test_limit)):
+        for name, count in (
+            ("--batch-size", self.batch_size),
+            ("--epochs", self.epochs),
+            ("--eval-batch-size", self.eval_batch_size),
+            ("--train-limit", self.train_limit),
+            ("--test-limit", self.test_limit),
+        ):
             check_int_range(name, count, 1, MAX_COUNT)
         if self.noise_eps is not None and not 0 <= self.noise_eps <= 1:
             raise UsageError(f"--noise-eps must be in [0, 1], got {self.noise_eps}")
@@ -130,8 +134,9 @@ class TrainConfig:
             raise UsageError(f"--fd-scale must be a finite number > 0, got {self.fd_scale}")
         for key, value in self.hyperparameters.items():
             if not (value >= 0 and math.isfinite(value)):
-                raise UsageError(f"--{key.replace('_', '-')} must be a finite number >= 0, "
-                                 f"got {value}")
+                raise UsageError(
+                    f"--{key.replace('_', '-')} must be a finite number >= 0, got {value}"
+                )
         for name, limit in (("--train-limit", self.train_limit), ("--test-limit", self.test_limit)):
             if limit is not None and limit < 1:
                 raise UsageError(f"{name} must be >= 1, got {limit}")
@@ -331,9 +336,13 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     check_output(out, overwrite, "--out", resumable=resume)
 
 
-def plan_run(config: TrainConfig, out: Path, resume: bool = False,
-             arrays: ImageArrays | None = None,
-             dist: distributed.DistContext = distributed.SINGLE) -> TrainPlan:
+def plan_run(
+    config: TrainConfig,
+    out: Path,
+    resume: bool = False,
+    arrays: ImageArrays | None = None,
+    dist: distributed.DistContext = distributed.SINGLE,
+) -> TrainPlan:
     """Resolve a run: the runtime, the data (``arrays``, else ``config.dataset`` loaded), the
     family's defaults (epochs, noise, crop), the defense and its hyperparameters, the recorded
     config and metadata, and whether it resumes (``resume`` and a resume state visible to every
@@ -342,8 +351,14 @@ def plan_run(config: TrainConfig, out: Path, resume: bool = False,
         config.device, config.precision, config.threads, config.deterministic, config.seed
     )
     if arrays is None:
-        arrays = load_dataset(config.dataset, config.data_dir, config.download,
-                              config.train_limit, config.test_limit, config.seed)
+        arrays = load_dataset(
+            config.dataset,
+            config.data_dir,
+            config.download,
+            config.train_limit,
+            config.test_limit,
+            config.seed,
+        )
     family = arrays.family
     preset = training_preset(family)
     epochs = config.epochs or preset.epochs
@@ -354,16 +369,27 @@ def plan_run(config: TrainConfig, out: Path, resume: bool = False,
         noise_sigma=noise_eps / 2 if config.noise else 0.0,
     )
     defense, hyperparameters = resolve_defense(config, family)
-    recorded = {**dataclasses.asdict(config), "epochs": epochs, "noise_eps": noise_eps,
-                "lr_min": lr_floor(config), "hyperparameters": hyperparameters,
-                "world_size": dist.world_size}
+    recorded = {
+        **dataclasses.asdict(config),
+        "epochs": epochs,
+        "noise_eps": noise_eps,
+        "lr_min": lr_floor(config),
+        "hyperparameters": hyperparameters,
+        "world_size": dist.world_size,
+    }
     for key in RUNTIME_ONLY_FIELDS:  # where and how fast it ran does not change what was trained
         recorded.pop(key)
     metadata = {
-        "members": list(config.members), "activation": config.activation,
-        "dataset": arrays.name, "family": family, "input_shape": list(arrays.input_shape),
-        "num_classes": arrays.num_classes, "classes": list(arrays.classes),
-        "defense": defense.name, "hyperparameters": hyperparameters, "config": recorded,
+        "members": list(config.members),
+        "activation": config.activation,
+        "dataset": arrays.name,
+        "family": family,
+        "input_shape": list(arrays.input_shape),
+        "num_classes": arrays.num_classes,
+        "classes": list(arrays.classes),
+        "defense": defense.name,
+        "hyperparameters": hyperparameters,
+        "config": recorded,
         "world_size": dist.world_size,
     }
     has_state = resume and resume_path(out).exists()
@@ -372,12 +398,27 @@ def plan_run(config: TrainConfig, out: Path, resume: bool = False,
             f"{resume_path(out)} is visible to some ranks only; under torchrun on several "
             "nodes put --out on a filesystem that every node shares"
         )
-    return TrainPlan(config, out, runtime, arrays, epochs, augment, defense, hyperparameters,
-                     recorded, json.dumps(recorded, sort_keys=True), metadata, has_state)
+    return TrainPlan(
+        config,
+        out,
+        runtime,
+        arrays,
+        epochs,
+        augment,
+        defense,
+        hyperparameters,
+        recorded,
+        json.dumps(recorded, sort_keys=True),
+        metadata,
+        has_state,
+    )
 
 
-def fit(plan: TrainPlan, callbacks: Callbacks | None = None,
-        dist: distributed.DistContext = distributed.SINGLE) -> TrainResult:
+def fit(
+    plan: TrainPlan,
+    callbacks: Callbacks | None = None,
+    dist: distributed.DistContext = distributed.SINGLE,
+) -> TrainResult:
     """Run a planned run: build the ensemble (or restore it from the resume state), train the
     remaining epochs writing the resume state and the checkpoint after each (rank 0), and delete
     the resume state at the end. Torch's settings are :meth:`Runtime.applied` for the run only."""
@@ -385,26 +426,39 @@ def fit(plan: TrainPlan, callbacks: Callbacks | None = None,
     config = plan.config
     with plan.runtime.applied():
         torch.manual_seed(config.seed)
-        ensemble = build_ensemble(list(config.members), plan.arrays.input_shape,
-                                  plan.arrays.num_classes, config.activation,
-                                  config.combine).to(plan.runtime.device)
+        ensemble = build_ensemble(
+            list(config.members),
+            plan.arrays.input_shape,
+            plan.arrays.num_classes,
+            config.activation,
+            config.combine,
+        ).to(plan.runtime.device)
         optimizer = torch.optim.Adam(ensemble.parameters(), lr=learning_rate(config, 0))
         start_epoch, history = 0, []
         if plan.resume:
-            start_epoch, history = load_resume_state(plan.state_file, ensemble, optimizer,
-                                                     plan.config_json)
+            start_epoch, history = load_resume_state(
+                plan.state_file, ensemble, optimizer, plan.config_json
+            )
             log.info("resuming %s from epoch %d", plan.out, start_epoch)
         if callbacks.on_start is not None and dist.is_main:
             callbacks.on_start(start_epoch, plan.epochs)
         dist.broadcast_parameters(ensemble)
-        threads = plan_threads(plan.runtime.device, len(config.members), config.threads,
-                               config.member_threads)
+        threads = plan_threads(
+            plan.runtime.device, len(config.members), config.threads, config.member_threads
+        )
         run = _EpochContext(
-            ensemble=ensemble, optimizer=optimizer, defense=plan.defense,
-            hyperparameters=plan.hyperparameters, arrays=plan.arrays, config=config,
-            augment=plan.augment, runtime=plan.runtime, dist=dist,
+            ensemble=ensemble,
+            optimizer=optimizer,
+            defense=plan.defense,
+            hyperparameters=plan.hyperparameters,
+            arrays=plan.arrays,
+            config=config,
+            augment=plan.augment,
+            runtime=plan.runtime,
+            dist=dist,
             executor=MemberExecutor(threads.member_threads, threads.intra_op_threads),
-            batches_per_epoch=plan.batches_per_epoch, on_batch=callbacks.on_batch,
+            batches_per_epoch=plan.batches_per_epoch,
+            on_batch=callbacks.on_batch,
         )
         _fit_epochs(plan, run, start_epoch, history, callbacks.on_epoch)
     if not history:
@@ -419,9 +473,13 @@ def fit(plan: TrainPlan, callbacks: Callbacks | None = None,
     return TrainResult(ensemble.eval(), plan.out, metadata, history, start_epoch)
 
 
-def _fit_epochs(plan: TrainPlan, run: _EpochContext, start_epoch: int,
-                history: list[EpochRecord],
-                on_epoch: Callable[[EpochRecord], None] | None) -> None:
+def _fit_epochs(
+    plan: TrainPlan,
+    run: _EpochContext,
+    start_epoch: int,
+    history: list[EpochRecord],
+    on_epoch: Callable[[EpochRecord], None] | None,
+) -> None:
     """Train epochs ``start_epoch`` .. ``plan.epochs - 1``, appending to ``history``; after each,
     rank 0 writes the resume state, then the checkpoint. Ctrl-C is an InterruptedRun naming the
     command that resumes."""
@@ -430,10 +488,19 @@ def _fit_epochs(plan: TrainPlan, run: _EpochContext, start_epoch: int,
             record = _train_one_epoch(run, epoch)
             history.append(record)
             if run.dist.is_main:
-                save_resume_state(plan.state_file, run.ensemble, run.optimizer, epoch + 1,
-                                  plan.config_json, history)
-                save_ensemble(run.ensemble, plan.out,
-                              {**plan.metadata, **_progress_metadata(history, plan.epochs)})
+                save_resume_state(
+                    plan.state_file,
+                    run.ensemble,
+                    run.optimizer,
+                    epoch + 1,
+                    plan.config_json,
+                    history,
+                )
+                save_ensemble(
+                    run.ensemble,
+                    plan.out,
+                    {**plan.metadata, **_progress_metadata(history, plan.epochs)},
+                )
                 if on_epoch is not None:
                     on_epoch(record)
             run.dist.barrier()
@@ -528,8 +595,14 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
     if dist.enabled:  # epoch figures over all ranks; one model (BN statistics) on every rank
         seen, sums, term_sums = _reduce_epoch_sums(dist, seen, sums, term_sums)
         dist.sync_buffers(ensemble)
-    accuracy = clean_accuracy(ensemble, run.arrays.test_x, run.arrays.test_y,
-                              config.eval_batch_size, run.runtime.device, dist=dist)
+    accuracy = clean_accuracy(
+        ensemble,
+        run.arrays.test_x,
+        run.arrays.test_y,
+        config.eval_batch_size,
+        run.runtime.device,
+        dist=dist,
+    )
     return EpochRecord(
         epoch=epoch + 1,
         lr=lr,
@@ -542,8 +615,9 @@ def _train_one_epoch(run: _EpochContext, epoch: int) -> EpochRecord:
     )
 
 
-def _step(run: _EpochContext, epoch: int, step: int, xb: torch.Tensor,
-          yb: torch.Tensor) -> StepOutput:
+def _step(
+    run: _EpochContext, epoch: int, step: int, xb: torch.Tensor, yb: torch.Tensor
+) -> StepOutput:
     """The training step on this rank's (B, C, H, W) share ``xb`` / (B,) ``yb`` (B >= 1): crafted
     inputs if the defense asks for them, the loss and its gradients. Every rank stops together
     on a non-finite loss."""
@@ -590,8 +664,7 @@ def _progress_metadata(history: list[EpochRecord], epochs: int) -> dict[str, Any
     }
 
 
-def _check_model(dist: distributed.DistContext, ensemble: Ensemble, step: int, epoch: int
-                 ) -> None:
+def _check_model(dist: distributed.DistContext, ensemble: Ensemble, step: int, epoch: int) -> None:
     """After an optimizer step: every parameter and BatchNorm buffer finite on every rank (all
     ranks stop together), else NonFiniteModelError (the last completed epoch's files are kept)."""
     if not dist.all_true(first_non_finite(ensemble) is None):

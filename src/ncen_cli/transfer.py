@@ -145,8 +145,15 @@ def run_settings(
     its one step): :func:`~ncen_cli.evaluation.runs_for`'s ``custom`` run of ``attack``."""
     from ncen_cli.evaluation import runs_for
 
-    (run,) = runs_for(None, "custom", attacks=[attack], eps=[eps], steps=steps,
-                      step_size=step_size, restarts=restarts)
+    (run,) = runs_for(
+        None,
+        "custom",
+        attacks=[attack],
+        eps=[eps],
+        steps=steps,
+        step_size=step_size,
+        restarts=restarts,
+    )
     return run.settings
 
 
@@ -225,26 +232,38 @@ def transfer_matrix(
         xb, yb = as_float(x[start:stop]).to(device), y[start:stop].to(device)
         clean = _correct(ensemble, xb, yb)  # (k + 1, B)
         if only_correct:
-            keep = clean[:ensemble.k].all(0)
+            keep = clean[: ensemble.k].all(0)
             xb, yb, clean = xb[keep], yb[keep], clean[:, keep]
         counts.count += len(yb)
         counts.clean += clean.sum(1)
         for i in range(ensemble.k):
             if len(yb):
-                counts.adversarial[i] += _correct(ensemble, crafter.craft(i, xb, yb, start),
-                                                  yb).sum(1)
+                counts.adversarial[i] += _correct(
+                    ensemble, crafter.craft(i, xb, yb, start), yb
+                ).sum(1)
             done += 1
             if progress is not None:
                 progress(done, total)
-    return counts.result(dist, ensemble, attack, {**asdict(settings), "seed": seed,
-                                                  "only_correct": only_correct}, member_softmax)
+    return counts.result(
+        dist,
+        ensemble,
+        attack,
+        {**asdict(settings), "seed": seed, "only_correct": only_correct},
+        member_softmax,
+    )
 
 
 class _Crafter:
     """Crafts adversarial examples on one member at a time (see :func:`transfer_matrix`)."""
 
-    def __init__(self, ensemble: Ensemble, attack: str, settings: AttackSettings, seed: int,
-                 member_softmax: bool) -> None:
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        attack: str,
+        settings: AttackSettings,
+        seed: int,
+        member_softmax: bool,
+    ) -> None:
         from ncen_cli.registry import ATTACKS
 
         self.attack: Attack = ATTACKS.get(attack)
@@ -252,8 +271,7 @@ class _Crafter:
         sources = [SoftmaxOutput(m) if member_softmax else m for m in ensemble.members]
         self.targets = [MemberTarget(member).eval() for member in sources]
 
-    def craft(self, source: int, xb: torch.Tensor, yb: torch.Tensor,
-              start: int) -> torch.Tensor:
+    def craft(self, source: int, xb: torch.Tensor, yb: torch.Tensor, start: int) -> torch.Tensor:
         """(B, C, H, W) adversarial images crafted on member ``source`` for the batch whose first
         example has global index ``start``."""
         from ncen_cli.evaluation import batch_generator
@@ -271,8 +289,14 @@ class _Counts:
         self.clean = torch.zeros(k + 1, dtype=torch.int64, device=device)
         self.count = 0
 
-    def result(self, dist: DistContext, ensemble: Ensemble, attack: str, params: dict[str, Any],
-               member_softmax: bool) -> TransferResult:
+    def result(
+        self,
+        dist: DistContext,
+        ensemble: Ensemble,
+        attack: str,
+        params: dict[str, Any],
+        member_softmax: bool,
+    ) -> TransferResult:
         """The counts summed over ``dist``'s ranks, as accuracies."""
         (count,) = dist.sum_counts(self.count)
         adv_correct = dist.all_reduce_sum(self.adversarial).cpu()

@@ -104,8 +104,8 @@ def test_distillation_matches_the_authors_linf_distillation(layer: int) -> None:
     assert (ours - ref).abs().max() < 1e-6
     assert (ours - x).abs().max() <= 0.07 + 1e-6 and not torch.equal(ours, x)
     with torch.no_grad():  # the features moved towards the target's
-        before = (dverge.features(member, x, layer) - dverge.features(member, target, layer))
-        after = (dverge.features(member, ours, layer) - dverge.features(member, target, layer))
+        before = dverge.features(member, x, layer) - dverge.features(member, target, layer)
+        after = dverge.features(member, ours, layer) - dverge.features(member, target, layer)
     assert after.pow(2).mean() < before.pow(2).mean()
 
 
@@ -118,8 +118,11 @@ def test_shuffled_targets_never_pair_an_image_with_itself() -> None:
 
 def test_random_layer_is_fixed_per_epoch_and_in_range() -> None:
     members = list(_ensemble().members)
-    layers = [dverge.distillation_layer(members, 0, _context(epoch=e, step=s))
-              for e in range(30) for s in (0, 5)]
+    layers = [
+        dverge.distillation_layer(members, 0, _context(epoch=e, step=s))
+        for e in range(30)
+        for s in (0, 5)
+    ]
     assert all(1 <= v <= 20 for v in layers)
     assert all(layers[2 * e] == layers[2 * e + 1] for e in range(30))  # same epoch, any step
     assert len(set(layers)) > 5
@@ -148,8 +151,12 @@ def test_each_member_trains_on_the_other_members_distilled_images(clean: int) ->
 
 @pytest.mark.parametrize(
     "override, message",
-    [({"steps": 1.5}, "--steps must be a whole number"), ({"layer": 2.5}, "--layer must be"),
-     ({"clean": 0.5}, "--clean must be 0 or 1"), ({"eps": 3}, "--eps must be <= 1")],
+    [
+        ({"steps": 1.5}, "--steps must be a whole number"),
+        ({"layer": 2.5}, "--layer must be"),
+        ({"clean": 0.5}, "--clean must be 0 or 1"),
+        ({"eps": 3}, "--eps must be <= 1"),
+    ],
 )
 def test_bad_dverge_hyperparameters_are_usage_errors(override, message) -> None:
     with pytest.raises(UsageError, match=message):
@@ -163,15 +170,44 @@ def test_non_resnet_members_are_refused() -> None:
 
 # ---- kill and resume -----------------------------------------------------------------------
 
-ARGS = ["train", "--dataset", "synthetic", "--members", "2xresnet20", "--epochs", "3",
-        "--batch-size", "16", "--train-limit", "32", "--test-limit", "16", "--device", "cpu",
-        "--threads", "1", "--seed", "4", "--defense", "dverge", "-p", "steps=2", "-p", "clean=1"]
+ARGS = [
+    "train",
+    "--dataset",
+    "synthetic",
+    "--members",
+    "2xresnet20",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "16",
+    "--train-limit",
+    "32",
+    "--test-limit",
+    "16",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--seed",
+    "4",
+    "--defense",
+    "dverge",
+    "-p",
+    "steps=2",
+    "-p",
+    "clean=1",
+]
 
 
 def _cli(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "NCEN_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ncen_cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ncen_cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _epochs_done(out: Path) -> int:

@@ -118,7 +118,8 @@ def test_restarts_are_the_runners_worst_case_restarts(trained) -> None:
     gen = torch.Generator().manual_seed(5)
     with frozen_parameters(ens):
         expected = worst_case_restarts(
-            ens, x, y, 3, lambda xs, ys: mc_pgd.run(ens, xs, ys, settings, gen))
+            ens, x, y, 3, lambda xs, ys: mc_pgd.run(ens, xs, ys, settings, gen)
+        )
     assert torch.equal(got, expected)
 
 

@@ -116,15 +116,26 @@ def apgd_once(
     return result
 
 
-def run_ce(target: AttackTarget, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
-           generator: torch.Generator | None) -> torch.Tensor:
+def run_ce(
+    target: AttackTarget,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: AttackSettings,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """One APGD-CE run on ``settings.objective``."""
-    return apgd_once(target, x, y, settings.eps, settings.steps,
-                     objective_fn(settings.objective), generator)
+    return apgd_once(
+        target, x, y, settings.eps, settings.steps, objective_fn(settings.objective), generator
+    )
 
 
-def run_dlr(target: AttackTarget, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
-            generator: torch.Generator | None) -> torch.Tensor:
+def run_dlr(
+    target: AttackTarget,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: AttackSettings,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """One APGD-DLR run (the combined logits' DLR loss)."""
     return apgd_once(target, x, y, settings.eps, settings.steps, dlr_loss, generator)
 

@@ -184,8 +184,9 @@ class AttackOption:
         if self.type is not bool and isinstance(value, bool) or not _is_a(value, self.type):
             raise UsageError(f"attack option {name}={value!r}: not a {self.type.__name__}")
         if self.choices is not None and value not in self.choices:
-            raise UsageError(f"attack option {name}={value!r}; choose one of "
-                             f"{', '.join(self.choices)}")
+            raise UsageError(
+                f"attack option {name}={value!r}; choose one of {', '.join(self.choices)}"
+            )
         if self.minimum is not None and not value >= self.minimum:
             raise UsageError(f"attack option {name} must be >= {self.minimum:g}, got {value}")
         if self.maximum is not None and not value <= self.maximum:
@@ -248,9 +249,17 @@ class Attack:
         if perturb is not None or run is None or defaults is None:
             raise TypeError(
                 f"attack '{name}' is written for ncen plugin API 2 (Attack(perturb=...)); API 3 "
-                "takes run=, the single run, and defaults= (see docs/plugins.md)")
-        values = {"name": name, "summary": summary, "run": run, "defaults": defaults,
-                  "white_box": white_box, "options": dict(options or {}), "own_loss": own_loss}
+                "takes run=, the single run, and defaults= (see docs/plugins.md)"
+            )
+        values = {
+            "name": name,
+            "summary": summary,
+            "run": run,
+            "defaults": defaults,
+            "white_box": white_box,
+            "options": dict(options or {}),
+            "own_loss": own_loss,
+        }
         for key, value in values.items():
             object.__setattr__(self, key, value)
 
@@ -263,8 +272,9 @@ class Attack:
         """The value of declared option ``name``: ``settings.extra[name]`` or its default."""
         return settings.extra.get(name, self.options[name].default)
 
-    def settings_for(self, eps: float, objective: str = "mean-ce", **overrides: Any
-                     ) -> AttackSettings:
+    def settings_for(
+        self, eps: float, objective: str = "mean-ce", **overrides: Any
+    ) -> AttackSettings:
         """The attack's default settings at ``eps`` on ``objective`` (its :attr:`own_loss`
         instead, if it has one), with ``overrides`` applied (None values ignored)."""
         values: dict[str, Any] = {**self.defaults(eps)}
@@ -282,8 +292,10 @@ class Attack:
         """UsageError (one line) for settings this attack cannot run with."""
         settings.check(self.name)
         if self.uses_objective and settings.objective not in OBJECTIVES:
-            raise UsageError(f"unknown objective '{settings.objective}' for {self.name}; "
-                             f"choose {', '.join(OBJECTIVES)}")
+            raise UsageError(
+                f"unknown objective '{settings.objective}' for {self.name}; "
+                f"choose {', '.join(OBJECTIVES)}"
+            )
         for name, option in self.options.items():
             if name in settings.extra:
                 option.check(name, settings.extra[name])
@@ -323,8 +335,10 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 def _guard(name: str, x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> None:
     """NcenError unless x_adv (B, C, H, W) lies within ``eps`` of x and in [0, 1]."""
     if x_adv.shape != x.shape:
-        raise NcenError(f"attack {name} returned shape {tuple(x_adv.shape)} for images of shape "
-                        f"{tuple(x.shape)}")
+        raise NcenError(
+            f"attack {name} returned shape {tuple(x_adv.shape)} for images of shape "
+            f"{tuple(x.shape)}"
+        )
     if not len(x):
         return
     linf = (x_adv.detach() - x).abs().amax().item()

@@ -145,23 +145,42 @@ def sign_ascent_run(default_step_fraction: float, momentum: bool = False) -> Sin
     keeps an iterate that is already misclassified unless option ``early_stop`` is False.
     """
 
-    def run(target: AttackTarget, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
-            generator: torch.Generator | None) -> torch.Tensor:
-        step = settings.step_size if settings.step_size is not None else (
-            settings.eps * default_step_fraction)
+    def run(
+        target: AttackTarget,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        settings: AttackSettings,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        step = (
+            settings.step_size
+            if settings.step_size is not None
+            else (settings.eps * default_step_fraction)
+        )
         early_stop = bool(settings.extra.get("early_stop", True)) and settings.steps > 1
-        return sign_ascent(target, x, y, eps=settings.eps, steps=settings.steps, step_size=step,
-                           loss_fn=objective_fn(settings.objective),
-                           random_start=settings.random_start,
-                           decay=settings.decay if momentum else None, generator=generator,
-                           early_stop=early_stop,
-                           l1_floor=settings.extra.get("momentum_l1_floor"))
+        return sign_ascent(
+            target,
+            x,
+            y,
+            eps=settings.eps,
+            steps=settings.steps,
+            step_size=step,
+            loss_fn=objective_fn(settings.objective),
+            random_start=settings.random_start,
+            decay=settings.decay if momentum else None,
+            generator=generator,
+            early_stop=early_stop,
+            l1_floor=settings.extra.get("momentum_l1_floor"),
+        )
 
     return run
 
 
 SIGN_ASCENT_OPTIONS = {
     "early_stop": AttackOption(
-        True, "keep an iterate once it is misclassified (false: run every step, as advertorch "
-        "and transfer attacks do)", bool),
+        True,
+        "keep an iterate once it is misclassified (false: run every step, as advertorch "
+        "and transfer attacks do)",
+        bool,
+    ),
 }

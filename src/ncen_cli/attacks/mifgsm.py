@@ -29,7 +29,10 @@ ATTACK = Attack(
     options={
         **SIGN_ASCENT_OPTIONS,
         "momentum_l1_floor": AttackOption(
-            None, "divide the gradient by max(sum|grad|, floor) instead of mean|grad| "
-            "(advertorch: 1e-6)", float, minimum=0.0),
+            None,
+            "divide the gradient by max(sum|grad|, floor) instead of mean|grad| (advertorch: 1e-6)",
+            float,
+            minimum=0.0,
+        ),
     },
 )

@@ -41,9 +41,15 @@ def _registration(name: str, summary: str, steps: int, random_start: bool) -> At
 
 
 PGD = _registration(
-    "pgd", "PGD: projected sign-gradient steps from a random start, worst-case restarts (L-inf)",
-    steps=50, random_start=True)
+    "pgd",
+    "PGD: projected sign-gradient steps from a random start, worst-case restarts (L-inf)",
+    steps=50,
+    random_start=True,
+)
 BIM = _registration(
-    "bim", "BIM: iterated sign-gradient steps from x, projected (L-inf)",
-    steps=10, random_start=False)
+    "bim",
+    "BIM: iterated sign-gradient steps from x, projected (L-inf)",
+    steps=10,
+    random_start=False,
+)
 ATTACK = PGD  # the name other modules import (adv-train, benchmarks)

@@ -36,8 +36,13 @@ class CombinedLogits(nn.Module):
         return self.target.combine_logits(self.target.member_logits(x))
 
 
-def run(target: AttackTarget, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
-        generator: torch.Generator | None) -> torch.Tensor:
+def run(
+    target: AttackTarget,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: AttackSettings,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """One Square run (torchattacks, one restart) on the combined logits; modes restored."""
     import torchattacks
 
@@ -50,10 +55,16 @@ def run(target: AttackTarget, x: torch.Tensor, y: torch.Tensor, settings: Attack
             contextlib.redirect_stdout(sys.stderr),
             torch.no_grad(),
         ):
-            attack = torchattacks.Square(model, norm="Linf", eps=settings.eps,
-                                         n_queries=settings.steps, n_restarts=1,
-                                         p_init=float(ATTACK.option(settings, "p_init")),
-                                         loss="margin", seed=seed_from(generator) % 2**31)
+            attack = torchattacks.Square(
+                model,
+                norm="Linf",
+                eps=settings.eps,
+                n_queries=settings.steps,
+                n_restarts=1,
+                p_init=float(ATTACK.option(settings, "p_init")),
+                loss="margin",
+                seed=seed_from(generator) % 2**31,
+            )
             attack.set_device(x.device)
             adv = attack(x, y).to(torch.float32)
     finally:
@@ -63,8 +74,13 @@ def run(target: AttackTarget, x: torch.Tensor, y: torch.Tensor, settings: Attack
 
 
 def defaults(eps: float) -> dict[str, Any]:
-    return {"steps": 1000, "step_size": None, "restarts": 1, "random_start": True,
-            "extra": {"p_init": 0.8}}
+    return {
+        "steps": 1000,
+        "step_size": None,
+        "restarts": 1,
+        "random_start": True,
+        "extra": {"p_init": 0.8},
+    }
 
 
 ATTACK = Attack(
@@ -73,7 +89,10 @@ ATTACK = Attack(
     run=run,
     defaults=defaults,
     white_box=False,
-    options={"p_init": AttackOption(0.8, "initial fraction of the image a square covers",
-                                    float, minimum=1e-6, maximum=1.0)},
+    options={
+        "p_init": AttackOption(
+            0.8, "initial fraction of the image a square covers", float, minimum=1e-6, maximum=1.0
+        )
+    },
     own_loss="margin",
 )

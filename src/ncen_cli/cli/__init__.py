@@ -28,18 +28,31 @@ from ncen_cli.cli.options import rewrite_deprecated
 # test_startup checks each line against the command's own docstring
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ncen_cli.cli.train", "Train an ensemble and write it to a safetensors checkpoint."),
-    "attack": ("ncen_cli.cli.attack", "Attack an ensemble checkpoint and report accuracy under "
-               "each attack, with self-checks."),
-    "transfer": ("ncen_cli.cli.transfer", "Craft adversarial examples on each member; evaluate "
-                 "them on every member and the ensemble."),
-    "sweep": ("ncen_cli.cli.sweep", "Train and score one NCEn ensemble per (lambda_cos, "
-              "lambda_norm) cell; resumable."),
-    "inspect": ("ncen_cli.cli.inspect", "Measure input-gradient diversity and member agreement "
-                "of a checkpoint on test data."),
-    "config": ("ncen_cli.cli.config", "Print the training settings recorded in a checkpoint as "
-               "a --config TOML file."),
-    "plugins": ("ncen_cli.cli.info", "List registered architectures, defenses, attacks and "
-                "datasets, and whether each loaded."),
+    "attack": (
+        "ncen_cli.cli.attack",
+        "Attack an ensemble checkpoint and report accuracy under each attack, with self-checks.",
+    ),
+    "transfer": (
+        "ncen_cli.cli.transfer",
+        "Craft adversarial examples on each member; evaluate "
+        "them on every member and the ensemble.",
+    ),
+    "sweep": (
+        "ncen_cli.cli.sweep",
+        "Train and score one NCEn ensemble per (lambda_cos, lambda_norm) cell; resumable.",
+    ),
+    "inspect": (
+        "ncen_cli.cli.inspect",
+        "Measure input-gradient diversity and member agreement of a checkpoint on test data.",
+    ),
+    "config": (
+        "ncen_cli.cli.config",
+        "Print the training settings recorded in a checkpoint as a --config TOML file.",
+    ),
+    "plugins": (
+        "ncen_cli.cli.info",
+        "List registered architectures, defenses, attacks and datasets, and whether each loaded.",
+    ),
     "env": ("ncen_cli.cli.info", "Versions, devices, resolved data/run folders and plugins."),
 }
 
@@ -137,8 +150,12 @@ def _print_version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", is_eager=True, callback=_print_version,
-                     help="Print ncen's version and exit."),
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_print_version,
+            help="Print ncen's version and exit.",
+        ),
     ] = False,
 ) -> None:
     """Train and honestly evaluate Negative Correlation Ensembles (NCEn) and other ensemble

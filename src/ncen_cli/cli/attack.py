@@ -53,9 +53,17 @@ PROTOCOLS = ("paper", "strong", "authors")
 
 
 def build_runs(
-    family: str, protocol: str | None, attacks: str | None, eps: str | None, steps: int | None,
-    step_size: float | None, restarts: int | None, objective: str | None, *,
-    combine: str = "mean-logits", quirks: AuthorsQuirks | None = None,
+    family: str,
+    protocol: str | None,
+    attacks: str | None,
+    eps: str | None,
+    steps: int | None,
+    step_size: float | None,
+    restarts: int | None,
+    objective: str | None,
+    *,
+    combine: str = "mean-logits",
+    quirks: AuthorsQuirks | None = None,
 ) -> list[AttackRun]:
     """The runs asked for: a protocol (paper by default when no attack settings are given),
     optionally restricted by ``--attacks``, re-centred on ``--eps`` and overridden by
@@ -65,8 +73,10 @@ def build_runs(
     if protocol is not None and protocol not in PROTOCOLS:
         raise UsageError(f"--protocol must be {', '.join(PROTOCOLS)}, got '{protocol}'")
     if protocol == "authors" and objective is not None:
-        raise UsageError("--objective does not apply to --protocol authors (its objective is "
-                         "advertorch's CE on the authors' ensemble output)")
+        raise UsageError(
+            "--objective does not apply to --protocol authors (its objective is "
+            "advertorch's CE on the authors' ensemble output)"
+        )
     eps_values = parse_float_list(eps, "--eps") if eps is not None else None
     if eps_values is not None:
         check_eps(eps_values)
@@ -77,13 +87,23 @@ def build_runs(
     from ncen_cli.evaluation import runs_for
 
     custom = protocol is None and (names is not None or eps_values is not None)
-    return runs_for(family, "custom" if custom else protocol or "paper", attacks=names,
-                    eps=eps_values, objective=objective, combine=combine, steps=steps,
-                    step_size=step_size, restarts=restarts, quirks=quirks)
+    return runs_for(
+        family,
+        "custom" if custom else protocol or "paper",
+        attacks=names,
+        eps=eps_values,
+        objective=objective,
+        combine=combine,
+        steps=steps,
+        step_size=step_size,
+        restarts=restarts,
+        quirks=quirks,
+    )
 
 
-def protocol_options(protocol: str | None, quirks: str | None,
-                     batch_size: int | None) -> tuple[AuthorsQuirks | None, int]:
+def protocol_options(
+    protocol: str | None, quirks: str | None, batch_size: int | None
+) -> tuple[AuthorsQuirks | None, int]:
     """``--quirks`` (authors only) and the batch size (default 500; authors: 64)."""
     require_positive(batch_size, "--batch-size")
     if quirks is not None and protocol != "authors":
@@ -100,34 +120,60 @@ def settings_text(params: dict[str, Any], attack: str = "") -> str:
     if attack == WORST_CASE:
         return "per example, worst of: " + ", ".join(params.get("over", []))
     step = params.get("step_size")
-    parts = [f"steps={params['steps']}", f"step={'auto' if step is None else f'{step:g}'}",
-             f"restarts={params['restarts']}", f"rand={'y' if params['random_start'] else 'n'}",
-             f"obj={params['objective']}"]
+    parts = [
+        f"steps={params['steps']}",
+        f"step={'auto' if step is None else f'{step:g}'}",
+        f"restarts={params['restarts']}",
+        f"rand={'y' if params['random_start'] else 'n'}",
+        f"obj={params['objective']}",
+    ]
     if attack == "mifgsm":
         parts.append(f"decay={params['decay']:g}")
-    parts += [f"{k}={v}" for k, v in params.items()
-              if k not in ("steps", "step_size", "restarts", "random_start", "objective", "decay",
-                           "seed") and not k.startswith("authors.")]
+    parts += [
+        f"{k}={v}"
+        for k, v in params.items()
+        if k not in ("steps", "step_size", "restarts", "random_start", "objective", "decay", "seed")
+        and not k.startswith("authors.")
+    ]
     return " ".join(parts)
 
 
 def report_table(report: EvaluationReport, title: str) -> Table:
     table = Table(title=title)
-    for column, justify in (("attack", "left"), ("eps", "right"), ("accuracy", "right"),
-                            ("95% interval", "right"), ("correct/n", "right"),
-                            ("settings", "left"), ("s", "right")):
+    for column, justify in (
+        ("attack", "left"),
+        ("eps", "right"),
+        ("accuracy", "right"),
+        ("95% interval", "right"),
+        ("correct/n", "right"),
+        ("settings", "left"),
+        ("s", "right"),
+    ):
         table.add_column(column, justify=justify, no_wrap=column != "settings")
     clean = report.to_json()
-    table.add_row("clean (ACE)", "", f"{report.clean_accuracy:.4f}",
-                  f"[{clean['clean_ci_low']:.3f}, {clean['clean_ci_high']:.3f}]",
-                  f"{report.clean_correct}/{report.n}", "", "", end_section=True)
+    table.add_row(
+        "clean (ACE)",
+        "",
+        f"{report.clean_accuracy:.4f}",
+        f"[{clean['clean_ci_low']:.3f}, {clean['clean_ci_high']:.3f}]",
+        f"{report.clean_correct}/{report.n}",
+        "",
+        "",
+        end_section=True,
+    )
     worst = [r for r in report.results if r.attack == WORST_CASE]
     for r in report.results:
-        table.add_row(r.attack, f"{r.eps:g}", f"{r.accuracy:.4f}",
-                      f"[{r.ci_low:.3f}, {r.ci_high:.3f}]", f"{r.correct}/{r.n}",
-                      settings_text(r.params, r.attack), f"{r.seconds:.1f}",
-                      style="bold" if r.attack == WORST_CASE else None,
-                      end_section=bool(worst) and r is worst[-1])
+        table.add_row(
+            r.attack,
+            f"{r.eps:g}",
+            f"{r.accuracy:.4f}",
+            f"[{r.ci_low:.3f}, {r.ci_high:.3f}]",
+            f"{r.correct}/{r.n}",
+            settings_text(r.params, r.attack),
+            f"{r.seconds:.1f}",
+            style="bold" if r.attack == WORST_CASE else None,
+            end_section=bool(worst) and r is worst[-1],
+        )
     return table
 
 
@@ -146,14 +192,36 @@ def csv_text(report: EvaluationReport) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     keys = sorted({k for r in report.results for k in r.params})
-    writer.writerow(["attack", "eps", "accuracy", "correct", "n", "ci_low", "ci_high", "seconds",
-                     *keys])
-    writer.writerow(["clean", 0, report.clean_accuracy, report.clean_correct, report.n,
-                     report.to_json()["clean_ci_low"], report.to_json()["clean_ci_high"], "",
-                     *[""] * len(keys)])
+    writer.writerow(
+        ["attack", "eps", "accuracy", "correct", "n", "ci_low", "ci_high", "seconds", *keys]
+    )
+    writer.writerow(
+        [
+            "clean",
+            0,
+            report.clean_accuracy,
+            report.clean_correct,
+            report.n,
+            report.to_json()["clean_ci_low"],
+            report.to_json()["clean_ci_high"],
+            "",
+            *[""] * len(keys),
+        ]
+    )
     for r in report.results:
-        writer.writerow([r.attack, r.eps, r.accuracy, r.correct, r.n, r.ci_low, r.ci_high,
-                         round(r.seconds, 3), *[r.params.get(k, "") for k in keys]])
+        writer.writerow(
+            [
+                r.attack,
+                r.eps,
+                r.accuracy,
+                r.correct,
+                r.n,
+                r.ci_low,
+                r.ci_high,
+                round(r.seconds, 3),
+                *[r.params.get(k, "") for k in keys],
+            ]
+        )
     return buffer.getvalue()
 
 
@@ -161,48 +229,78 @@ def csv_text(report: EvaluationReport) -> str:
 @handle_errors
 def attack_command(
     checkpoint: Annotated[Path, typer.Argument(help="An ensemble checkpoint (.safetensors).")],
-    protocol: Annotated[str | None, typer.Option(help="paper (Table II; the default when no attack "
-                                                  "settings are given), strong (FGSM, PGD with "
-                                                  "restarts, APGD-CE on every objective + "
-                                                  "APGD-DLR, and their per-example worst case) "
-                                                  "or authors (the authors' released "
-                                                  "evaluation: not honest; see --quirks).")
-                        ] = None,
-    quirks: Annotated[str | None, typer.Option(help="--protocol authors: the quirks kept on: all "
-                                               "(default), none, or a comma list of "
-                                               "member-softmax, output-softmax, batchnorm-train, "
-                                               "conditional, advertorch-iterations.")] = None,
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="paper (Table II; the default when no attack "
+            "settings are given), strong (FGSM, PGD with "
+            "restarts, APGD-CE on every objective + "
+            "APGD-DLR, and their per-example worst case) "
+            "or authors (the authors' released "
+            "evaluation: not honest; see --quirks)."
+        ),
+    ] = None,
+    quirks: Annotated[
+        str | None,
+        typer.Option(
+            help="--protocol authors: the quirks kept on: all "
+            "(default), none, or a comma list of "
+            "member-softmax, output-softmax, batchnorm-train, "
+            "conditional, advertorch-iterations."
+        ),
+    ] = None,
     attacks: Attacks = None,
     eps: Eps = None,
     steps: Annotated[int | None, typer.Option(help="Iterations (Square: queries).")] = None,
     step_size: Annotated[float | None, typer.Option(help="Step size (alpha).")] = None,
-    restarts: Annotated[int | None, typer.Option(help="Random restarts, counted worst-case "
-                                                 "per example (strong default 2).")] = None,
-    objective: Annotated[str | None, typer.Option(
-        help="mean-ce (the paper: mean of the members' CE; the default), logits (CE of combined "
-             "logits) or prob (NLL of the mean probability). The strong protocol runs every "
-             "objective unless one is given.")] = None,
+    restarts: Annotated[
+        int | None,
+        typer.Option(help="Random restarts, counted worst-case per example (strong default 2)."),
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="mean-ce (the paper: mean of the members' CE; the default), logits (CE of "
+            "combined logits) or prob (NLL of the mean probability). The strong protocol runs "
+            "every objective unless one is given."
+        ),
+    ] = None,
     test_limit: TestLimit = None,
-    attack_option: Annotated[list[str] | None, typer.Option(
-        "--attack-option", "-o", metavar="NAME=VALUE",
-        help="An attack's own option (repeatable), e.g. "
-        "-o p_init=0.5 (square), -o select=margin (mc-pgd), -o early_stop=false.")] = None,
-    batch_size: Annotated[int | None, typer.Option(
-        help="Images per attack batch (default 500; authors: 64, which matters with BatchNorm "
-             "in train mode).")] = None,
+    attack_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--attack-option",
+            "-o",
+            metavar="NAME=VALUE",
+            help="An attack's own option (repeatable), e.g. "
+            "-o p_init=0.5 (square), -o select=margin (mc-pgd), -o early_stop=false.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per attack batch (default 500; authors: 64, which matters with BatchNorm "
+            "in train mode)."
+        ),
+    ] = None,
     dataset: CheckpointDataset = None,
     data_dir: CheckpointDataDir = None,
     download: Download = True,
     device: Device = "auto",
     threads: Threads = None,
     seed: Annotated[int, typer.Option(help="Seeds the subset and every random start.")] = 0,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a self-check fails.")
-                      ] = False,
-    check_large_eps: Annotated[bool, typer.Option(
-        "--check-large-eps", help="Also check that PGD at eps 0.5 drives accuracy to about 0.")
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 1 when a self-check fails.")
     ] = False,
-    out: Annotated[Path | None, typer.Option(help="Also write the results to FILE (.json or "
-                                             ".csv).")] = None,
+    check_large_eps: Annotated[
+        bool,
+        typer.Option(
+            "--check-large-eps", help="Also check that PGD at eps 0.5 drives accuracy to about 0."
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the results to FILE (.json or .csv).")
+    ] = None,
     overwrite: Overwrite = False,
     json_output: Json = False,
     quiet: Quiet = False,
@@ -227,9 +325,18 @@ def attack_command(
     runs_family = family if family in ("fashionmnist", "cifar10") else None
     dist = distributed.initialize(device)  # under torchrun: each rank attacks its share
     runtime = Runtime.create(device=device, seed=seed, threads=threads)
-    runs = build_runs(runs_family or arrays.family, protocol, attacks, eps, steps, step_size,
-                      restarts, objective, combine=meta.get("combine", "mean-logits"),
-                      quirks=authors_quirks)
+    runs = build_runs(
+        runs_family or arrays.family,
+        protocol,
+        attacks,
+        eps,
+        steps,
+        step_size,
+        restarts,
+        objective,
+        combine=meta.get("combine", "mean-logits"),
+        quirks=authors_quirks,
+    )
     from dataclasses import replace
 
     from ncen_cli.attacks.base import with_attack_options
@@ -239,8 +346,12 @@ def attack_command(
     ensemble = load_ensemble(checkpoint, device=runtime.device)
 
     started = time.perf_counter()
-    with runtime.applied(), Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose,
-                                     main=dist.is_main) as reporter:
+    with (
+        runtime.applied(),
+        Reporter(
+            quiet=quiet, no_progress=no_progress, verbose=verbose, main=dist.is_main
+        ) as reporter,
+    ):
         console = reporter.console
         tasks: dict[str, Any] = {}
 
@@ -251,18 +362,34 @@ def attack_command(
             if done >= total:
                 reporter.stop(tasks.pop(label))
 
-        report = evaluate(ensemble, arrays.test_x, arrays.test_y, runs, batch_size=batch_size,
-                          device=runtime.device, seed=seed, check_large_eps=check_large_eps,
-                          progress=progress, worst_case=protocol == "strong",
-                          quirks=authors_quirks, dist=dist)
+        report = evaluate(
+            ensemble,
+            arrays.test_x,
+            arrays.test_y,
+            runs,
+            batch_size=batch_size,
+            device=runtime.device,
+            seed=seed,
+            check_large_eps=check_large_eps,
+            progress=progress,
+            worst_case=protocol == "strong",
+            quirks=authors_quirks,
+            dist=dist,
+        )
     seconds = time.perf_counter() - started
     if not dist.is_main:  # the counts are already summed over ranks; rank 0 reports
         return
 
-    payload = {**report.to_json(), "checkpoint": str(checkpoint), "dataset": arrays.name,
-               "family": runs_family or arrays.family, "protocol": protocol or (
-                   "custom" if attacks is not None or eps is not None else "paper"),
-               "device": str(runtime.device), "batch_size": batch_size, "seconds": seconds}
+    payload = {
+        **report.to_json(),
+        "checkpoint": str(checkpoint),
+        "dataset": arrays.name,
+        "family": runs_family or arrays.family,
+        "protocol": protocol or ("custom" if attacks is not None or eps is not None else "paper"),
+        "device": str(runtime.device),
+        "batch_size": batch_size,
+        "seconds": seconds,
+    }
     if authors_quirks is not None:
         payload["quirks"] = authors_quirks.params()
     if out is not None:
@@ -274,9 +401,13 @@ def attack_command(
         print_json(payload)
     else:
         console_out = out_console()
-        console_out.print(report_table(
-            report, f"{checkpoint.name}: {arrays.name}, n={report.n}, protocol "
-            f"{payload['protocol']}, {seconds:.0f} s on {runtime.device}"))
+        console_out.print(
+            report_table(
+                report,
+                f"{checkpoint.name}: {arrays.name}, n={report.n}, protocol "
+                f"{payload['protocol']}, {seconds:.0f} s on {runtime.device}",
+            )
+        )
         console_out.print(checks_table(report))
     failed = report.failed_checks
     if failed:

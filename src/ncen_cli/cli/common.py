@@ -223,12 +223,14 @@ def check_dataset_fits(arrays: Any, meta: dict[str, Any], checkpoint: Path) -> N
     """The one dataset-vs-checkpoint check of attack, transfer and inspect: the images' shape
     (C, H, W) and the number of classes must be those the checkpoint records; else a UsageError
     naming both."""
-    if (tuple(arrays.input_shape) != tuple(meta["input_shape"])
-            or arrays.num_classes != int(meta["num_classes"])):
+    if tuple(arrays.input_shape) != tuple(meta["input_shape"]) or arrays.num_classes != int(
+        meta["num_classes"]
+    ):
         raise UsageError(
             f"dataset '{arrays.name}' has {arrays.num_classes} classes of shape "
             f"{tuple(arrays.input_shape)}, the checkpoint expects {meta['num_classes']} of "
-            f"{tuple(meta['input_shape'])} ({checkpoint}); pass the --dataset it was trained on")
+            f"{tuple(meta['input_shape'])} ({checkpoint}); pass the --dataset it was trained on"
+        )
 
 
 # viridis at 0, 0.25, 0.5, 0.75, 1: dark violet -> blue -> teal -> green -> yellow. Lightness rises
@@ -242,8 +244,11 @@ def heat_rgb(value: float) -> tuple[int, int, int]:
     i = min(int(v), len(_VIRIDIS) - 2)
     t = v - i
     a, b = _VIRIDIS[i], _VIRIDIS[i + 1]
-    return (round(a[0] + (b[0] - a[0]) * t), round(a[1] + (b[1] - a[1]) * t),
-            round(a[2] + (b[2] - a[2]) * t))
+    return (
+        round(a[0] + (b[0] - a[0]) * t),
+        round(a[1] + (b[1] - a[1]) * t),
+        round(a[2] + (b[2] - a[2]) * t),
+    )
 
 
 def heat_colour(value: float) -> str:

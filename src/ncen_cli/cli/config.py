@@ -21,15 +21,43 @@ from ncen_cli.cli.common import app, fail, handle_errors
 from ncen_cli.cli.options import DEPRECATED_SPELLINGS, deprecation_warning
 
 # Parameters that are not settings of the run: never read from or written to a settings file
-NOT_SETTINGS = frozenset({
-    "config_file", "print_config", "json_output", "out", "resume", "run", "overwrite", "figure",
-    "dpi", "help", "quiet", "verbose", "no_progress",
-})
+NOT_SETTINGS = frozenset(
+    {
+        "config_file",
+        "print_config",
+        "json_output",
+        "out",
+        "resume",
+        "run",
+        "overwrite",
+        "figure",
+        "dpi",
+        "help",
+        "quiet",
+        "verbose",
+        "no_progress",
+    }
+)
 # Recorded TrainConfig fields that `ncen train` takes as options of the same name
 _RECORDED_OPTIONS = (
-    "dataset", "data_dir", "defense", "activation", "combine", "epochs", "batch_size", "lr",
-    "augment", "noise", "noise_eps", "train_limit", "test_limit", "seed", "precision",
-    "deterministic", "double_backprop", "fd_scale",
+    "dataset",
+    "data_dir",
+    "defense",
+    "activation",
+    "combine",
+    "epochs",
+    "batch_size",
+    "lr",
+    "augment",
+    "noise",
+    "noise_eps",
+    "train_limit",
+    "test_limit",
+    "seed",
+    "precision",
+    "deterministic",
+    "double_backprop",
+    "fd_scale",
 )
 
 
@@ -67,8 +95,9 @@ def read_settings(path: Path, command: Any) -> dict[str, Any]:
             sys.stderr.write(deprecation_warning(key, renamed[key], command.name) + "\n")
             key = renamed[key]
         if key not in keys:
-            raise fail(f"--config {path}: unknown key '{key}' (not an option of "
-                       f"`ncen {command.name}`)", 2)
+            raise fail(
+                f"--config {path}: unknown key '{key}' (not an option of `ncen {command.name}`)", 2
+            )
         name = keys[key]
         if isinstance(value, dict):
             raise fail(f"--config {path}: '{key}' must be a single value, not a table", 2)
@@ -166,9 +195,13 @@ def config_command(
     if not isinstance(saved, dict):
         raise UsageError(f"{checkpoint} records no training config (not made by `ncen train`)")
     options = options_from_record(saved)
-    extra = [f"recorded, not an option of ncen train: {k} = {_toml_value(v)}"
-             for k, v in sorted(saved.items())
-             if k not in options and k not in ("members", "hyperparameters") and v is not None]
-    comments = [f"settings recorded in {checkpoint.name}: `ncen train --config FILE` reruns them",
-                *extra]
+    extra = [
+        f"recorded, not an option of ncen train: {k} = {_toml_value(v)}"
+        for k, v in sorted(saved.items())
+        if k not in options and k not in ("members", "hyperparameters") and v is not None
+    ]
+    comments = [
+        f"settings recorded in {checkpoint.name}: `ncen train --config FILE` reruns them",
+        *extra,
+    ]
     typer.echo(format_settings(options, comments), nl=False)

@@ -50,19 +50,21 @@ def plugins_command(
     """List registered architectures, defenses, attacks and datasets, and whether each loaded."""
     rows = []
     for reg in all_registrations(load=True):
-        rows.append({
-            "group": reg.group,
-            "name": reg.name,
-            "distribution": reg.distribution,
-            "builtin": reg.builtin,
-            "entry_point": reg.value,
-            "loaded": reg.error is None and not reg.shadowed,
-            "error": reg.error,
-            "shadowed": reg.shadowed,
-            "clashes": reg.clashes,
-            "summary": _summary(reg.loaded),
-            "hyperparameters": _hyperparameters(reg.loaded),
-        })
+        rows.append(
+            {
+                "group": reg.group,
+                "name": reg.name,
+                "distribution": reg.distribution,
+                "builtin": reg.builtin,
+                "entry_point": reg.value,
+                "loaded": reg.error is None and not reg.shadowed,
+                "error": reg.error,
+                "shadowed": reg.shadowed,
+                "clashes": reg.clashes,
+                "summary": _summary(reg.loaded),
+                "hyperparameters": _hyperparameters(reg.loaded),
+            }
+        )
     if json_output:
         print_json({"plugins": rows})
         return

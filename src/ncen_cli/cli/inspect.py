@@ -45,26 +45,38 @@ def _number(value: float | None) -> str:
 
 def pairs_table(result: Diagnostics, title: str) -> Table:
     table = Table(title=title)
-    for column in ("pair", "grad cosine mean", "quartiles (25/50/75 %)", "disagreement",
-                   "error correlation"):
+    for column in (
+        "pair",
+        "grad cosine mean",
+        "quartiles (25/50/75 %)",
+        "disagreement",
+        "error correlation",
+    ):
         table.add_column(column, justify="left" if column == "pair" else "right")
     for p in result.pairs:
-        table.add_row(f"{p.i}–{p.j}", f"{p.grad_cosine_mean:.4f}",
-                      " / ".join(f"{q:.3f}" for q in p.grad_cosine_quartiles),
-                      f"{p.disagreement:.4f}", _number(p.error_correlation))
+        table.add_row(
+            f"{p.i}–{p.j}",
+            f"{p.grad_cosine_mean:.4f}",
+            " / ".join(f"{q:.3f}" for q in p.grad_cosine_quartiles),
+            f"{p.disagreement:.4f}",
+            _number(p.error_correlation),
+        )
     return table
 
 
 def summary_table(result: Diagnostics) -> Table:
-    table = Table(title="members and regularizer terms (unweighted, mean over "
-                        f"{result.batches} batches of {result.batch_size})")
+    table = Table(
+        title="members and regularizer terms (unweighted, mean over "
+        f"{result.batches} batches of {result.batch_size})"
+    )
     table.add_column("quantity")
     table.add_column("value", justify="right")
     for i, (name, acc) in enumerate(zip(result.members, result.member_accuracy, strict=True)):
         table.add_row(f"member {i} ({name}) accuracy", f"{acc:.4f}")
     table.add_row("ensemble accuracy", f"{result.ensemble_accuracy:.4f}")
-    table.add_row("gradient-norm dispersion (std/mean)", f"{result.norm_dispersion:.4f}",
-                  end_section=True)
+    table.add_row(
+        "gradient-norm dispersion (std/mean)", f"{result.norm_dispersion:.4f}", end_section=True
+    )
     for key, value in result.terms.items():
         table.add_row(key, f"{value:.6g}")
     return table
@@ -75,16 +87,21 @@ def summary_table(result: Diagnostics) -> Table:
 def inspect_command(
     checkpoint: Annotated[Path, typer.Argument(help="An ensemble checkpoint (.safetensors).")],
     test_limit: TestLimit = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch; the regularizer terms are "
-                                            "computed per batch, as in training.")] = 64,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            help="Images per batch; the regularizer terms are computed per batch, as in training."
+        ),
+    ] = 64,
     dataset: CheckpointDataset = None,
     data_dir: CheckpointDataDir = None,
     download: Download = True,
     device: Device = "auto",
     threads: Threads = None,
     seed: Annotated[int, typer.Option(help="Seeds the subset of test images.")] = 0,
-    out: Annotated[Path | None, typer.Option(help="Also write the results to FILE (.json).")]
-    = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the results to FILE (.json).")
+    ] = None,
     overwrite: Overwrite = False,
     json_output: Json = False,
     quiet: Quiet = False,
@@ -105,24 +122,41 @@ def inspect_command(
     runtime = Runtime.create(device=device, seed=seed, threads=threads)
     ensemble = load_ensemble(checkpoint, device=runtime.device)
     started = time.perf_counter()
-    with runtime.applied(), Reporter(quiet=quiet, no_progress=no_progress,
-                                     verbose=verbose) as reporter:
+    with (
+        runtime.applied(),
+        Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose) as reporter,
+    ):
         task = reporter.start("inspect (images)", total=len(arrays.test_x))
         result = gradient_diversity(
-            ensemble, arrays.test_x, arrays.test_y, batch_size=batch_size, device=runtime.device,
+            ensemble,
+            arrays.test_x,
+            arrays.test_y,
+            batch_size=batch_size,
+            device=runtime.device,
             progress=lambda done, total: reporter.update(task, done, total),
         )
         reporter.stop(task)
     seconds = time.perf_counter() - started
-    payload = {**result.to_json(), "checkpoint": str(checkpoint), "dataset": arrays.name,
-               "combine": ensemble.combine, "device": str(runtime.device), "seed": seed,
-               "seconds": seconds}
+    payload = {
+        **result.to_json(),
+        "checkpoint": str(checkpoint),
+        "dataset": arrays.name,
+        "combine": ensemble.combine,
+        "device": str(runtime.device),
+        "seed": seed,
+        "seconds": seconds,
+    }
     if out is not None:
         atomic_write_json(out, payload)
     if json_output:
         print_json(payload)
         return
     console = out_console()
-    console.print(pairs_table(result, f"{checkpoint.name}: {arrays.name}, n={result.n}, eval "
-                                      f"mode, {seconds:.0f} s on {runtime.device}"))
+    console.print(
+        pairs_table(
+            result,
+            f"{checkpoint.name}: {arrays.name}, n={result.n}, eval "
+            f"mode, {seconds:.0f} s on {runtime.device}",
+        )
+    )
     console.print(summary_table(result))

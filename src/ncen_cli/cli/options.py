@@ -24,8 +24,10 @@ DEPRECATED_SPELLINGS: dict[str, dict[str, str]] = {
 
 
 def deprecation_warning(old: str, new: str, command: str) -> str:
-    return (f"warning: ncen {command} {old} is deprecated and will be removed in the next "
-            f"release; use {new}")
+    return (
+        f"warning: ncen {command} {old} is deprecated and will be removed in the next "
+        f"release; use {new}"
+    )
 
 
 def rewrite_deprecated(command: str, args: list[str]) -> list[str]:
@@ -65,7 +67,8 @@ DataDir = Annotated[
 CheckpointDataDir = Annotated[
     Path | None,
     typer.Option(
-        "--data-dir", envvar="NCEN_DATA_DIR",
+        "--data-dir",
+        envvar="NCEN_DATA_DIR",
         help="Read the dataset from this folder (default: the one recorded in the checkpoint).",
     ),
 ]
@@ -81,8 +84,10 @@ Threads = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
 # Attacks (attack, transfer, sweep): comma lists everywhere
 Attacks = Annotated[
     str | None,
-    typer.Option("--attacks", help="Comma list: fgsm, mifgsm, pgd, bim, apgd-ce, apgd-dlr, "
-                 "square (or plugins)."),
+    typer.Option(
+        "--attacks",
+        help="Comma list: fgsm, mifgsm, pgd, bim, apgd-ce, apgd-dlr, square (or plugins).",
+    ),
 ]
 Eps = Annotated[
     str | None, typer.Option("--eps", help="Comma list of L-inf radii in (0, 1], e.g. 0.05,0.3.")
@@ -93,13 +98,18 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing o
 Json = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")]
 Figure = Annotated[
     Path | None,
-    typer.Option("--figure", help="Also save a figure; the suffix picks the format (.png, .pdf, "
-                 ".svg; needs matplotlib)."),
+    typer.Option(
+        "--figure",
+        help="Also save a figure; the suffix picks the format (.png, .pdf, "
+        ".svg; needs matplotlib).",
+    ),
 ]
 Dpi = Annotated[int, typer.Option("--dpi", help="Resolution of a .png --figure.")]
 Quiet = Annotated[
-    bool, typer.Option("--quiet", "-q", help="No progress and no log lines (results and errors "
-                       "still print).")
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="No progress and no log lines (results and errors still print)."
+    ),
 ]
 Verbose = Annotated[
     bool, typer.Option("--verbose", "-v", help="Debug log lines, with their source file:line.")

@@ -58,8 +58,11 @@ class _Plain:
         elapsed = now - self.started
         if self.total:
             share = f"{self.done}/{self.total} ({100 * self.done / self.total:.0f} %)"
-            eta = (f", ETA {format_seconds(elapsed * (self.total - self.done) / self.done)}"
-                   if 0 < self.done < self.total else "")
+            eta = (
+                f", ETA {format_seconds(elapsed * (self.total - self.done) / self.done)}"
+                if 0 < self.done < self.total
+                else ""
+            )
         else:
             share, eta = f"{self.done}/?", ""
         return f"{self.label}: {share}, elapsed {format_seconds(elapsed)}{eta}"
@@ -76,8 +79,15 @@ class Reporter:
         console: the stderr console (default: a new one).
     """
 
-    def __init__(self, *, quiet: bool = False, no_progress: bool = False, verbose: bool = False,
-                 main: bool = True, console: Console | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        quiet: bool = False,
+        no_progress: bool = False,
+        verbose: bool = False,
+        main: bool = True,
+        console: Console | None = None,
+    ) -> None:
         self.console = console or Console(stderr=True)
         self.quiet, self.verbose, self.main = quiet, verbose, main
         self.show_progress = main and not quiet and not no_progress
@@ -93,8 +103,15 @@ class Reporter:
 
     def __enter__(self) -> Reporter:
         self._handler = self._make_handler()
-        level = (logging.ERROR if not self.main else logging.WARNING if self.quiet
-                 else logging.DEBUG if self.verbose else logging.INFO)
+        level = (
+            logging.ERROR
+            if not self.main
+            else logging.WARNING
+            if self.quiet
+            else logging.DEBUG
+            if self.verbose
+            else logging.INFO
+        )
         for name in LOGGERS:
             logger = logging.getLogger(name)
             self._saved.append((logger, logger.level, logger.propagate))
@@ -103,9 +120,15 @@ class Reporter:
             logger.propagate = False
         if self.show_progress and self.terminal:
             self._bars = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=self.console, transient=True,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("elapsed"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
             )
             self._bars.__enter__()
         elif self.show_progress:  # plain lines: a ticker writes one per running task every 30 s
@@ -113,8 +136,12 @@ class Reporter:
             self._ticker.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self._bars is not None:
             self._bars.__exit__(exc_type, exc, tb)
         self._stopped.set()
@@ -129,13 +156,20 @@ class Reporter:
         """Rich's handler on a terminal; off a terminal (a log file) the same fields as plain
         lines, neither padded nor wrapped at 80 columns."""
         if self.terminal:
-            return RichHandler(console=self.console, show_path=self.verbose, show_time=True,
-                               show_level=True, markup=False, rich_tracebacks=False,
-                               log_time_format="[%X]")
+            return RichHandler(
+                console=self.console,
+                show_path=self.verbose,
+                show_time=True,
+                show_level=True,
+                markup=False,
+                rich_tracebacks=False,
+                log_time_format="[%X]",
+            )
         handler = logging.StreamHandler(self.console.file)
         where = " (%(filename)s:%(lineno)d)" if self.verbose else ""
-        handler.setFormatter(logging.Formatter(
-            f"[%(asctime)s] %(levelname)-7s %(message)s{where}", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter(f"[%(asctime)s] %(levelname)-7s %(message)s{where}", "%H:%M:%S")
+        )
         return handler
 
     def info(self, message: str) -> None:
@@ -155,8 +189,9 @@ class Reporter:
             self._plain[task] = _Plain(label, total)
         return task
 
-    def update(self, task: TaskID, done: int, total: int | None = None,
-               label: str | None = None) -> None:
+    def update(
+        self, task: TaskID, done: int, total: int | None = None, label: str | None = None
+    ) -> None:
         """``done`` steps of ``total`` (None: unchanged) are finished."""
         if self._bars is not None:
             fields: dict = {"completed": done}

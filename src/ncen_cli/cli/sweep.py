@@ -70,10 +70,12 @@ if TYPE_CHECKING:  # torch-backed: imported when the sweep runs (a usage error s
 @handle_errors
 def sweep_command(
     ctx: typer.Context,
-    lambda_cos: Annotated[str, typer.Option(help="Comma list of lambda_cos values (grid rows).")]
-    = "0,0.02,0.04,0.06",
-    lambda_norm: Annotated[str, typer.Option(help="Comma list of lambda_norm values (grid "
-                                             "columns).")] = "0,0.02,0.04",
+    lambda_cos: Annotated[
+        str, typer.Option(help="Comma list of lambda_cos values (grid rows).")
+    ] = "0,0.02,0.04,0.06",
+    lambda_norm: Annotated[
+        str, typer.Option(help="Comma list of lambda_norm values (grid columns).")
+    ] = "0,0.02,0.04",
     members: Members = "ensemble1",
     dataset: Dataset = "fashionmnist",
     data_dir: DataDir = None,
@@ -98,16 +100,29 @@ def sweep_command(
     double_backprop: DoubleBackprop = DEFAULT_DOUBLE_BACKPROP,
     fd_scale: FdScale = DEFAULT_FD_SCALE,
     download: Download = True,
-    attacks: Annotated[str | None, typer.Option(
-        "--attacks", help="Scoring attacks, comma list (default: the paper's fgsm,mifgsm,pgd,bim)."
-    )] = None,
-    eps: Annotated[str | None, typer.Option(
-        "--eps", help="Scoring radii, comma list (default: each attack's smaller paper radius)."
-    )] = None,
-    attack_limit: Annotated[int | None, typer.Option(
-        help="Score each cell by attacking the first N test images (default: all).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Sweep folder (re-run with the same --out to "
-                                             "resume); default a new run folder.")] = None,
+    attacks: Annotated[
+        str | None,
+        typer.Option(
+            "--attacks",
+            help="Scoring attacks, comma list (default: the paper's fgsm,mifgsm,pgd,bim).",
+        ),
+    ] = None,
+    eps: Annotated[
+        str | None,
+        typer.Option(
+            "--eps", help="Scoring radii, comma list (default: each attack's smaller paper radius)."
+        ),
+    ] = None,
+    attack_limit: Annotated[
+        int | None,
+        typer.Option(help="Score each cell by attacking the first N test images (default: all)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Sweep folder (re-run with the same --out to resume); default a new run folder."
+        ),
+    ] = None,
     figure: Figure = None,
     dpi: Dpi = 110,
     overwrite: Overwrite = False,
@@ -131,12 +146,30 @@ def sweep_command(
     from ncen_cli.sweep import run_sweep
 
     config = build_config(
-        members=members, dataset=dataset, data_dir=data_dir, defense="ncen", ncen_form=ncen_form,
-        param=param, activation=activation, combine=combine, epochs=epochs,
-        batch_size=batch_size, lr=lr, augment=augment, noise=noise, noise_eps=noise_eps,
-        train_limit=train_limit, test_limit=test_limit, seed=seed, device=device,
-        precision=precision, threads=threads, member_threads=member_threads,
-        deterministic=deterministic, double_backprop=double_backprop, fd_scale=fd_scale,
+        members=members,
+        dataset=dataset,
+        data_dir=data_dir,
+        defense="ncen",
+        ncen_form=ncen_form,
+        param=param,
+        activation=activation,
+        combine=combine,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        augment=augment,
+        noise=noise,
+        noise_eps=noise_eps,
+        train_limit=train_limit,
+        test_limit=test_limit,
+        seed=seed,
+        device=device,
+        precision=precision,
+        threads=threads,
+        member_threads=member_threads,
+        deterministic=deterministic,
+        double_backprop=double_backprop,
+        fd_scale=fd_scale,
         download=download,
     )
     cos_values = parse_float_list(lambda_cos, "--lambda-cos")
@@ -147,17 +180,29 @@ def sweep_command(
         check_eps(eps_values)
     runs = None
     if attack_names is not None or eps_values is not None:
-        runs = runs_for(DATASETS.get(config.dataset).family, "score", attacks=attack_names,
-                        eps=eps_values, combine=config.combine)
+        runs = runs_for(
+            DATASETS.get(config.dataset).family,
+            "score",
+            attacks=attack_names,
+            eps=eps_values,
+            combine=config.combine,
+        )
     claim_output(figure, overwrite, "--figure")
     main = distributed.is_main_process()
     with Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose, main=main) as reporter:
         if out is None:
             out = _new_sweep_dir(config.dataset)
             reporter.info(f"sweep folder {out} (to resume, re-run with --out {out})")
-        result = run_sweep(config, cos_values, norm_values, out, score_runs=runs,
-                           eval_limit=attack_limit, dist=distributed.initialize(config.device),
-                           **_progress_callbacks(reporter))
+        result = run_sweep(
+            config,
+            cos_values,
+            norm_values,
+            out,
+            score_runs=runs,
+            eval_limit=attack_limit,
+            dist=distributed.initialize(config.device),
+            **_progress_callbacks(reporter),
+        )
     if not main:
         return
     if figure is not None:
@@ -189,8 +234,10 @@ def _progress_callbacks(reporter: Reporter) -> dict[str, Any]:
         reporter.update(task, done, total, label=f"{current[0]}: {label}")
 
     def on_epoch(record: EpochRecord) -> None:
-        reporter.info(f"  {current[0]} epoch {record.epoch}: ce={record.ce:.4f} "
-                      f"test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s")
+        reporter.info(
+            f"  {current[0]} epoch {record.epoch}: ce={record.ce:.4f} "
+            f"test_acc={record.test_accuracy:.4f} {record.images_per_s:.0f} img/s"
+        )
 
     def on_cell_done(result: CellResult) -> None:
         if result.skipped:
@@ -198,15 +245,24 @@ def _progress_callbacks(reporter: Reporter) -> dict[str, Any]:
         elif result.error:
             reporter.warning(f"cell {result.cell.id}: failed ({result.error})")
         else:
-            reporter.info(f"cell {result.cell.id}: ACE {result.clean_accuracy:.4f} mean AAE "
-                          f"{result.mean_adversarial_accuracy:.4f} score {result.score:.4f} "
-                          f"({result.seconds:.1f} s)")
+            reporter.info(
+                f"cell {result.cell.id}: ACE {result.clean_accuracy:.4f} mean AAE "
+                f"{result.mean_adversarial_accuracy:.4f} score {result.score:.4f} "
+                f"({result.seconds:.1f} s)"
+            )
         if result.failed_checks:
-            reporter.warning(f"cell {result.cell.id}: evaluation checks failed: "
-                             f"{', '.join(result.failed_checks)}")
+            reporter.warning(
+                f"cell {result.cell.id}: evaluation checks failed: "
+                f"{', '.join(result.failed_checks)}"
+            )
 
-    return {"on_cell_start": on_cell_start, "on_cell_done": on_cell_done,
-            "on_epoch": on_epoch, "on_batch": on_batch, "on_eval": on_eval}
+    return {
+        "on_cell_start": on_cell_start,
+        "on_cell_done": on_cell_done,
+        "on_epoch": on_epoch,
+        "on_batch": on_batch,
+        "on_eval": on_eval,
+    }
 
 
 def _new_sweep_dir(dataset: str) -> Path:
@@ -238,8 +294,10 @@ def render_grid(result: SweepResult) -> Table:
     scores = [c.score for c in result.cells if c.score is not None]
     low, high = (min(scores), max(scores)) if scores else (0.0, 0.0)
     best = result.best
-    table = Table(title="score = ACE x mean AAE (rows lambda_cos, columns lambda_norm)",
-                  caption=_caption(result))
+    table = Table(
+        title="score = ACE x mean AAE (rows lambda_cos, columns lambda_norm)",
+        caption=_caption(result),
+    )
     table.add_column("cos \\ norm", justify="right", style="bold")
     for norm in result.lambda_norm:
         table.add_column(format_value(norm), justify="center")
@@ -253,10 +311,13 @@ def render_grid(result: SweepResult) -> Table:
                 row.append(Text("failed", style="dim"))
             else:
                 star = " *" if best is not None and cell is best else ""
-                text = Text(f"{cell.score:.4f}{star}\n", style=_colour(cell.score, low, high)
-                            + (" bold reverse" if star else ""))
-                text.append(f"{cell.clean_accuracy:.3f} x {cell.mean_adversarial_accuracy:.3f}",
-                            style="dim")
+                text = Text(
+                    f"{cell.score:.4f}{star}\n",
+                    style=_colour(cell.score, low, high) + (" bold reverse" if star else ""),
+                )
+                text.append(
+                    f"{cell.clean_accuracy:.3f} x {cell.mean_adversarial_accuracy:.3f}", style="dim"
+                )
                 row.append(text)
         table.add_row(*row)
     return table
@@ -267,7 +328,10 @@ def _caption(result: SweepResult) -> str:
 
     attacks = ", ".join(f"{s['attack']}@{s['eps']:g}" for s in result.attack_settings)
     best = result.best
-    best_text = (f"best (*): lambda_cos {format_value(best.cell.lambda_cos)}, lambda_norm "
-                 f"{format_value(best.cell.lambda_norm)}, score {best.score:.4f}"
-                 if best else "no cell scored")
+    best_text = (
+        f"best (*): lambda_cos {format_value(best.cell.lambda_cos)}, lambda_norm "
+        f"{format_value(best.cell.lambda_norm)}, score {best.score:.4f}"
+        if best
+        else "no cell scored"
+    )
     return f"{best_text}\ncell: ACE x mean AAE over {attacks}\nfolder: {result.out_dir}"

@@ -295,7 +295,8 @@ def train_command(
     run: Annotated[
         Path | None,
         typer.Argument(
-            metavar="[RUN]", help="With --resume: the interrupted run's checkpoint.",
+            metavar="[RUN]",
+            help="With --resume: the interrupted run's checkpoint.",
             show_default=False,
         ),
     ] = None,
@@ -313,10 +314,7 @@ def train_command(
         raise UsageError(f"a run path ({run}) is only taken with --resume: ncen train --resume RUN")
     if resume:
         out = _resume_target(run, out)
-        given = {
-            name for name in CONFIG_OPTIONS
-            if _given(ctx, name)
-        }
+        given = {name for name in CONFIG_OPTIONS if _given(ctx, name)}
         options, config = resumed_config(out, options, given)
     else:
         config = build_config(**options)
@@ -327,8 +325,9 @@ def train_command(
     from ncen_cli import distributed
     from ncen_cli.training import train
 
-    with Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose,
-                  main=distributed.is_main_process()) as reporter:
+    with Reporter(
+        quiet=quiet, no_progress=no_progress, verbose=verbose, main=distributed.is_main_process()
+    ) as reporter:
         task = reporter.start("epoch 1 (batches)")
         planned = [0]  # epochs in all, known once train() has resolved the dataset's default
 
@@ -349,8 +348,14 @@ def train_command(
                 reporter.restart(task, f"epoch {record.epoch + 1}/{planned[0]} (batches)")
 
         result = train(
-            config, out, resume=resume, on_epoch=on_epoch, on_batch=on_batch,
-            overwrite=overwrite, on_start=on_start, dist=distributed.initialize(config.device),
+            config,
+            out,
+            resume=resume,
+            on_epoch=on_epoch,
+            on_batch=on_batch,
+            overwrite=overwrite,
+            on_start=on_start,
+            dist=distributed.initialize(config.device),
         )
         reporter.stop(task)
     if not distributed.is_main_process():  # under torchrun, rank 0 alone reports

@@ -67,8 +67,12 @@ def heat_table(result: TransferResult) -> Table:
     for i, (label, row) in enumerate(zip(result.members, result.matrix, strict=True)):
         cells = []
         for j, value in enumerate(row):
-            style = Style(bgcolor=heat_colour(value), color="black" if value > 0.55 else "white",
-                          bold=i == j, underline=i == j)
+            style = Style(
+                bgcolor=heat_colour(value),
+                color="black" if value > 0.55 else "white",
+                bold=i == j,
+                underline=i == j,
+            )
             cells.append(Text(f" {value:.3f} ", style=style))
         table.add_row(label, *cells)
     table.add_section()
@@ -99,12 +103,16 @@ def transfer_command(
     attacks: Attacks = None,
     eps: Eps = None,
     steps: Annotated[int | None, typer.Option(help="Iterations (default: the attack's).")] = None,
-    step_size: Annotated[float | None, typer.Option(help="Step size (default: the attack's "
-                                                   "for --eps).")] = None,
+    step_size: Annotated[
+        float | None, typer.Option(help="Step size (default: the attack's for --eps).")
+    ] = None,
     restarts: Annotated[int | None, typer.Option(help="Random restarts (worst case).")] = None,
     test_limit: TestLimit = None,
-    only_correct: Annotated[bool, typer.Option(
-        "--only-correct", help="Only test images every member classifies correctly (as DVERGE).")
+    only_correct: Annotated[
+        bool,
+        typer.Option(
+            "--only-correct", help="Only test images every member classifies correctly (as DVERGE)."
+        ),
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images crafted at once.")] = 500,
     dataset: CheckpointDataset = None,
@@ -112,14 +120,18 @@ def transfer_command(
     download: Download = True,
     device: Device = "auto",
     threads: Threads = None,
-    seed: Annotated[int, typer.Option(help="Seeds the --test-limit subset and random starts.")]
-    = 0,
-    protocol: Annotated[str | None, typer.Option(
-        help="authors: craft as the authors' code does (CE on each member's softmax output, "
-             "only examples every member classifies correctly, advertorch's MI-FGSM "
-             "normalisation); not an honest evaluation.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Also write the results to FILE (.json).")]
-    = None,
+    seed: Annotated[int, typer.Option(help="Seeds the --test-limit subset and random starts.")] = 0,
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="authors: craft as the authors' code does (CE on each member's softmax output, "
+            "only examples every member classifies correctly, advertorch's MI-FGSM "
+            "normalisation); not an honest evaluation."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Also write the results to FILE (.json).")
+    ] = None,
     figure: Figure = None,
     dpi: Dpi = 110,
     overwrite: Overwrite = False,
@@ -127,9 +139,15 @@ def transfer_command(
     quiet: Quiet = False,
     verbose: Verbose = False,
     no_progress: NoProgress = False,
-    attack_option: Annotated[list[str] | None, typer.Option(
-        "--attack-option", "-o", metavar="NAME=VALUE",
-        help="An attack's own option (repeatable), e.g. -o select=margin (mc-pgd).")] = None,
+    attack_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--attack-option",
+            "-o",
+            metavar="NAME=VALUE",
+            help="An attack's own option (repeatable), e.g. -o select=margin (mc-pgd).",
+        ),
+    ] = None,
 ) -> None:
     """Craft adversarial examples on each member; evaluate them on every member and the ensemble.
 
@@ -138,20 +156,39 @@ def transfer_command(
     names = parse_name_list(attacks or DEFAULT_ATTACKS, "--attacks")
     eps_values = parse_float_list(eps, "--eps") if eps is not None else [DEFAULT_EPS]
     check_eps(eps_values)
-    for value, option in ((steps, "--steps"), (step_size, "--step-size"),
-                          (restarts, "--restarts"), (test_limit, "--test-limit"),
-                          (batch_size, "--batch-size")):
+    for value, option in (
+        (steps, "--steps"),
+        (step_size, "--step-size"),
+        (restarts, "--restarts"),
+        (test_limit, "--test-limit"),
+        (batch_size, "--batch-size"),
+    ):
         require_positive(value, option)
     _check_outputs(protocol, out, figure, dpi)
     claim_output(out, overwrite)
     claim_output(figure, overwrite, "--figure")
     results, meta, dataset_name, is_main = _run(
-        checkpoint, names, eps_values,
-        attack={"steps": steps, "step_size": step_size, "restarts": restarts,
-                "authors": protocol == "authors", "options": attack_option},
-        data={"test_limit": test_limit, "only_correct": only_correct, "batch_size": batch_size,
-              "dataset": dataset, "data_dir": data_dir, "download": download,
-              "device": device, "threads": threads, "seed": seed},
+        checkpoint,
+        names,
+        eps_values,
+        attack={
+            "steps": steps,
+            "step_size": step_size,
+            "restarts": restarts,
+            "authors": protocol == "authors",
+            "options": attack_option,
+        },
+        data={
+            "test_limit": test_limit,
+            "only_correct": only_correct,
+            "batch_size": batch_size,
+            "dataset": dataset,
+            "data_dir": data_dir,
+            "download": download,
+            "device": device,
+            "threads": threads,
+            "seed": seed,
+        },
         reporting={"quiet": quiet, "no_progress": no_progress, "verbose": verbose},
     )
     if not is_main:
@@ -175,8 +212,7 @@ def transfer_command(
         console.print(summary_line(result))
 
 
-def _check_outputs(protocol: str | None, out: Path | None, figure: Path | None,
-                   dpi: int) -> None:
+def _check_outputs(protocol: str | None, out: Path | None, figure: Path | None, dpi: int) -> None:
     """``--protocol``, ``--out`` and ``--figure``/``--dpi``, before any slow work."""
     if protocol not in (None, "authors"):
         raise UsageError(f"--protocol must be authors (or omitted), got '{protocol}'")
@@ -188,9 +224,15 @@ def _check_outputs(protocol: str | None, out: Path | None, figure: Path | None,
         check_figure(figure, dpi)
 
 
-def _run(checkpoint: Path, names: list[str], eps_values: list[float], *, attack: dict[str, Any],
-         data: dict[str, Any], reporting: dict[str, bool],
-         ) -> tuple[list[TransferResult], dict[str, Any], str, bool]:
+def _run(
+    checkpoint: Path,
+    names: list[str],
+    eps_values: list[float],
+    *,
+    attack: dict[str, Any],
+    data: dict[str, Any],
+    reporting: dict[str, bool],
+) -> tuple[list[TransferResult], dict[str, Any], str, bool]:
     """Load the checkpoint and its test data, then one matrix per (attack, eps); ``attack``,
     ``data`` and ``reporting`` hold the command's options of that kind, by name.
     Returns (results, checkpoint metadata, dataset name, whether this is rank 0)."""
@@ -205,10 +247,23 @@ def _run(checkpoint: Path, names: list[str], eps_values: list[float], *, attack:
     runs = [(name, eps) for name in names for eps in eps_values]  # a repeated name: one each
     # every setting (unknown attacks, -o options) is checked before the data is loaded
     settings_list = with_attack_options(
-        [(name, run_settings(name, eps, attack["steps"], attack["step_size"], attack["restarts"]))
-         for name, eps in runs], attack["options"])
-    meta, arrays = checkpoint_test_data(checkpoint, data["dataset"], data["data_dir"],
-                                        data["download"], data["test_limit"], data["seed"])
+        [
+            (
+                name,
+                run_settings(name, eps, attack["steps"], attack["step_size"], attack["restarts"]),
+            )
+            for name, eps in runs
+        ],
+        attack["options"],
+    )
+    meta, arrays = checkpoint_test_data(
+        checkpoint,
+        data["dataset"],
+        data["data_dir"],
+        data["download"],
+        data["test_limit"],
+        data["seed"],
+    )
     dist = initialize(data["device"])
     runtime = Runtime.create(device=data["device"], seed=data["seed"], threads=data["threads"])
     ensemble = load_ensemble(checkpoint, device=runtime.device)
@@ -216,18 +271,29 @@ def _run(checkpoint: Path, names: list[str], eps_values: list[float], *, attack:
     with runtime.applied(), Reporter(main=dist.is_main, **reporting) as reporter:
         for (name, eps), settings in zip(runs, settings_list, strict=True):
             if authors and name == "mifgsm":
-                settings = replace(settings, extra={
-                    **settings.extra, "momentum_l1_floor": ADVERTORCH_L1_FLOOR})
+                settings = replace(
+                    settings, extra={**settings.extra, "momentum_l1_floor": ADVERTORCH_L1_FLOOR}
+                )
             task = reporter.start(f"{name} eps={eps:g}: crafting on each member (batches)")
 
             def on_step(done: int, total: int, task: Any = task) -> None:
                 reporter.update(task, done, total)
 
-            results.append(transfer_matrix(
-                ensemble, arrays.test_x, arrays.test_y, attack=name, settings=settings,
-                batch_size=data["batch_size"], device=runtime.device, seed=data["seed"],
-                only_correct=data["only_correct"] or authors, progress=on_step,
-                member_softmax=authors, dist=dist,
-            ))
+            results.append(
+                transfer_matrix(
+                    ensemble,
+                    arrays.test_x,
+                    arrays.test_y,
+                    attack=name,
+                    settings=settings,
+                    batch_size=data["batch_size"],
+                    device=runtime.device,
+                    seed=data["seed"],
+                    only_correct=data["only_correct"] or authors,
+                    progress=on_step,
+                    member_softmax=authors,
+                    dist=dist,
+                )
+            )
             reporter.stop(task)
     return results, meta, arrays.name, dist.is_main

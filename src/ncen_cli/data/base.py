@@ -88,14 +88,17 @@ def check_labels(y: torch.Tensor, num_classes: int | None, source: str) -> None:
     """UsageError unless ``y`` is a non-empty 1-D integer tensor with labels in
     ``[0, num_classes)`` (``num_classes`` None: ``[0, MAX_CLASSES)``)."""
     if y.ndim != 1 or y.numel() == 0 or y.dtype.is_floating_point or y.dtype == torch.bool:
-        raise UsageError(f"{source}: labels must be a non-empty list of integers, got "
-                         f"{y.dtype} {tuple(y.shape)}")
+        raise UsageError(
+            f"{source}: labels must be a non-empty list of integers, got {y.dtype} {tuple(y.shape)}"
+        )
     high = MAX_CLASSES if num_classes is None else num_classes
     low_seen, high_seen = int(y.min()), int(y.max())
     if low_seen < 0 or high_seen >= high:
         bad = low_seen if low_seen < 0 else high_seen
-        raise UsageError(f"{source}: label {bad} is outside [0, {high}) "
-                         + ("" if num_classes is None else f"for its {num_classes} classes"))
+        raise UsageError(
+            f"{source}: label {bad} is outside [0, {high}) "
+            + ("" if num_classes is None else f"for its {num_classes} classes")
+        )
 
 
 def validate_arrays(arrays: object, source: str) -> ImageArrays:
@@ -112,17 +115,22 @@ def validate_arrays(arrays: object, source: str) -> ImageArrays:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise UsageError(f"{source}: {split} images and labels must be tensors")
         if x.dtype != torch.uint8 or x.ndim != 4 or not 1 <= x.shape[1] <= MAX_CHANNELS:
-            raise UsageError(f"{source}: {split} images must be uint8 (N, C, H, W), got "
-                             f"{x.dtype} {tuple(x.shape)}")
+            raise UsageError(
+                f"{source}: {split} images must be uint8 (N, C, H, W), got "
+                f"{x.dtype} {tuple(x.shape)}"
+            )
         if x.shape[0] == 0 or min(x.shape[2:]) == 0:
             raise UsageError(f"{source}: the {split} split holds no images")
         if y.shape != (x.shape[0],):
-            raise UsageError(f"{source}: {x.shape[0]} {split} images but labels of shape "
-                             f"{tuple(y.shape)}")
+            raise UsageError(
+                f"{source}: {x.shape[0]} {split} images but labels of shape {tuple(y.shape)}"
+            )
         check_labels(y, arrays.num_classes, f"{source} ({split} labels)")
     if arrays.train_x.shape[1:] != arrays.test_x.shape[1:]:
-        raise UsageError(f"{source}: train images {tuple(arrays.train_x.shape[1:])} and test "
-                         f"images {tuple(arrays.test_x.shape[1:])} differ in shape")
+        raise UsageError(
+            f"{source}: train images {tuple(arrays.train_x.shape[1:])} and test "
+            f"images {tuple(arrays.test_x.shape[1:])} differ in shape"
+        )
     return arrays
 
 

@@ -54,8 +54,9 @@ class _Batches:
     """This rank's examples in batches: ``for start, xb, yb in batches`` gives each batch's global
     index of its first example, (B, C, H, W) float32 images on ``device`` and (B,) labels."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, offset: int, batch_size: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, offset: int, batch_size: int, device: torch.device
+    ) -> None:
         self.x, self.y, self.offset = x, y, offset
         self.batch_size, self.device = batch_size, device
 
@@ -64,9 +65,8 @@ class _Batches:
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.x), self.batch_size):
-            xb = as_float(self.x[start:start + self.batch_size]).to(self.device)
-            yield (self.offset + start, xb,
-                   self.y[start:start + self.batch_size].to(self.device))
+            xb = as_float(self.x[start : start + self.batch_size]).to(self.device)
+            yield (self.offset + start, xb, self.y[start : start + self.batch_size].to(self.device))
 
     def subset(self, keep: torch.Tensor) -> _Batches:
         """The examples where ``keep`` (len(self),) is True, re-batched in order."""
@@ -90,16 +90,25 @@ def _clean_pass(target, batches: _Batches, dist: DistContext) -> torch.Tensor:
             correct.append((out.argmax(-1) == yb).cpu())
     bad, n = dist.sum_counts(bad, len(batches))
     if bad:
-        raise NcenError(f"the ensemble's outputs are not finite (NaN or inf) on {bad} of {n} clean "
-                        "test images: its weights or inputs are broken; no accuracy reported")
+        raise NcenError(
+            f"the ensemble's outputs are not finite (NaN or inf) on {bad} of {n} clean "
+            "test images: its weights or inputs are broken; no accuracy reported"
+        )
     return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
 
 
 class _Runner:
     """Runs attack runs on one target over one rank's batches (see :func:`evaluate`)."""
 
-    def __init__(self, target, batches: _Batches, seed: int, progress: Progress | None,
-                 quirks: AuthorsQuirks | None, dist: DistContext) -> None:
+    def __init__(
+        self,
+        target,
+        batches: _Batches,
+        seed: int,
+        progress: Progress | None,
+        quirks: AuthorsQuirks | None,
+        dist: DistContext,
+    ) -> None:
         self.target, self.batches, self.seed = target, batches, seed
         self.progress, self.quirks, self.dist = progress, quirks, dist
 
@@ -144,8 +153,7 @@ def _check_ball(run: AttackRun, xb: torch.Tensor, x_adv: torch.Tensor) -> None:
     """NcenError when an attack left the eps ball around ``xb`` or the image range [0, 1]."""
     linf = (x_adv - xb).abs().amax().item() if len(xb) else 0.0
     if linf > run.settings.eps + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
-        raise NcenError(f"attack {run.attack} left the eps ball or [0, 1] "
-                        f"(|delta| = {linf:.4g})")
+        raise NcenError(f"attack {run.attack} left the eps ball or [0, 1] (|delta| = {linf:.4g})")
 
 
 def evaluate(
@@ -196,13 +204,19 @@ def evaluate(
     part = dist.shard(len(x))
     batches = _Batches(x[part], y[part].long(), part.start, batch_size, device)
     target = AuthorsEnsemble(ensemble, quirks).eval() if quirks is not None else ensemble
-    mode = (batch_statistics(ensemble) if quirks is not None and quirks.batchnorm_train
-            else nullcontext())
+    mode = (
+        batch_statistics(ensemble)
+        if quirks is not None and quirks.batchnorm_train
+        else nullcontext()
+    )
     with mode:
         clean = _clean_pass(target, batches, dist)
         clean_correct, n = dist.sum_counts(int(clean.sum()), len(batches))
-        report_checks = (model_checks(target, batches.x, batches.y, batch_size, device, quirks,
-                                      dist) if checks else [])
+        report_checks = (
+            model_checks(target, batches.x, batches.y, batch_size, device, quirks, dist)
+            if checks
+            else []
+        )
         if quirks is not None and quirks.conditional:
             batches = batches.subset(clean)
         runner = _Runner(target, batches, seed, progress, quirks, dist)
@@ -214,5 +228,6 @@ def evaluate(
     worst = worst_case_results(results, seed, dist) if worst_case else []
     if checks:
         report_checks.append(objective_sensitivity_check(results, worst))
-    return EvaluationReport(clean_correct / max(n, 1), clean_correct, n, worst + results,
-                            report_checks)
+    return EvaluationReport(
+        clean_correct / max(n, 1), clean_correct, n, worst + results, report_checks
+    )

@@ -84,8 +84,9 @@ def protocol_eps(family: str) -> list[float]:
 def strong_objectives(combine: str = "mean-logits") -> tuple[str, ...]:
     """The objectives the strong protocol ascends for an ensemble combined by ``combine``."""
     if combine not in STRONG_OBJECTIVES:
-        raise UsageError(f"unknown combination rule '{combine}'; "
-                         f"choose {', '.join(STRONG_OBJECTIVES)}")
+        raise UsageError(
+            f"unknown combination rule '{combine}'; choose {', '.join(STRONG_OBJECTIVES)}"
+        )
     return STRONG_OBJECTIVES[combine]
 
 
@@ -112,15 +113,33 @@ def strong_protocol(
         raise UsageError(f"--restarts must be >= 1, got {restarts}")
     runs = []
     for e in eps or protocol_eps(family):
-        runs += [AttackRun("fgsm", AttackSettings(eps=e, steps=1, step_size=e, objective=o))
-                 for o in objectives]
-        runs += [AttackRun("pgd", AttackSettings(eps=e, steps=50, step_size=e / 4,
-                                                 restarts=restarts, random_start=True,
-                                                 objective=o)) for o in objectives]
-        runs += [AttackRun("apgd-ce", AttackSettings(eps=e, steps=100, random_start=True,
-                                                     objective=o)) for o in objectives]
-        runs.append(AttackRun("apgd-dlr", AttackSettings(eps=e, steps=100, random_start=True,
-                                                         objective="dlr")))
+        runs += [
+            AttackRun("fgsm", AttackSettings(eps=e, steps=1, step_size=e, objective=o))
+            for o in objectives
+        ]
+        runs += [
+            AttackRun(
+                "pgd",
+                AttackSettings(
+                    eps=e,
+                    steps=50,
+                    step_size=e / 4,
+                    restarts=restarts,
+                    random_start=True,
+                    objective=o,
+                ),
+            )
+            for o in objectives
+        ]
+        runs += [
+            AttackRun("apgd-ce", AttackSettings(eps=e, steps=100, random_start=True, objective=o))
+            for o in objectives
+        ]
+        runs.append(
+            AttackRun(
+                "apgd-dlr", AttackSettings(eps=e, steps=100, random_start=True, objective="dlr")
+            )
+        )
     return runs
 
 
@@ -144,8 +163,9 @@ def authors_protocol(
     return runs
 
 
-def attack_settings(attack: Attack, eps: float, objective: str = "mean-ce",
-                    **overrides: Any) -> AttackSettings:
+def attack_settings(
+    attack: Attack, eps: float, objective: str = "mean-ce", **overrides: Any
+) -> AttackSettings:
     """An attack's default settings at ``eps`` with ``overrides`` (None values ignored); see
     :meth:`~ncen_cli.attacks.base.Attack.settings_for` (an attack with its own fixed loss keeps
     it)."""
@@ -171,9 +191,13 @@ def custom_runs(
     return runs
 
 
-def score_runs(family: str, attacks: Sequence[str] | None = None,
-               eps: Sequence[float] | None = None, objective: str = "mean-ce",
-               combine: str = "mean-logits") -> list[AttackRun]:
+def score_runs(
+    family: str,
+    attacks: Sequence[str] | None = None,
+    eps: Sequence[float] | None = None,
+    objective: str = "mean-ce",
+    combine: str = "mean-logits",
+) -> list[AttackRun]:
     """The sweep's scoring battery (paper Fig. 4) for ``attacks`` / ``eps`` (None: the default).
 
     Attacks of the paper's protocol (fgsm, mifgsm, pgd, bim; the default) keep the paper's
@@ -195,8 +219,11 @@ def score_runs(family: str, attacks: Sequence[str] | None = None,
         else:
             for o in strong_objectives(combine):
                 extra = custom_runs([name], values, family, o)
-                runs += [r for r in extra if r.settings.objective == o
-                         or o == strong_objectives(combine)[0]]  # a fixed loss (dlr) runs once
+                runs += [
+                    r
+                    for r in extra
+                    if r.settings.objective == o or o == strong_objectives(combine)[0]
+                ]  # a fixed loss (dlr) runs once
     return runs
 
 
@@ -243,9 +270,11 @@ def _select(runs: list[AttackRun], names: Sequence[str], protocol: str) -> list[
         ATTACKS.get(name)
     missing = [n for n in names if n not in {r.attack for r in runs}]
     if missing:
-        raise UsageError(f"--attacks {','.join(missing)} not in the {protocol} protocol "
-                         f"({', '.join(dict.fromkeys(r.attack for r in runs))}); "
-                         "drop --protocol to run any attack")
+        raise UsageError(
+            f"--attacks {','.join(missing)} not in the {protocol} protocol "
+            f"({', '.join(dict.fromkeys(r.attack for r in runs))}); "
+            "drop --protocol to run any attack"
+        )
     return [r for r in runs if r.attack in names]
 
 
@@ -285,8 +314,10 @@ def runs_for(
     if protocol not in PROTOCOLS:
         raise UsageError(f"--protocol must be {', '.join(PROTOCOLS[:3])}, got '{protocol}'")
     if protocol == "authors" and objective is not None:
-        raise UsageError("--objective does not apply to --protocol authors (its objective is "
-                         "advertorch's CE on the authors' ensemble output)")
+        raise UsageError(
+            "--objective does not apply to --protocol authors (its objective is "
+            "advertorch's CE on the authors' ensemble output)"
+        )
     if protocol == "custom":
         runs = custom_runs(attacks or PAPER_ATTACKS, eps, family, objective or "mean-ce")
     elif protocol == "score":
@@ -308,6 +339,13 @@ def runs_for(
 def run_params(run: AttackRun, seed: int) -> dict[str, Any]:
     """Every setting of a run, for reports."""
     s = run.settings
-    return {"objective": s.objective, "steps": s.steps, "step_size": s.step_size,
-            "restarts": s.restarts, "random_start": s.random_start, "decay": s.decay,
-            "seed": seed, **s.extra}
+    return {
+        "objective": s.objective,
+        "steps": s.steps,
+        "step_size": s.step_size,
+        "restarts": s.restarts,
+        "random_start": s.random_start,
+        "decay": s.decay,
+        "seed": seed,
+        **s.extra,
+    }

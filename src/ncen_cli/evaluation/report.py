@@ -93,18 +93,26 @@ def objective_of(r: AttackResult) -> str | None:
     return r.params.get("objective")
 
 
-def masked_result(attack: str, eps: float, mask: torch.Tensor, params: dict[str, Any],
-                  seconds: float, dist: DistContext = SINGLE) -> AttackResult:
+def masked_result(
+    attack: str,
+    eps: float,
+    mask: torch.Tensor,
+    params: dict[str, Any],
+    seconds: float,
+    dist: DistContext = SINGLE,
+) -> AttackResult:
     """The result whose per-example robustness (this rank's part) is ``mask`` (n_local,) bool;
     counts summed over ``dist``'s ranks."""
     correct, n = dist.sum_counts(int(mask.sum()), len(mask))
     low, high = wilson_interval(correct, n)
-    return AttackResult(attack, eps, correct / max(n, 1), correct, n, low, high, params, seconds,
-                        mask)
+    return AttackResult(
+        attack, eps, correct / max(n, 1), correct, n, low, high, params, seconds, mask
+    )
 
 
-def worst_over_objectives(results: list[AttackResult], dist: DistContext = SINGLE
-                          ) -> list[AttackResult]:
+def worst_over_objectives(
+    results: list[AttackResult], dist: DistContext = SINGLE
+) -> list[AttackResult]:
     """One result per (attack, eps): where an attack ran on several objectives at one eps, the
     per-example worst case over them (the AND of their ``robust`` masks; without masks, the
     least accurate of them), with ``params["objective"]`` ``"worst-of:a,b"``; other results as
@@ -123,13 +131,22 @@ def worst_over_objectives(results: list[AttackResult], dist: DistContext = SINGL
             out.append(replace(least, params={**least.params, "objective": objective}))
             continue
         mask = torch.stack([r.robust for r in rs]).all(0)
-        out.append(masked_result(attack, eps, mask, {**rs[0].params, "objective": objective},
-                                 sum(r.seconds for r in rs), dist))
+        out.append(
+            masked_result(
+                attack,
+                eps,
+                mask,
+                {**rs[0].params, "objective": objective},
+                sum(r.seconds for r in rs),
+                dist,
+            )
+        )
     return out
 
 
-def worst_case_results(results: list[AttackResult], seed: int = 0,
-                       dist: DistContext = SINGLE) -> list[AttackResult]:
+def worst_case_results(
+    results: list[AttackResult], seed: int = 0, dist: DistContext = SINGLE
+) -> list[AttackResult]:
     """Per eps with two or more results that kept their masks, the per-example worst case: an
     example is robust only if it is robust in every one of them (the AND of their ``robust``
     masks). Returns one ``worst-case`` result per such eps, ascending; its ``params`` name the
@@ -143,7 +160,10 @@ def worst_case_results(results: list[AttackResult], seed: int = 0,
         if len(rs) < 2:
             continue
         mask = torch.stack([r.robust for r in rs]).all(0)
-        params = {"objective": WORST_CASE, "seed": seed,
-                  "over": [f"{r.attack}/{r.params.get('objective')}" for r in rs]}
+        params = {
+            "objective": WORST_CASE,
+            "seed": seed,
+            "over": [f"{r.attack}/{r.params.get('objective')}" for r in rs],
+        }
         out.append(masked_result(WORST_CASE, eps, mask, params, sum(r.seconds for r in rs), dist))
     return out

@@ -85,5 +85,9 @@ def _uses_torch_batch_statistics(module: nn.Module) -> bool:
 
 
 __all__ = [
-    "BatchNorm2d", "Conv2d", "forward_mode_layers", "input_gradients_only", "use_torch_layers"
+    "BatchNorm2d",
+    "Conv2d",
+    "forward_mode_layers",
+    "input_gradients_only",
+    "use_torch_layers",
 ]

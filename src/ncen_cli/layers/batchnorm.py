@@ -75,7 +75,15 @@ class _BatchNormTrain(torch.autograd.Function):
             )
         else:
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                grad_y, x, weight, None, None, mean, invstd, True, ctx.eps,
+                grad_y,
+                x,
+                weight,
+                None,
+                None,
+                mean,
+                invstd,
+                True,
+                ctx.eps,
                 [True, weight is not None, weight is not None],
             )
         return gx, gw, gb, None, None, None, None
@@ -208,4 +216,3 @@ class BatchNorm2d(nn.BatchNorm2d):
                 momentum = 1.0 / float(self.num_batches_tracked)
         running = (self.running_mean, self.running_var) if track else (None, None)
         return _batch_norm_dual(x, self.weight, self.bias, *running, momentum, self.eps)
-

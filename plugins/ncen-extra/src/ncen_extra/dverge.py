@@ -112,8 +112,16 @@ def distill(
 
     dummy_y = torch.zeros(len(source), dtype=torch.long, device=source.device)
     return sign_ascent(
-        MemberTarget(member), source.float(), dummy_y, eps=eps, steps=steps, step_size=step_size,
-        loss_fn=loss_fn, random_start=False, decay=1.0, early_stop=False,
+        MemberTarget(member),
+        source.float(),
+        dummy_y,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        loss_fn=loss_fn,
+        random_start=False,
+        decay=1.0,
+        early_stop=False,
     )
 
 

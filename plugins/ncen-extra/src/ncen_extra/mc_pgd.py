@@ -76,9 +76,17 @@ def run(
 ) -> torch.Tensor:
     """One MC-PGD run: x (B, C, H, W) float32 in [0, 1], y (B,) -> x_adv (B, C, H, W)."""
     step_size = settings.step_size if settings.step_size is not None else settings.eps / 4
-    return sign_ascent(target, x, y, eps=settings.eps, steps=settings.steps, step_size=step_size,
-                       loss_fn=selected_loss(str(ATTACK.option(settings, "select"))),
-                       random_start=settings.random_start, generator=generator)
+    return sign_ascent(
+        target,
+        x,
+        y,
+        eps=settings.eps,
+        steps=settings.steps,
+        step_size=step_size,
+        loss_fn=selected_loss(str(ATTACK.option(settings, "select"))),
+        random_start=settings.random_start,
+        generator=generator,
+    )
 
 
 def defaults(eps: float) -> dict:
@@ -91,9 +99,14 @@ ATTACK = Attack(
     summary="PGD on the member most confident in the true class, re-chosen per example and step",
     run=run,
     defaults=defaults,
-    options={"select": AttackOption("confidence", "which member each step ascends: confidence "
-                                    "(highest true-class probability) or margin", str,
-                                    choices=SELECT_RULES)},
+    options={
+        "select": AttackOption(
+            "confidence",
+            "which member each step ascends: confidence (highest true-class probability) or margin",
+            str,
+            choices=SELECT_RULES,
+        )
+    },
     own_loss="selected-ce",
 )
 perturb = ATTACK.perturb  # the runner: restarts, validation, frozen parameters
