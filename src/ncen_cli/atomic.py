@@ -36,7 +36,7 @@ def temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it over
     ``path``. The folder is created if needed; the file gets mode ``0o666 & ~umask``.
     Returns ``path``. Raises NcenError when the file cannot be written (disk full, I/O error)."""

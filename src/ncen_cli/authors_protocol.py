@@ -24,12 +24,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from ncen_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from ncen_cli.attacks.base import AttackTarget
 
 AUTHORS_BATCH_SIZE = 64  # attack_fashionmnist.py / attack_cifar10.py: --batch_size 64
 ADVERTORCH_L1_FLOOR = 1e-6  # advertorch.utils.normalize_by_pnorm(small_constant=1e-6)
@@ -99,7 +102,8 @@ class AuthorsEnsemble(nn.Module):
         self.quirks = quirks
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = self.ensemble.member_logits(x)
+        # cast: nn.Module types every attribute it holds as Tensor | Module
+        outputs = cast("AttackTarget", self.ensemble).member_logits(x)
         return outputs.softmax(-1) if self.quirks.member_softmax else outputs
 
     def combine_logits(self, outputs: torch.Tensor) -> torch.Tensor:

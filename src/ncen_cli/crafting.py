@@ -13,12 +13,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ncen_cli.defenses.base import CraftContext, Defense, DefenseInputs
 from ncen_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from ncen_cli.ensemble import Ensemble
 
 _MIX = 1_000_003  # the data pipeline's (seed, epoch) mixing constant, continued over (step, rank)
 
@@ -57,7 +61,7 @@ def crafting_state(modules: nn.Module, train_mode: bool) -> Iterator[None]:
 
 def craft_batch(
     defense: Defense,
-    ensemble: nn.Module,
+    ensemble: Ensemble,
     x: torch.Tensor,
     y: torch.Tensor,
     hyperparameters: Mapping[str, float],

@@ -172,7 +172,7 @@ class Runtime:
         }
 
 
-def _torch_settings() -> dict[str, object]:
+def _torch_settings() -> dict[str, int | bool]:
     """The process-wide torch settings :meth:`Runtime.applied` may change."""
     return {
         "threads": torch.get_num_threads(),
@@ -184,9 +184,9 @@ def _torch_settings() -> dict[str, object]:
     }
 
 
-def _restore_torch_settings(saved: dict[str, object]) -> None:
+def _restore_torch_settings(saved: dict[str, int | bool]) -> None:
     if torch.get_num_threads() != saved["threads"]:
-        torch.set_num_threads(int(saved["threads"]))  # type: ignore[call-overload]
+        torch.set_num_threads(int(saved["threads"]))
     torch.backends.cuda.matmul.allow_tf32 = bool(saved["matmul_tf32"])
     torch.backends.cudnn.allow_tf32 = bool(saved["cudnn_tf32"])
     torch.backends.cudnn.benchmark = bool(saved["cudnn_benchmark"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -120,7 +120,7 @@ def _input_gradients(
     with torch.enable_grad():
         passes = [_member_pass(m, x, y, input_grad=True) for m in ensemble.members]
     logits = torch.stack([p.logits.detach() for p in passes])
-    grads = torch.stack([p.input_grad.detach() for p in passes])
+    grads = torch.stack([cast(torch.Tensor, p.input_grad).detach() for p in passes])  # asked for
     return logits, grads
 
 

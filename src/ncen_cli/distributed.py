@@ -26,12 +26,15 @@ import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ncen_cli.errors import UsageError
+
+T = TypeVar("T")
 
 BACKEND_ENV = "NCEN_DIST_BACKEND"  # force "gloo" or "nccl"
 TIMEOUT_ENV = "NCEN_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks
@@ -136,15 +139,15 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
-    def gather_objects(self, obj: object) -> list[object]:
+    def gather_objects(self, obj: T) -> list[T]:
         """Every rank's ``obj`` in rank order (a one-element list in a single process)."""
         if not self.enabled:
             return [obj]
-        out: list[object] = [None] * self.world_size
+        out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast_object(self, obj: object, src: int = 0) -> object:
+    def broadcast_object(self, obj: T, src: int = 0) -> T:
         """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a single process)."""
         if not self.enabled:
             return obj
@@ -232,8 +235,11 @@ def initialize(device: str | None = None) -> DistContext:
         backend = backend_for(device)
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        kwargs = {"timeout": timedelta(seconds=_timeout_seconds())} if _timeout_seconds() else {}
-        dist.init_process_group(backend, **kwargs)
+        timeout = _timeout_seconds()
+        if timeout:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+        else:
+            dist.init_process_group(backend)
         atexit.register(shutdown)
         if dist.get_rank() != 0:
             logging.getLogger("ncen").setLevel(logging.ERROR)

@@ -31,8 +31,10 @@ from ncen_cli.interrupts import released_on_exit
 
 try:
     import fcntl
+
+    HAVE_FLOCK = True
 except ImportError:  # pragma: no cover - Windows: no advisory locks, O_EXCL only
-    fcntl = None  # type: ignore[assignment]
+    HAVE_FLOCK = False
 
 log = logging.getLogger("ncen.outputs")
 LOCK_SUFFIX = ".lock"
@@ -87,7 +89,7 @@ def _acquire(lock: Path, option: str, output: Path) -> int:
     for _attempt in range(20):  # a holder that unlinks its lock as we open it: try again
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
         try:
-            if fcntl is not None:
+            if HAVE_FLOCK:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = _read_owner(fd)

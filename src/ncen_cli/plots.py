@@ -11,6 +11,8 @@ from ncen_cli.errors import UsageError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from matplotlib.figure import Figure
+
     from ncen_cli.sweep import SweepResult
     from ncen_cli.transfer import TransferResult
 
@@ -56,7 +58,7 @@ def require_matplotlib(option: str = "--figure") -> ModuleType:
     return plt
 
 
-def save_figure(fig: object, path: str | Path, dpi: int) -> Path:
+def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Write ``fig`` atomically in the format of ``path``'s suffix; closes the figure."""
     from ncen_cli.atomic import atomic_write
 
@@ -65,9 +67,7 @@ def save_figure(fig: object, path: str | Path, dpi: int) -> Path:
     try:
         return atomic_write(
             path,
-            lambda tmp: fig.savefig(  # type: ignore[attr-defined]
-                tmp, format=fmt, dpi=dpi
-            ),
+            lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi),
         )
     finally:
         plt.close(fig)

@@ -139,8 +139,8 @@ class SweepResult:
 
     @property
     def best(self) -> CellResult | None:
-        scored = [c for c in self.cells if c.score is not None]
-        return max(scored, key=lambda c: c.score) if scored else None  # first of ties
+        scored = [(c, c.score) for c in self.cells if c.score is not None]
+        return max(scored, key=lambda pair: pair[1])[0] if scored else None  # first of ties
 
     def to_json(self) -> dict[str, Any]:
         best = self.best
@@ -598,7 +598,7 @@ def _run_cell(job: _CellJob, cell: Cell) -> CellResult:
         log.warning("cell %s: %s", cell.id, exc)
         payload.update(_failed_cell_fields(str(exc)))
         atomic_write_json(_result_path(out_dir, cell), payload)
-        return _finished(out_dir, cell, shared)  # type: ignore[return-value]
+        return _written(out_dir, cell, shared)
     train_seconds = sum(r.seconds for r in trained.history)
     started = time.perf_counter()
     runtime = Runtime.create(
@@ -641,7 +641,14 @@ def _run_cell(job: _CellJob, cell: Cell) -> CellResult:
     )
     atomic_write_json(_result_path(out_dir, cell), payload)
     resume_path(checkpoint).unlink(missing_ok=True)  # the cell is finished; keep the checkpoint
-    return _finished(out_dir, cell, shared)  # type: ignore[return-value]
+    return _written(out_dir, cell, shared)
+
+
+def _written(out_dir: Path, cell: Cell, shared: dict[str, Any]) -> CellResult:
+    """The result :func:`_run_cell` has just written, read back as a resumed sweep reads it."""
+    result = _finished(out_dir, cell, shared)
+    assert result is not None  # written with these very settings
+    return result
 
 
 def _failed_cell_fields(error: str) -> dict[str, Any]:
@@ -678,7 +685,7 @@ def _collect(
         found = [_finished(out_dir, c, shared) for c in cells]
         missing = [c.id for c, r in zip(cells, found, strict=True) if r is None]
         if not missing:
-            return found  # type: ignore[return-value]
+            return [r for r in found if r is not None]  # all of them
         if not wait:
             raise UsageError(f"cells {', '.join(missing)} have no result; rerun the sweep")
         time.sleep(poll_seconds)

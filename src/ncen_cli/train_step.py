@@ -32,6 +32,7 @@ import logging
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,8 @@ def _step_output(
     passes: list[_MemberPass], terms: dict[str, torch.Tensor], scale_ce: float
 ) -> StepOutput:
     """Detached loss = mean CE + terms, the mean CE and the terms."""
-    ce = sum(p.ce.detach() for p in passes) * scale_ce
+    # cast: sum() of tensors is a tensor (typeshed types its int start into the result)
+    ce = cast(torch.Tensor, sum(p.ce.detach() for p in passes)) * scale_ce
     reg = sum(t.detach() for t in terms.values()) if terms else 0.0
     return StepOutput(ce + reg, ce, {n: t.detach() for n, t in terms.items()})
 
@@ -131,11 +133,13 @@ def _regularizer_gradients(
     wrt = {"logits": logits}
     grads = None
     if defense.needs_input_gradients:
-        grads = torch.stack([p.input_grad.detach() for p in passes]).requires_grad_(True)
+        # cast: every pass took its input gradient (the defense asked for them)
+        grads = torch.stack([cast(torch.Tensor, p.input_grad).detach() for p in passes])
+        grads.requires_grad_(True)
         wrt["grads"] = grads
     with torch.enable_grad():
         terms = _weighted_terms(defense, DefenseInputs(x, y, logits, grads), hyperparameters)
-        reg = sum(terms.values()) if terms else None
+        reg = cast(torch.Tensor, sum(terms.values())) if terms else None  # cast: as above
     if reg is None or not reg.requires_grad:
         return terms, None, None
     values = torch.autograd.grad(reg, list(wrt.values()), allow_unused=True)
@@ -179,11 +183,12 @@ def exact_step(
     scale_ce = 1.0 / (k * batch)
 
     def backward(i: int) -> None:
-        total = passes[i].ce * scale_ce
-        if v is not None and passes[i].input_grad is not None:
-            total = total + (passes[i].input_grad * v[i]).sum()
+        member = passes[i]
+        total = member.ce * scale_ce
+        if v is not None and member.input_grad is not None:
+            total = total + (member.input_grad * v[i]).sum()
         if u is not None:
-            total = total + (passes[i].logits * u[i]).sum()
+            total = total + (member.logits * u[i]).sum()
         # inputs=: only parameter gradients (nothing is spent on d/dx of the input copy)
         total.backward(inputs=params[i] or None)
 
@@ -308,7 +313,7 @@ def training_step(
 ) -> StepOutput:
     """Dispatch on ``double_backprop`` (``exact`` or ``jvp``; the retired ``finite-diff`` runs
     the default mode after a one-time deprecation warning); gradients land in ``.grad``."""
-    step = {"jvp": jvp_step, "exact": exact_step}.get(resolve_double_backprop(double_backprop))
+    step = {"jvp": jvp_step, "exact": exact_step}[resolve_double_backprop(double_backprop)]
     return step(ensemble, defense, hyperparameters, x, y, executor)
 
 

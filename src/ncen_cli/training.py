@@ -132,10 +132,10 @@ class TrainConfig:
         resolve_double_backprop(self.double_backprop)  # UsageError for an unknown mode
         if not (self.fd_scale > 0 and math.isfinite(self.fd_scale)):
             raise UsageError(f"--fd-scale must be a finite number > 0, got {self.fd_scale}")
-        for key, value in self.hyperparameters.items():
-            if not (value >= 0 and math.isfinite(value)):
+        for key, weight in self.hyperparameters.items():
+            if not (weight >= 0 and math.isfinite(weight)):
                 raise UsageError(
-                    f"--{key.replace('_', '-')} must be a finite number >= 0, got {value}"
+                    f"--{key.replace('_', '-')} must be a finite number >= 0, got {weight}"
                 )
         for name, limit in (("--train-limit", self.train_limit), ("--test-limit", self.test_limit)):
             if limit is not None and limit < 1:
@@ -196,7 +196,7 @@ def clean_accuracy(
         correct += int((ensemble(xb).argmax(1) == yb).sum())
     ensemble.train(was_training)
     total = dist.all_reduce_sum(torch.tensor([correct, len(arrays_x)], dtype=torch.float64))
-    return float(total[0] / max(total[1], 1))
+    return float(total[0]) / max(float(total[1]), 1.0)
 
 
 def resolve_defense(config: TrainConfig, family: str) -> tuple[Defense, dict[str, float]]:
@@ -434,7 +434,8 @@ def fit(
             config.combine,
         ).to(plan.runtime.device)
         optimizer = torch.optim.Adam(ensemble.parameters(), lr=learning_rate(config, 0))
-        start_epoch, history = 0, []
+        start_epoch = 0
+        history: list[EpochRecord] = []
         if plan.resume:
             start_epoch, history = load_resume_state(
                 plan.state_file, ensemble, optimizer, plan.config_json
@@ -520,7 +521,8 @@ def _reduce_epoch_sums(
     dist: distributed.DistContext, seen: int, sums: dict[str, float], term_sums: dict[str, float]
 ) -> tuple[int, dict[str, float], dict[str, float]]:
     """Sum one epoch's sample count and loss sums over ranks (a rank may have seen no term)."""
-    total_seen, total, terms = 0, {k: 0.0 for k in sums}, {}
+    total_seen, total = 0, {k: 0.0 for k in sums}
+    terms: dict[str, float] = {}
     for rank_seen, rank_sums, rank_terms in dist.gather_objects((seen, sums, term_sums)):
         total_seen += rank_seen
         for k, v in rank_sums.items():

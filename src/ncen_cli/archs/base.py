@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -50,4 +51,5 @@ def build_member(
             f"architecture '{name}' needs images of at least {arch.min_size}x{arch.min_size}, "
             f"got {input_shape[1]}x{input_shape[2]}"
         )
-    return arch.build(tuple(input_shape), num_classes, activation)
+    shape = cast(tuple[int, int, int], tuple(input_shape))  # a plain tuple (not torch.Size)
+    return arch.build(shape, num_classes, activation)

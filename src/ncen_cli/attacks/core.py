@@ -116,7 +116,7 @@ def sign_ascent(
             if active.numel() == 0:
                 return result
         direction = grad
-        if momentum is not None:
+        if momentum is not None and decay is not None:  # both set for MI-FGSM
             if l1_floor is None:
                 scale = grad.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)
             else:

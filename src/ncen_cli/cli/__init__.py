@@ -19,7 +19,7 @@ from typer.core import TyperCommand, TyperGroup
 try:  # typer >= 0.2x vendors Click as typer._click; older ones use Click itself
     from typer._click import exceptions as click_errors
 except ImportError:  # pragma: no cover
-    from click import exceptions as click_errors  # type: ignore[no-redef]
+    click_errors = importlib.import_module("click.exceptions")
 
 from ncen_cli.cli.common import app
 from ncen_cli.cli.options import rewrite_deprecated
@@ -91,10 +91,11 @@ class LazyGroup(TyperGroup):
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         """Click's main, with usage errors as one ``error:`` line and exit code 2 (as ncen's own
         errors: src/ncen_cli/errors.py), instead of Click's boxed message."""
+        kwargs["standalone_mode"] = False
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(*args, **kwargs)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = super().main(*args, **kwargs)
         except click_errors.ClickException as exc:
             sys.stderr.write(f"error: {usage_error_line(exc)}\n")
             sys.exit(exc.exit_code)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import JustifyMethod
 from rich.table import Table
 
 from ncen_cli.atomic import atomic_write_json, atomic_write_text
@@ -140,7 +141,7 @@ def settings_text(params: dict[str, Any], attack: str = "") -> str:
 
 def report_table(report: EvaluationReport, title: str) -> Table:
     table = Table(title=title)
-    for column, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("attack", "left"),
         ("eps", "right"),
         ("accuracy", "right"),
@@ -148,7 +149,8 @@ def report_table(report: EvaluationReport, title: str) -> Table:
         ("correct/n", "right"),
         ("settings", "left"),
         ("s", "right"),
-    ):
+    )
+    for column, justify in columns:
         table.add_column(column, justify=justify, no_wrap=column != "settings")
     clean = report.to_json()
     table.add_row(

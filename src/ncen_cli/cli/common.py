@@ -11,7 +11,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -29,7 +29,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 MAX_COUNT = 2**31 - 1  # steps, restarts, limits, batch sizes
 # what the running command holds until it ends (output locks): see claim_output
 _COMMAND_RESOURCES: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar(
@@ -54,7 +55,7 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def handle_errors(func: F) -> F:
+def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn NcenError into one line on stderr and its exit code; Ctrl-C into exit 130.
 
     While the command runs, Ctrl-C raises KeyboardInterrupt (so training can save its last
@@ -63,7 +64,7 @@ def handle_errors(func: F) -> F:
     """
 
     @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         from ncen_cli.interrupts import interrupt_command
 
         previous = _set_sigint(interrupt_command)
@@ -87,7 +88,7 @@ def handle_errors(func: F) -> F:
             if previous is not None:
                 _set_sigint(previous)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _set_sigint(handler: Any) -> Any:

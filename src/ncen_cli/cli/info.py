@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -48,7 +48,7 @@ def plugins_command(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List registered architectures, defenses, attacks and datasets, and whether each loaded."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for reg in all_registrations(load=True):
         rows.append(
             {

@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TypedDict
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -66,6 +67,14 @@ class _Plain:
         else:
             share, eta = f"{self.done}/?", ""
         return f"{self.label}: {share}, elapsed {format_seconds(elapsed)}{eta}"
+
+
+class ReportingOptions(TypedDict):
+    """A command's reporting options, by name: ``Reporter(main=..., **options)``."""
+
+    quiet: bool
+    no_progress: bool
+    verbose: bool
 
 
 class Reporter:
@@ -148,7 +157,8 @@ class Reporter:
         if self._ticker is not None:
             self._ticker.join()
         for logger, level, propagate in self._saved:
-            logger.removeHandler(self._handler)  # type: ignore[arg-type]
+            if self._handler is not None:  # set by __enter__, which filled _saved
+                logger.removeHandler(self._handler)
             logger.setLevel(level)
             logger.propagate = propagate
 

@@ -187,9 +187,11 @@ def _resume_target(run: Path | None, out: Path | None) -> Path:
     """The run that ``--resume [RUN]`` continues: RUN, else ``--out`` (the older spelling)."""
     if run is not None and out is not None and run != out:
         raise UsageError(f"--resume {run} and --out {out} name two runs; give one")
-    if run is None and out is None:
+    if run is not None:
+        return run
+    if out is None:
         raise UsageError("--resume needs the interrupted run's checkpoint: ncen train --resume RUN")
-    return run if run is not None else out  # type: ignore[return-value]
+    return out
 
 
 def resumed_config(

@@ -43,7 +43,7 @@ from ncen_cli.cli.options import (
     Threads,
     Verbose,
 )
-from ncen_cli.cli.reporting import Reporter
+from ncen_cli.cli.reporting import Reporter, ReportingOptions
 from ncen_cli.errors import UsageError
 
 if TYPE_CHECKING:  # torch-backed: imported when the command runs (usage errors stay instant)
@@ -231,7 +231,7 @@ def _run(
     *,
     attack: dict[str, Any],
     data: dict[str, Any],
-    reporting: dict[str, bool],
+    reporting: ReportingOptions,
 ) -> tuple[list[TransferResult], dict[str, Any], str, bool]:
     """Load the checkpoint and its test data, then one matrix per (attack, eps); ``attack``,
     ``data`` and ``reporting`` hold the command's options of that kind, by name.

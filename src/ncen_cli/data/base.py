@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -39,7 +40,8 @@ class ImageArrays:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+        # cast: validate_arrays checked that the images are (N, C, H, W)
+        return cast(tuple[int, int, int], tuple(self.train_x.shape[1:]))
 
     @property
     def num_classes(self) -> int:

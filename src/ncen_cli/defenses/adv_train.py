@@ -22,6 +22,8 @@ Defaults: FashionMNIST eps 0.1, CIFAR-10 eps 8/255; 10 steps of 2.5 eps / 10.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ncen_cli.attacks.base import AttackSettings
@@ -36,9 +38,12 @@ from ncen_cli.defenses.base import (
     require_integer,
 )
 
+if TYPE_CHECKING:
+    from ncen_cli.ensemble import Ensemble
+
 
 def adversarial_batch(
-    ensemble: torch.nn.Module,
+    ensemble: Ensemble,
     x: torch.Tensor,
     y: torch.Tensor,
     context: CraftContext,

@@ -152,14 +152,18 @@ def step_budget_check(runs: Sequence[AttackRun]) -> Check:
     """Iterative attacks with a fixed step must be able to reach the eps-ball's boundary:
     steps x step size >= eps. Otherwise the attack is weaker than its eps says (e.g. 10 steps of
     0.0125 at eps 0.3 move at most 0.125) and its accuracy overstates robustness."""
-    fixed = [run for run in runs if run.settings.steps > 1 and run.settings.step_size]
+    fixed = [
+        (run, run.settings.step_size)
+        for run in runs
+        if run.settings.steps > 1 and run.settings.step_size
+    ]
     if not fixed:
         return Check("step-budget", None, "needs an iterative attack with a fixed step size")
     bad = [
-        f"{run.attack}@{run.settings.eps:g}: {run.settings.steps} x {run.settings.step_size:g} = "
-        f"{run.settings.steps * run.settings.step_size:.4g} < eps"
-        for run in fixed
-        if run.settings.steps * run.settings.step_size < run.settings.eps * (1 - 1e-9)
+        f"{run.attack}@{run.settings.eps:g}: {run.settings.steps} x {step_size:g} = "
+        f"{run.settings.steps * step_size:.4g} < eps"
+        for run, step_size in fixed
+        if run.settings.steps * step_size < run.settings.eps * (1 - 1e-9)
     ]
     detail = (
         "; ".join(bad) + ": cannot reach the eps-ball's boundary, so the accuracy overstates "

@@ -76,7 +76,7 @@ def paper_protocol(
     return runs
 
 
-def protocol_eps(family: str) -> list[float]:
+def protocol_eps(family: str | None) -> list[float]:
     """Every eps value of the paper's protocol for ``family``, ascending."""
     return sorted({e for values in PAPER_EPS[_family(family)].values() for e in values})
 

@@ -130,7 +130,7 @@ def worst_over_objectives(
             least = min(rs, key=lambda r: r.accuracy)
             out.append(replace(least, params={**least.params, "objective": objective}))
             continue
-        mask = torch.stack([r.robust for r in rs]).all(0)
+        mask = torch.stack([r.robust for r in rs if r.robust is not None]).all(0)  # all set
         out.append(
             masked_result(
                 attack,
@@ -159,7 +159,7 @@ def worst_case_results(
     for eps, rs in sorted(by_eps.items()):
         if len(rs) < 2:
             continue
-        mask = torch.stack([r.robust for r in rs]).all(0)
+        mask = torch.stack([r.robust for r in rs if r.robust is not None]).all(0)  # all set
         params = {
             "objective": WORST_CASE,
             "seed": seed,

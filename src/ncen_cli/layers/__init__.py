@@ -37,10 +37,13 @@ def use_torch_layers(module: nn.Module) -> nn.Module:
     change), and return ``module``. For comparisons with torch's own double backward (the
     benchmark's reference, tests)."""
     for sub in module.modules():
+        torch_class: type[nn.Module] | None = None
         if isinstance(sub, BatchNorm2d):
-            sub.__class__ = nn.BatchNorm2d
+            torch_class = nn.BatchNorm2d
         elif isinstance(sub, Conv2d):
-            sub.__class__ = nn.Conv2d
+            torch_class = nn.Conv2d
+        if torch_class is not None:
+            sub.__class__ = torch_class
     return module
 
 

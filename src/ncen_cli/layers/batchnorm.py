@@ -198,10 +198,12 @@ class BatchNorm2d(nn.BatchNorm2d):
         ):
             return super().forward(x)
         self._check_input_dim(x)
-        self.num_batches_tracked.add_(1)
+        tracked = self.num_batches_tracked
+        assert tracked is not None  # a buffer whenever track_running_stats
+        tracked.add_(1)
         momentum = self.momentum
         if momentum is None:  # cumulative moving average
-            momentum = 1.0 / float(self.num_batches_tracked)
+            momentum = 1.0 / float(tracked)
         return _BatchNormTrain.apply(
             x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps
         )[0]
@@ -211,8 +213,10 @@ class BatchNorm2d(nn.BatchNorm2d):
         track = self.training and self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
         if track:
-            self.num_batches_tracked.add_(1)
+            tracked = self.num_batches_tracked
+            assert tracked is not None  # a buffer whenever track_running_stats
+            tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+                momentum = 1.0 / float(tracked)
         running = (self.running_mean, self.running_var) if track else (None, None)
         return _batch_norm_dual(x, self.weight, self.bias, *running, momentum, self.eps)
