@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 from torch import nn
 
@@ -14,6 +14,19 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": lambda: nn.ReLU(inplace=False),
     "leakyrelu": lambda: nn.LeakyReLU(0.1, inplace=False),
 }
+
+
+class ArchitectureBuilder(Protocol):
+    """:attr:`Architecture.build`: ``build(input_shape, num_classes, activation) -> nn.Module``,
+    the arguments passed by position (name them as you like)."""
+
+    def __call__(
+        self, input_shape: tuple[int, int, int], num_classes: int, activation: str, /
+    ) -> nn.Module:
+        """A new member for images of ``input_shape`` (C, H, W) and ``num_classes`` classes, with
+        ``activation`` (a key of :data:`ACTIVATIONS`); it maps (B, C, H, W) images in [0, 1] to
+        (B, num_classes) logits."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -31,7 +44,7 @@ class Architecture:
 
     name: str
     summary: str
-    build: Callable[[tuple[int, int, int], int, str], nn.Module]
+    build: ArchitectureBuilder
     min_size: int = 1
 
 

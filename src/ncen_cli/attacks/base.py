@@ -199,13 +199,27 @@ def _is_a(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-SingleRun = Callable[
-    [AttackTarget, torch.Tensor, torch.Tensor, AttackSettings, "torch.Generator | None"],
-    torch.Tensor,
-]
-"""``run(target, x, y, settings, generator) -> x_adv``: one run of an attack on float32 images
-x (B, C, H, W) in [0, 1] with labels y (B,), gradients enabled and the target's parameters frozen;
-x_adv (B, C, H, W) within the eps ball and [0, 1]. Randomness only from ``generator``."""
+class SingleRun(Protocol):
+    """An attack's single run (:attr:`Attack.run`): ``run(target, x, y, settings, generator) ->
+    x_adv``, the arguments passed by position (name them as you like)."""
+
+    def __call__(
+        self,
+        target: AttackTarget,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        settings: AttackSettings,
+        generator: torch.Generator | None,
+        /,
+    ) -> torch.Tensor:
+        """One run on float32 images x (B, C, H, W) in [0, 1] with labels y (B,), gradients
+        enabled and the target's parameters frozen; returns x_adv (B, C, H, W) within the eps ball
+        and [0, 1]. Randomness only from ``generator``."""
+        ...
+
+
+AttackDefaults = Callable[[float], dict[str, Any]]
+"""``defaults(eps) -> dict`` of :class:`AttackSettings` fields (:attr:`Attack.defaults`)."""
 
 
 @dataclass(frozen=True, init=False, eq=False)  # eq=False: hashable (options is a dict)
@@ -229,7 +243,7 @@ class Attack:
     name: str
     summary: str
     run: SingleRun
-    defaults: Callable[[float], dict[str, Any]]
+    defaults: AttackDefaults
     white_box: bool = True
     options: Mapping[str, AttackOption] = field(default_factory=dict)
     own_loss: str | None = None
@@ -239,7 +253,7 @@ class Attack:
         name: str,
         summary: str,
         run: SingleRun | None = None,
-        defaults: Callable[[float], dict[str, Any]] | None = None,
+        defaults: AttackDefaults | None = None,
         white_box: bool = True,
         options: Mapping[str, AttackOption] | None = None,
         own_loss: str | None = None,

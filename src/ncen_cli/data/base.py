@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 
@@ -66,6 +65,17 @@ def _subset(split: str, x: torch.Tensor, y: torch.Tensor, limit: int | None, see
     return {f"{split}_x": x[idx], f"{split}_y": y[idx]}
 
 
+class DatasetLoader(Protocol):
+    """:attr:`DatasetSpec.load`: ``load(data_dir, download) -> ImageArrays``, the arguments passed
+    by position (name them as you like)."""
+
+    def __call__(self, data_dir: Path | None, download: bool, /) -> ImageArrays:
+        """The whole dataset; ``data_dir`` is the user's ``--data-dir`` (None: the default
+        folder), ``download`` whether fetching missing files is allowed. Raises
+        :class:`ncen_cli.errors.DataUnavailableError` (one-line hint) when files are missing."""
+        ...
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """A registered dataset.
@@ -81,7 +91,7 @@ class DatasetSpec:
 
     name: str
     summary: str
-    load: Callable[[Path | None, bool], ImageArrays]
+    load: DatasetLoader
     family: str = "fashionmnist"
     extra: dict = field(default_factory=dict)
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from ncen_cli.registry import API_VERSION  # noqa: F401 - re-exported: plugins import it from here
+
+if TYPE_CHECKING:
+    from ncen_cli.ensemble import Ensemble
 
 EPS = 1e-30  # guards divisions by norms; tiny enough not to break scale invariance
 
@@ -63,6 +66,44 @@ class CraftContext:
     step: int
 
 
+class LossTerms(Protocol):
+    """:attr:`Defense.loss_terms`: ``loss_terms(inputs, **hyperparameters) -> dict[str, Tensor]``.
+
+    ``inputs`` comes by position; every resolved hyperparameter comes as a float keyword argument,
+    which an implementation may take by name (``*, lambda_gal: float``) or as ``**values``."""
+
+    def __call__(
+        self, inputs: DefenseInputs, /, *args: Any, **hyperparameters: Any
+    ) -> dict[str, torch.Tensor]:
+        """Named scalar terms, each batch-averaged and already multiplied by its weight."""
+        ...
+
+
+class MemberInputs(Protocol):
+    """:attr:`Defense.member_inputs` (API 2): ``member_inputs(ensemble, x, y, context,
+    **hyperparameters) -> (inputs, labels)``; the first four by position, every hyperparameter as
+    a float keyword argument (by name or as ``**values``)."""
+
+    def __call__(
+        self,
+        ensemble: Ensemble,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        context: CraftContext,
+        /,
+        *args: Any,
+        **hyperparameters: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the members train on for the batch x (B, C, H, W), y (B,): inputs (N, C, H, W)
+        or (k, N, C, H, W) in [0, 1], labels (N,) (see :class:`Defense`)."""
+        ...
+
+
+HyperparameterCheck = Callable[[dict[str, float]], None]
+""":attr:`Defense.check` (API 2): ``check(values)`` raises ``UsageError`` (one line) for resolved
+hyperparameter values the defense cannot run with."""
+
+
 @dataclass(frozen=True)
 class Hyperparameter:
     """A non-negative float hyperparameter with a default and optional per-dataset defaults."""
@@ -104,11 +145,11 @@ class Defense:
     name: str
     summary: str
     hyperparameters: Mapping[str, Hyperparameter]
-    loss_terms: Callable[..., dict[str, torch.Tensor]]
+    loss_terms: LossTerms
     needs_input_gradients: bool = True
     needs_logits: bool = False
-    member_inputs: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
-    check: Callable[[dict[str, float]], None] | None = None
+    member_inputs: MemberInputs | None = None
+    check: HyperparameterCheck | None = None
 
     def resolve(
         self, dataset: str, overrides: Mapping[str, float] | None = None
@@ -168,7 +209,7 @@ def pairwise_cosines(grads: torch.Tensor) -> torch.Tensor:
 
 def input_gradient_terms(
     terms: Callable[..., dict[str, torch.Tensor]], **variant: Any
-) -> Callable[..., dict[str, torch.Tensor]]:
+) -> LossTerms:
     """A :attr:`Defense.loss_terms` for a defense whose terms depend on the input gradients only:
     ``loss_terms(inputs, **hyperparameters) = terms(inputs.input_grads, **variant,
     **hyperparameters)``, with ``variant`` the registration's fixed choices (e.g. NCEn's
