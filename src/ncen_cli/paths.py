@@ -26,12 +26,18 @@ def runs_dir() -> Path:
     return Path(os.environ.get("NCEN_RUNS_DIR") or Path(_DIRS.user_data_dir) / "runs")
 
 
-def new_run_path(label: str) -> Path:
-    """A fresh checkpoint path ``<runs>/<timestamp>-<label>/ensemble.safetensors``."""
+def new_run_folder(label: str) -> Path:
+    """A fresh (not yet existing) folder name ``<runs>/<timestamp>-<label>``, with ``-2``,
+    ``-3``... appended when that one exists."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = runs_dir() / f"{stamp}-{label}"
     n = 1
     while folder.exists():
         n += 1
         folder = runs_dir() / f"{stamp}-{label}-{n}"
-    return folder / "ensemble.safetensors"
+    return folder
+
+
+def new_run_path(label: str) -> Path:
+    """A fresh checkpoint path ``<runs>/<timestamp>-<label>/ensemble.safetensors``."""
+    return new_run_folder(label) / "ensemble.safetensors"

@@ -36,7 +36,7 @@ import torch
 from ncen_cli.atomic import atomic_write_json
 from ncen_cli.checkpoint import parse_json
 from ncen_cli.crafting import get_defense
-from ncen_cli.data import ImageArrays, load_dataset
+from ncen_cli.data import ImageArrays
 from ncen_cli.device import Runtime
 from ncen_cli.distributed import SINGLE, DistContext
 from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
@@ -291,14 +291,7 @@ def _checked_inputs(
     if eval_limit is not None and eval_limit < 1:
         raise UsageError(f"--attack-limit must be >= 1, got {eval_limit}")
     if arrays is None:
-        arrays = load_dataset(
-            base_config.dataset,
-            base_config.data_dir,
-            base_config.download,
-            base_config.train_limit,
-            base_config.test_limit,
-            base_config.seed,
-        )
+        arrays = base_config.load_data()
     runs = list(score_runs) if score_runs is not None else runs_for(arrays.family, "score")
     validate_runs(runs)
     return arrays, runs

@@ -100,6 +100,17 @@ class TrainConfig:
     eval_batch_size: int = 500
     download: bool = True
 
+    def load_data(self) -> ImageArrays:
+        """The dataset it names, with its seeded subsets (:func:`ncen_cli.data.load_dataset`)."""
+        return load_dataset(
+            self.dataset,
+            self.data_dir,
+            self.download,
+            self.train_limit,
+            self.test_limit,
+            self.seed,
+        )
+
     def validate(self) -> None:
         check_member_count(len(self.members))
         for name, value in (
@@ -351,14 +362,7 @@ def plan_run(
         config.device, config.precision, config.threads, config.deterministic, config.seed
     )
     if arrays is None:
-        arrays = load_dataset(
-            config.dataset,
-            config.data_dir,
-            config.download,
-            config.train_limit,
-            config.test_limit,
-            config.seed,
-        )
+        arrays = config.load_data()
     family = arrays.family
     preset = training_preset(family)
     epochs = config.epochs or preset.epochs

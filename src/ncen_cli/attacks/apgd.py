@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ncen_cli.attacks.base import Attack, AttackSettings, AttackTarget
+from ncen_cli.attacks.base import Attack, AttackSettings, AttackTarget, SingleRun
 from ncen_cli.attacks.core import LossFn, input_gradient, objective_fn, project, uniform_start
 from ncen_cli.errors import UsageError
 
@@ -116,28 +116,21 @@ def apgd_once(
     return result
 
 
-def run_ce(
-    target: AttackTarget,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    settings: AttackSettings,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """One APGD-CE run on ``settings.objective``."""
-    return apgd_once(
-        target, x, y, settings.eps, settings.steps, objective_fn(settings.objective), generator
-    )
+def apgd_run(loss_fn: LossFn | None = None) -> SingleRun:
+    """The single run of APGD (:func:`apgd_once`) on ``loss_fn``, or on ``settings.objective``
+    when None."""
 
+    def run(
+        target: AttackTarget,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        settings: AttackSettings,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        loss = loss_fn or objective_fn(settings.objective)
+        return apgd_once(target, x, y, settings.eps, settings.steps, loss, generator)
 
-def run_dlr(
-    target: AttackTarget,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    settings: AttackSettings,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """One APGD-DLR run (the combined logits' DLR loss)."""
-    return apgd_once(target, x, y, settings.eps, settings.steps, dlr_loss, generator)
+    return run
 
 
 def defaults(eps: float) -> dict[str, Any]:
@@ -147,13 +140,13 @@ def defaults(eps: float) -> dict[str, Any]:
 APGD_CE = Attack(
     name="apgd-ce",
     summary="APGD-CE: step-size-free PGD on the ensemble objective, 100 iterations (L-inf)",
-    run=run_ce,
+    run=apgd_run(),
     defaults=defaults,
 )
 APGD_DLR = Attack(
     name="apgd-dlr",
     summary="APGD-DLR: step-size-free PGD on the DLR loss of the combined logits (L-inf)",
-    run=run_dlr,
+    run=apgd_run(dlr_loss),
     defaults=defaults,
     own_loss="dlr",
 )

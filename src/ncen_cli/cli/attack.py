@@ -14,34 +14,8 @@ from rich.console import JustifyMethod
 from rich.table import Table
 
 from ncen_cli.atomic import atomic_write_json, atomic_write_text
-from ncen_cli.cli.common import (
-    app,
-    check_eps,
-    checkpoint_test_data,
-    claim_output,
-    fail,
-    handle_errors,
-    out_console,
-    parse_float_list,
-    parse_name_list,
-    print_json,
-    require_positive,
-)
-from ncen_cli.cli.options import (
-    Attacks,
-    CheckpointDataDir,
-    CheckpointDataset,
-    Device,
-    Download,
-    Eps,
-    Json,
-    NoProgress,
-    Overwrite,
-    Quiet,
-    TestLimit,
-    Threads,
-    Verbose,
-)
+from ncen_cli.cli import common
+from ncen_cli.cli import options as opt
 from ncen_cli.cli.reporting import Reporter
 from ncen_cli.errors import UsageError
 
@@ -78,13 +52,11 @@ def build_runs(
             "--objective does not apply to --protocol authors (its objective is "
             "advertorch's CE on the authors' ensemble output)"
         )
-    eps_values = parse_float_list(eps, "--eps") if eps is not None else None
-    if eps_values is not None:
-        check_eps(eps_values)
-    names = parse_name_list(attacks, "--attacks") if attacks is not None else None
-    require_positive(steps, "--steps")
-    require_positive(step_size, "--step-size")
-    require_positive(restarts, "--restarts")
+    eps_values = common.parse_eps(eps)
+    names = common.parse_name_list(attacks, "--attacks") if attacks is not None else None
+    common.require_positive(steps, "--steps")
+    common.require_positive(step_size, "--step-size")
+    common.require_positive(restarts, "--restarts")
     from ncen_cli.evaluation import runs_for
 
     custom = protocol is None and (names is not None or eps_values is not None)
@@ -106,7 +78,7 @@ def protocol_options(
     protocol: str | None, quirks: str | None, batch_size: int | None
 ) -> tuple[AuthorsQuirks | None, int]:
     """``--quirks`` (authors only) and the batch size (default 500; authors: 64)."""
-    require_positive(batch_size, "--batch-size")
+    common.require_positive(batch_size, "--batch-size")
     if quirks is not None and protocol != "authors":
         raise UsageError("--quirks applies only to --protocol authors")
     from ncen_cli.authors_protocol import AUTHORS_BATCH_SIZE, AuthorsQuirks
@@ -227,8 +199,8 @@ def csv_text(report: EvaluationReport) -> str:
     return buffer.getvalue()
 
 
-@app.command("attack")
-@handle_errors
+@common.app.command("attack")
+@common.handle_errors
 def attack_command(
     checkpoint: Annotated[Path, typer.Argument(help="An ensemble checkpoint (.safetensors).")],
     protocol: Annotated[
@@ -251,8 +223,8 @@ def attack_command(
             "conditional, advertorch-iterations."
         ),
     ] = None,
-    attacks: Attacks = None,
-    eps: Eps = None,
+    attacks: opt.Attacks = None,
+    eps: opt.Eps = None,
     steps: Annotated[int | None, typer.Option(help="Iterations (Square: queries).")] = None,
     step_size: Annotated[float | None, typer.Option(help="Step size (alpha).")] = None,
     restarts: Annotated[
@@ -267,7 +239,7 @@ def attack_command(
             "every objective unless one is given."
         ),
     ] = None,
-    test_limit: TestLimit = None,
+    test_limit: opt.TestLimit = None,
     attack_option: Annotated[
         list[str] | None,
         typer.Option(
@@ -285,11 +257,11 @@ def attack_command(
             "in train mode)."
         ),
     ] = None,
-    dataset: CheckpointDataset = None,
-    data_dir: CheckpointDataDir = None,
-    download: Download = True,
-    device: Device = "auto",
-    threads: Threads = None,
+    dataset: opt.CheckpointDataset = None,
+    data_dir: opt.CheckpointDataDir = None,
+    download: opt.Download = True,
+    device: opt.Device = "auto",
+    threads: opt.Threads = None,
     seed: Annotated[int, typer.Option(help="Seeds the subset and every random start.")] = 0,
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 1 when a self-check fails.")
@@ -303,26 +275,26 @@ def attack_command(
     out: Annotated[
         Path | None, typer.Option(help="Also write the results to FILE (.json or .csv).")
     ] = None,
-    overwrite: Overwrite = False,
-    json_output: Json = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-    no_progress: NoProgress = False,
+    overwrite: opt.Overwrite = False,
+    json_output: opt.Json = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
+    no_progress: opt.NoProgress = False,
 ) -> None:
     """Attack an ensemble checkpoint and report accuracy under each attack, with self-checks."""
-    require_positive(test_limit, "--test-limit")
-    if eps is not None:
-        check_eps(parse_float_list(eps, "--eps"))
-    if out is not None and out.suffix.lower() not in (".json", ".csv"):
-        raise UsageError(f"--out {out}: the file name must end in .json or .csv")
+    common.require_positive(test_limit, "--test-limit")
+    common.parse_eps(eps)
+    common.check_suffix(out, ".json", ".csv")
     authors_quirks, batch_size = protocol_options(protocol, quirks, batch_size)
     from ncen_cli import distributed
     from ncen_cli.checkpoint import load_ensemble
     from ncen_cli.device import Runtime
     from ncen_cli.evaluation import evaluate
 
-    claim_output(out, overwrite)
-    meta, arrays = checkpoint_test_data(checkpoint, dataset, data_dir, download, test_limit, seed)
+    common.claim_output(out, overwrite)
+    meta, arrays = common.checkpoint_test_data(
+        checkpoint, dataset, data_dir, download, test_limit, seed
+    )
     family = meta.get("family")
     runs_family = family if family in ("fashionmnist", "cifar10") else None
     dist = distributed.initialize(device)  # under torchrun: each rank attacks its share
@@ -400,9 +372,9 @@ def attack_command(
         else:
             atomic_write_text(out, csv_text(report))
     if json_output:
-        print_json(payload)
+        common.print_json(payload)
     else:
-        console_out = out_console()
+        console_out = common.out_console()
         console_out.print(
             report_table(
                 report,
@@ -415,5 +387,5 @@ def attack_command(
     if failed:
         names = ", ".join(c.name for c in failed)
         if strict:
-            raise fail(f"{len(failed)} self-check(s) failed: {names}", 1)
+            raise common.fail(f"{len(failed)} self-check(s) failed: {names}", 1)
         console.print(f"[yellow]warning:[/] self-check(s) failed: {names} (see the table)")

@@ -182,6 +182,21 @@ def check_eps(values: list[float], option: str = "--eps") -> None:
             raise UsageError(f"{option} values must be in (0, 1] for images in [0, 1], got {eps}")
 
 
+def parse_eps(text: str | None) -> list[float] | None:
+    """``--eps`` parsed and every radius checked in (0, 1]; None when the option is not given."""
+    if text is None:
+        return None
+    values = parse_float_list(text, "--eps")
+    check_eps(values)
+    return values
+
+
+def check_suffix(out: Path | None, *suffixes: str) -> None:
+    """UsageError unless ``--out`` (when given) ends in one of ``suffixes`` (any case)."""
+    if out is not None and out.suffix.lower() not in suffixes:
+        raise UsageError(f"--out {out}: the file name must end in {' or '.join(suffixes)}")
+
+
 def checkpoint_test_data(
     checkpoint: Path,
     dataset: str | None,

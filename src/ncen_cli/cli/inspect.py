@@ -10,30 +10,9 @@ import typer
 from rich.table import Table
 
 from ncen_cli.atomic import atomic_write_json
-from ncen_cli.cli.common import (
-    app,
-    checkpoint_test_data,
-    claim_output,
-    handle_errors,
-    out_console,
-    print_json,
-    require_positive,
-)
-from ncen_cli.cli.options import (
-    CheckpointDataDir,
-    CheckpointDataset,
-    Device,
-    Download,
-    Json,
-    NoProgress,
-    Overwrite,
-    Quiet,
-    TestLimit,
-    Threads,
-    Verbose,
-)
+from ncen_cli.cli import common
+from ncen_cli.cli import options as opt
 from ncen_cli.cli.reporting import Reporter
-from ncen_cli.errors import UsageError
 
 if TYPE_CHECKING:  # torch-backed: imported when the command runs (usage errors stay instant)
     from ncen_cli.diagnostics import Diagnostics
@@ -82,43 +61,44 @@ def summary_table(result: Diagnostics) -> Table:
     return table
 
 
-@app.command("inspect")
-@handle_errors
+@common.app.command("inspect")
+@common.handle_errors
 def inspect_command(
     checkpoint: Annotated[Path, typer.Argument(help="An ensemble checkpoint (.safetensors).")],
-    test_limit: TestLimit = None,
+    test_limit: opt.TestLimit = None,
     batch_size: Annotated[
         int,
         typer.Option(
             help="Images per batch; the regularizer terms are computed per batch, as in training."
         ),
     ] = 64,
-    dataset: CheckpointDataset = None,
-    data_dir: CheckpointDataDir = None,
-    download: Download = True,
-    device: Device = "auto",
-    threads: Threads = None,
+    dataset: opt.CheckpointDataset = None,
+    data_dir: opt.CheckpointDataDir = None,
+    download: opt.Download = True,
+    device: opt.Device = "auto",
+    threads: opt.Threads = None,
     seed: Annotated[int, typer.Option(help="Seeds the subset of test images.")] = 0,
     out: Annotated[
         Path | None, typer.Option(help="Also write the results to FILE (.json).")
     ] = None,
-    overwrite: Overwrite = False,
-    json_output: Json = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-    no_progress: NoProgress = False,
+    overwrite: opt.Overwrite = False,
+    json_output: opt.Json = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
+    no_progress: opt.NoProgress = False,
 ) -> None:
     """Measure input-gradient diversity and member agreement of a checkpoint on test data."""
-    require_positive(batch_size, "--batch-size")
-    require_positive(test_limit, "--test-limit")
-    if out is not None and out.suffix.lower() != ".json":
-        raise UsageError(f"--out {out}: the file name must end in .json")
+    common.require_positive(batch_size, "--batch-size")
+    common.require_positive(test_limit, "--test-limit")
+    common.check_suffix(out, ".json")
     from ncen_cli.checkpoint import load_ensemble
     from ncen_cli.device import Runtime
     from ncen_cli.diagnostics import gradient_diversity
 
-    claim_output(out, overwrite)
-    _, arrays = checkpoint_test_data(checkpoint, dataset, data_dir, download, test_limit, seed)
+    common.claim_output(out, overwrite)
+    _, arrays = common.checkpoint_test_data(
+        checkpoint, dataset, data_dir, download, test_limit, seed
+    )
     runtime = Runtime.create(device=device, seed=seed, threads=threads)
     ensemble = load_ensemble(checkpoint, device=runtime.device)
     started = time.perf_counter()
@@ -149,9 +129,9 @@ def inspect_command(
     if out is not None:
         atomic_write_json(out, payload)
     if json_output:
-        print_json(payload)
+        common.print_json(payload)
         return
-    console = out_console()
+    console = common.out_console()
     console.print(
         pairs_table(
             result,

@@ -77,6 +77,52 @@ TestLimit = Annotated[
     int | None, typer.Option("--test-limit", help="Seeded subset of N test images.")
 ]
 
+# Training (train, and sweep, which trains one ensemble per grid cell)
+Members = Annotated[
+    str,
+    typer.Option(
+        help="Comma list (resnet20,resnet26,resnet32), 3xresnet20, "
+        "or a paper shorthand ensemble1..ensemble4[-kK]."
+    ),
+]
+NcenForm = Annotated[str, typer.Option(help="paper (eqs. 9-10) or official (authors' code).")]
+Param = Annotated[
+    list[str] | None,
+    typer.Option("--param", "-p", help="Any defense hyperparameter as NAME=VALUE (repeatable)."),
+]
+Activation = Annotated[str, typer.Option(help="relu or leakyrelu (0.1, as the authors' code).")]
+Combine = Annotated[str, typer.Option(help="mean-prob (the paper's) or mean-logits.")]
+Epochs = Annotated[int | None, typer.Option(help="Default: 40 FashionMNIST-like, 60 CIFAR-10.")]
+Augment = Annotated[bool, typer.Option(help="Random crop (+ flip for CIFAR-10).")]
+Noise = Annotated[bool, typer.Option(help="Train on D + D_noise (paper).")]
+NoiseEps = Annotated[
+    float | None, typer.Option(help="D_noise epsilon (sigma = eps/2); default 0.3 / 0.09.")
+]
+TrainLimit = Annotated[int | None, typer.Option(help="Seeded subset of N training images.")]
+Precision = Annotated[
+    str,
+    typer.Option(
+        help="fp32; tf32 (CUDA); bf16: forward passes of the training step in bfloat16 (CUDA, "
+        "or a CPU with native bf16: `ncen env` tells). Evaluation stays fp32."
+    ),
+]
+MemberThreads = Annotated[
+    int | None,
+    typer.Option(
+        help="Members trained concurrently on CPU threads (default: one per member on a "
+        "multi-core CPU, 1 on CUDA)."
+    ),
+]
+Deterministic = Annotated[bool, typer.Option(help="Deterministic algorithms.")]
+DoubleBackprop = Annotated[
+    str,
+    typer.Option(
+        help="How the regularizer's gradient is differentiated, both exact: exact (double "
+        "backprop, default) or jvp (forward mode). finite-diff is deprecated (runs exact)."
+    ),
+]
+FdScale = Annotated[float, typer.Option(help="Deprecated and ignored (finite-diff is retired).")]
+
 # Where and how torch computes
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Threads = Annotated[int | None, typer.Option(help="CPU threads for torch.")]

@@ -10,64 +10,32 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ncen_cli.cli.common import (
-    app,
-    check_eps,
-    claim_output,
-    handle_errors,
-    heat_colour,
-    out_console,
-    parse_float_list,
-    parse_name_list,
-    print_json,
-)
+from ncen_cli.cli import common
+from ncen_cli.cli import options as opt
 from ncen_cli.cli.config import ConfigFile, PrintConfig, command_settings, format_settings
-from ncen_cli.cli.options import (
-    DataDir,
-    Dataset,
-    Device,
-    Download,
-    Dpi,
-    Figure,
-    Json,
-    NoProgress,
-    Overwrite,
-    Quiet,
-    TestLimit,
-    Threads,
-    Verbose,
-)
 from ncen_cli.cli.reporting import Reporter
 from ncen_cli.cli.train import (
+    CONFIG_OPTIONS,
     DEFAULT_DOUBLE_BACKPROP,
     DEFAULT_FD_SCALE,
-    Activation,
-    Augment,
-    Combine,
-    Deterministic,
-    DoubleBackprop,
-    Epochs,
-    FdScale,
-    Members,
-    MemberThreads,
-    NcenForm,
-    Noise,
-    NoiseEps,
-    Param,
-    Precision,
-    TrainLimit,
     build_config,
 )
-from ncen_cli.paths import runs_dir
+from ncen_cli.paths import new_run_folder
 from ncen_cli.registry import DATASETS
 
 if TYPE_CHECKING:  # torch-backed: imported when the sweep runs (a usage error stays instant)
     from ncen_cli.sweep import Cell, CellResult, SweepResult
     from ncen_cli.training import EpochRecord
 
+# build_config's options that `ncen sweep` takes as `ncen train` does: not --defense (it sweeps
+# ncen) nor the lambdas (its --lambda-cos and --lambda-norm are the grid's comma lists)
+TRAINING_OPTIONS = tuple(
+    name for name in CONFIG_OPTIONS if name != "defense" and not name.startswith("lambda_")
+)
 
-@app.command("sweep")
-@handle_errors
+
+@common.app.command("sweep")
+@common.handle_errors
 def sweep_command(
     ctx: typer.Context,
     lambda_cos: Annotated[
@@ -76,30 +44,30 @@ def sweep_command(
     lambda_norm: Annotated[
         str, typer.Option(help="Comma list of lambda_norm values (grid columns).")
     ] = "0,0.02,0.04",
-    members: Members = "ensemble1",
-    dataset: Dataset = "fashionmnist",
-    data_dir: DataDir = None,
-    ncen_form: NcenForm = "paper",
-    param: Param = None,
-    activation: Activation = "relu",
-    combine: Combine = "mean-prob",
-    epochs: Epochs = None,
+    members: opt.Members = "ensemble1",
+    dataset: opt.Dataset = "fashionmnist",
+    data_dir: opt.DataDir = None,
+    ncen_form: opt.NcenForm = "paper",
+    param: opt.Param = None,
+    activation: opt.Activation = "relu",
+    combine: opt.Combine = "mean-prob",
+    epochs: opt.Epochs = None,
     batch_size: int = 64,
     lr: float = 1e-3,
-    augment: Augment = True,
-    noise: Noise = True,
-    noise_eps: NoiseEps = None,
-    train_limit: TrainLimit = None,
-    test_limit: TestLimit = None,
+    augment: opt.Augment = True,
+    noise: opt.Noise = True,
+    noise_eps: opt.NoiseEps = None,
+    train_limit: opt.TrainLimit = None,
+    test_limit: opt.TestLimit = None,
     seed: int = 0,
-    device: Device = "auto",
-    precision: Precision = "fp32",
-    threads: Threads = None,
-    member_threads: MemberThreads = None,
-    deterministic: Deterministic = False,
-    double_backprop: DoubleBackprop = DEFAULT_DOUBLE_BACKPROP,
-    fd_scale: FdScale = DEFAULT_FD_SCALE,
-    download: Download = True,
+    device: opt.Device = "auto",
+    precision: opt.Precision = "fp32",
+    threads: opt.Threads = None,
+    member_threads: opt.MemberThreads = None,
+    deterministic: opt.Deterministic = False,
+    double_backprop: opt.DoubleBackprop = DEFAULT_DOUBLE_BACKPROP,
+    fd_scale: opt.FdScale = DEFAULT_FD_SCALE,
+    download: opt.Download = True,
     attacks: Annotated[
         str | None,
         typer.Option(
@@ -123,15 +91,15 @@ def sweep_command(
             help="Sweep folder (re-run with the same --out to resume); default a new run folder."
         ),
     ] = None,
-    figure: Figure = None,
-    dpi: Dpi = 110,
-    overwrite: Overwrite = False,
-    json_output: Json = False,
+    figure: opt.Figure = None,
+    dpi: opt.Dpi = 110,
+    overwrite: opt.Overwrite = False,
+    json_output: opt.Json = False,
     config_file: ConfigFile = None,
     print_config: PrintConfig = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-    no_progress: NoProgress = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
+    no_progress: opt.NoProgress = False,
 ) -> None:
     """Train and score one NCEn ensemble per (lambda_cos, lambda_norm) cell; resumable."""
     if print_config:
@@ -145,39 +113,11 @@ def sweep_command(
     from ncen_cli.evaluation import runs_for
     from ncen_cli.sweep import run_sweep
 
-    config = build_config(
-        members=members,
-        dataset=dataset,
-        data_dir=data_dir,
-        defense="ncen",
-        ncen_form=ncen_form,
-        param=param,
-        activation=activation,
-        combine=combine,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        augment=augment,
-        noise=noise,
-        noise_eps=noise_eps,
-        train_limit=train_limit,
-        test_limit=test_limit,
-        seed=seed,
-        device=device,
-        precision=precision,
-        threads=threads,
-        member_threads=member_threads,
-        deterministic=deterministic,
-        double_backprop=double_backprop,
-        fd_scale=fd_scale,
-        download=download,
-    )
-    cos_values = parse_float_list(lambda_cos, "--lambda-cos")
-    norm_values = parse_float_list(lambda_norm, "--lambda-norm")
-    attack_names = parse_name_list(attacks, "--attacks") if attacks is not None else None
-    eps_values = parse_float_list(eps, "--eps") if eps is not None else None
-    if eps_values is not None:
-        check_eps(eps_values)
+    config = build_config(defense="ncen", **{name: ctx.params[name] for name in TRAINING_OPTIONS})
+    cos_values = common.parse_float_list(lambda_cos, "--lambda-cos")
+    norm_values = common.parse_float_list(lambda_norm, "--lambda-norm")
+    attack_names = common.parse_name_list(attacks, "--attacks") if attacks is not None else None
+    eps_values = common.parse_eps(eps)
     runs = None
     if attack_names is not None or eps_values is not None:
         runs = runs_for(
@@ -187,11 +127,11 @@ def sweep_command(
             eps=eps_values,
             combine=config.combine,
         )
-    claim_output(figure, overwrite, "--figure")
+    common.claim_output(figure, overwrite, "--figure")
     main = distributed.is_main_process()
     with Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose, main=main) as reporter:
         if out is None:
-            out = _new_sweep_dir(config.dataset)
+            out = new_run_folder(f"sweep-{config.dataset}")
             reporter.info(f"sweep folder {out} (to resume, re-run with --out {out})")
         result = run_sweep(
             config,
@@ -212,9 +152,9 @@ def sweep_command(
         if not quiet:
             sys.stderr.write(f"wrote {figure}\n")
     if json_output:
-        print_json(result.to_json())
+        common.print_json(result.to_json())
     else:
-        out_console().print(render_grid(result))
+        common.out_console().print(render_grid(result))
 
 
 def _progress_callbacks(reporter: Reporter) -> dict[str, Any]:
@@ -265,25 +205,12 @@ def _progress_callbacks(reporter: Reporter) -> dict[str, Any]:
     }
 
 
-def _new_sweep_dir(dataset: str) -> Path:
-    """A fresh ``<runs>/<timestamp>-sweep-<dataset>`` folder name."""
-    from datetime import datetime
-
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = runs_dir() / f"{stamp}-sweep-{dataset}"
-    n = 1
-    while folder.exists():
-        n += 1
-        folder = runs_dir() / f"{stamp}-sweep-{dataset}-{n}"
-    return folder
-
-
 def _colour(score: float, low: float, high: float) -> str:
     """The score's place between the grid's ``low`` and ``high`` as a viridis colour (violet ->
     teal -> yellow: readable with red-green colour blindness); lifted off the darkest end so the
     text stays readable on a dark terminal."""
     t = 0.5 if high <= low else (score - low) / (high - low)
-    return heat_colour(0.2 + 0.8 * t)
+    return common.heat_colour(0.2 + 0.8 * t)
 
 
 def render_grid(result: SweepResult) -> Table:

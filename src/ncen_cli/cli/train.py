@@ -9,27 +9,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ncen_cli.cli.common import (
-    app,
-    handle_errors,
-    out_console,
-    parse_key_values,
-    print_json,
-)
+from ncen_cli.cli import common
+from ncen_cli.cli import options as opt
 from ncen_cli.cli.config import ConfigFile, PrintConfig, format_settings, options_from_record
-from ncen_cli.cli.options import (
-    DataDir,
-    Dataset,
-    Device,
-    Download,
-    Json,
-    NoProgress,
-    Overwrite,
-    Quiet,
-    TestLimit,
-    Threads,
-    Verbose,
-)
 from ncen_cli.cli.reporting import Reporter
 from ncen_cli.errors import CheckpointError, NcenError, UsageError
 from ncen_cli.paths import new_run_path
@@ -42,52 +24,6 @@ if TYPE_CHECKING:
 # The defaults of ncen_cli.train_step (test_startup holds them equal):
 DEFAULT_DOUBLE_BACKPROP = "exact"
 DEFAULT_FD_SCALE = 3e-2
-
-# Option declarations shared with `ncen sweep` (which trains one ensemble per grid cell).
-Members = Annotated[
-    str,
-    typer.Option(
-        help="Comma list (resnet20,resnet26,resnet32), 3xresnet20, "
-        "or a paper shorthand ensemble1..ensemble4[-kK]."
-    ),
-]
-NcenForm = Annotated[str, typer.Option(help="paper (eqs. 9-10) or official (authors' code).")]
-Param = Annotated[
-    list[str] | None,
-    typer.Option("--param", "-p", help="Any defense hyperparameter as NAME=VALUE (repeatable)."),
-]
-Activation = Annotated[str, typer.Option(help="relu or leakyrelu (0.1, as the authors' code).")]
-Combine = Annotated[str, typer.Option(help="mean-prob (the paper's) or mean-logits.")]
-Epochs = Annotated[int | None, typer.Option(help="Default: 40 FashionMNIST-like, 60 CIFAR-10.")]
-Augment = Annotated[bool, typer.Option(help="Random crop (+ flip for CIFAR-10).")]
-Noise = Annotated[bool, typer.Option(help="Train on D + D_noise (paper).")]
-NoiseEps = Annotated[
-    float | None, typer.Option(help="D_noise epsilon (sigma = eps/2); default 0.3 / 0.09.")
-]
-TrainLimit = Annotated[int | None, typer.Option(help="Seeded subset of N training images.")]
-Precision = Annotated[
-    str,
-    typer.Option(
-        help="fp32; tf32 (CUDA); bf16: forward passes of the training step in bfloat16 (CUDA, "
-        "or a CPU with native bf16: `ncen env` tells). Evaluation stays fp32."
-    ),
-]
-MemberThreads = Annotated[
-    int | None,
-    typer.Option(
-        help="Members trained concurrently on CPU threads (default: one per member on a "
-        "multi-core CPU, 1 on CUDA)."
-    ),
-]
-Deterministic = Annotated[bool, typer.Option(help="Deterministic algorithms.")]
-DoubleBackprop = Annotated[
-    str,
-    typer.Option(
-        help="How the regularizer's gradient is differentiated, both exact: exact (double "
-        "backprop, default) or jvp (forward mode). finite-diff is deprecated (runs exact)."
-    ),
-]
-FdScale = Annotated[float, typer.Option(help="Deprecated and ignored (finite-diff is retired).")]
 
 
 def build_config(
@@ -131,7 +67,7 @@ def build_config(
         raise UsageError(f"--ncen-form must be paper or official, got '{ncen_form}'")
     if defense == "ncen" and ncen_form == "official":
         defense = "ncen-official"
-    hyper = parse_key_values(param, "--param")
+    hyper = common.parse_key_values(param, "--param")
     for name, value in (
         ("lambda_cos", lambda_cos),
         ("lambda_norm", lambda_norm),
@@ -237,17 +173,17 @@ def resumed_config(
     return merged, config
 
 
-@app.command("train")
-@handle_errors
+@common.app.command("train")
+@common.handle_errors
 def train_command(
     ctx: typer.Context,
-    members: Members = "resnet20,resnet26,resnet32",
-    dataset: Dataset = "fashionmnist",
-    data_dir: DataDir = None,
+    members: opt.Members = "resnet20,resnet26,resnet32",
+    dataset: opt.Dataset = "fashionmnist",
+    data_dir: opt.DataDir = None,
     defense: Annotated[
         str, typer.Option(help="baseline, ncen, gal, gpmr, or a plugin's.")
     ] = "ncen",
-    ncen_form: NcenForm = "paper",
+    ncen_form: opt.NcenForm = "paper",
     lambda_cos: Annotated[
         float | None,
         typer.Option(help="NCEn direction weight (paper: 0.02 FashionMNIST, 0.06 CIFAR-10)."),
@@ -260,26 +196,26 @@ def train_command(
         float | None, typer.Option(help="GPMR phase weight (0.1 / 0.04).")
     ] = None,
     lambda_eq: Annotated[float | None, typer.Option(help="GPMR magnitude weight (10).")] = None,
-    param: Param = None,
-    activation: Activation = "relu",
-    combine: Combine = "mean-prob",
-    epochs: Epochs = None,
+    param: opt.Param = None,
+    activation: opt.Activation = "relu",
+    combine: opt.Combine = "mean-prob",
+    epochs: opt.Epochs = None,
     batch_size: int = 64,
     lr: float = 1e-3,
-    augment: Augment = True,
-    noise: Noise = True,
-    noise_eps: NoiseEps = None,
-    train_limit: TrainLimit = None,
-    test_limit: TestLimit = None,
+    augment: opt.Augment = True,
+    noise: opt.Noise = True,
+    noise_eps: opt.NoiseEps = None,
+    train_limit: opt.TrainLimit = None,
+    test_limit: opt.TestLimit = None,
     seed: int = 0,
-    device: Device = "auto",
-    precision: Precision = "fp32",
-    threads: Threads = None,
-    member_threads: MemberThreads = None,
-    deterministic: Deterministic = False,
-    double_backprop: DoubleBackprop = DEFAULT_DOUBLE_BACKPROP,
-    fd_scale: FdScale = DEFAULT_FD_SCALE,
-    download: Download = True,
+    device: opt.Device = "auto",
+    precision: opt.Precision = "fp32",
+    threads: opt.Threads = None,
+    member_threads: opt.MemberThreads = None,
+    deterministic: opt.Deterministic = False,
+    double_backprop: opt.DoubleBackprop = DEFAULT_DOUBLE_BACKPROP,
+    fd_scale: opt.FdScale = DEFAULT_FD_SCALE,
+    download: opt.Download = True,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -302,13 +238,13 @@ def train_command(
             show_default=False,
         ),
     ] = None,
-    overwrite: Overwrite = False,
-    json_output: Json = False,
+    overwrite: opt.Overwrite = False,
+    json_output: opt.Json = False,
     config_file: ConfigFile = None,
     print_config: PrintConfig = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-    no_progress: NoProgress = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
+    no_progress: opt.NoProgress = False,
 ) -> None:
     """Train an ensemble and write it to a safetensors checkpoint."""
     options = {name: ctx.params[name] for name in CONFIG_OPTIONS}
@@ -375,9 +311,9 @@ def train_command(
         "seconds": sum(r.seconds for r in result.history),
     }
     if json_output:
-        print_json(summary)
+        common.print_json(summary)
     else:
-        out_console().print(
+        common.out_console().print(
             f"wrote {summary['checkpoint']}\n{summary['defense']} on {summary['dataset']}, "
             f"members {','.join(config.members)}: {summary['epochs']} epochs, "
             f"clean test accuracy {summary['test_accuracy']:.4f}"

@@ -12,37 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ncen_cli.atomic import atomic_write_json
-from ncen_cli.cli.common import (
-    app,
-    check_eps,
-    checkpoint_test_data,
-    claim_output,
-    err_console,
-    handle_errors,
-    heat_colour,
-    out_console,
-    parse_float_list,
-    parse_name_list,
-    print_json,
-    require_positive,
-)
-from ncen_cli.cli.options import (
-    Attacks,
-    CheckpointDataDir,
-    CheckpointDataset,
-    Device,
-    Download,
-    Dpi,
-    Eps,
-    Figure,
-    Json,
-    NoProgress,
-    Overwrite,
-    Quiet,
-    TestLimit,
-    Threads,
-    Verbose,
-)
+from ncen_cli.cli import common
+from ncen_cli.cli import options as opt
 from ncen_cli.cli.reporting import Reporter, ReportingOptions
 from ncen_cli.errors import UsageError
 
@@ -68,7 +39,7 @@ def heat_table(result: TransferResult) -> Table:
         cells = []
         for j, value in enumerate(row):
             style = Style(
-                bgcolor=heat_colour(value),
+                bgcolor=common.heat_colour(value),
                 color="black" if value > 0.55 else "white",
                 bold=i == j,
                 underline=i == j,
@@ -96,18 +67,18 @@ def figure_title(meta: dict[str, Any], dataset: str) -> str:
     return f"{members} | {meta.get('defense', 'unknown defense')} | {dataset}"
 
 
-@app.command("transfer")
-@handle_errors
+@common.app.command("transfer")
+@common.handle_errors
 def transfer_command(
     checkpoint: Annotated[Path, typer.Argument(help="Ensemble checkpoint (.safetensors).")],
-    attacks: Attacks = None,
-    eps: Eps = None,
+    attacks: opt.Attacks = None,
+    eps: opt.Eps = None,
     steps: Annotated[int | None, typer.Option(help="Iterations (default: the attack's).")] = None,
     step_size: Annotated[
         float | None, typer.Option(help="Step size (default: the attack's for --eps).")
     ] = None,
     restarts: Annotated[int | None, typer.Option(help="Random restarts (worst case).")] = None,
-    test_limit: TestLimit = None,
+    test_limit: opt.TestLimit = None,
     only_correct: Annotated[
         bool,
         typer.Option(
@@ -115,11 +86,11 @@ def transfer_command(
         ),
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images crafted at once.")] = 500,
-    dataset: CheckpointDataset = None,
-    data_dir: CheckpointDataDir = None,
-    download: Download = True,
-    device: Device = "auto",
-    threads: Threads = None,
+    dataset: opt.CheckpointDataset = None,
+    data_dir: opt.CheckpointDataDir = None,
+    download: opt.Download = True,
+    device: opt.Device = "auto",
+    threads: opt.Threads = None,
     seed: Annotated[int, typer.Option(help="Seeds the --test-limit subset and random starts.")] = 0,
     protocol: Annotated[
         str | None,
@@ -132,13 +103,13 @@ def transfer_command(
     out: Annotated[
         Path | None, typer.Option(help="Also write the results to FILE (.json).")
     ] = None,
-    figure: Figure = None,
-    dpi: Dpi = 110,
-    overwrite: Overwrite = False,
-    json_output: Json = False,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
-    no_progress: NoProgress = False,
+    figure: opt.Figure = None,
+    dpi: opt.Dpi = 110,
+    overwrite: opt.Overwrite = False,
+    json_output: opt.Json = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
+    no_progress: opt.NoProgress = False,
     attack_option: Annotated[
         list[str] | None,
         typer.Option(
@@ -153,9 +124,8 @@ def transfer_command(
 
     One matrix per attack in --attacks and radius in --eps (default pgd at the paper's 0.05).
     """
-    names = parse_name_list(attacks or DEFAULT_ATTACKS, "--attacks")
-    eps_values = parse_float_list(eps, "--eps") if eps is not None else [DEFAULT_EPS]
-    check_eps(eps_values)
+    names = common.parse_name_list(attacks or DEFAULT_ATTACKS, "--attacks")
+    eps_values = common.parse_eps(eps) or [DEFAULT_EPS]
     for value, option in (
         (steps, "--steps"),
         (step_size, "--step-size"),
@@ -163,10 +133,10 @@ def transfer_command(
         (test_limit, "--test-limit"),
         (batch_size, "--batch-size"),
     ):
-        require_positive(value, option)
+        common.require_positive(value, option)
     _check_outputs(protocol, out, figure, dpi)
-    claim_output(out, overwrite)
-    claim_output(figure, overwrite, "--figure")
+    common.claim_output(out, overwrite)
+    common.claim_output(figure, overwrite, "--figure")
     results, meta, dataset_name, is_main = _run(
         checkpoint,
         names,
@@ -202,11 +172,11 @@ def transfer_command(
 
         transfer_heatmap(results, figure, dpi=dpi, title=figure_title(meta, dataset_name))
         if not quiet:
-            err_console().print(f"wrote {figure}")
+            common.err_console().print(f"wrote {figure}")
     if json_output:
-        print_json(payload)
+        common.print_json(payload)
         return
-    console = out_console()
+    console = common.out_console()
     for result in results:
         console.print(heat_table(result))
         console.print(summary_line(result))
@@ -216,8 +186,7 @@ def _check_outputs(protocol: str | None, out: Path | None, figure: Path | None, 
     """``--protocol``, ``--out`` and ``--figure``/``--dpi``, before any slow work."""
     if protocol not in (None, "authors"):
         raise UsageError(f"--protocol must be authors (or omitted), got '{protocol}'")
-    if out is not None and out.suffix.lower() != ".json":
-        raise UsageError(f"--out {out}: the file name must end in .json")
+    common.check_suffix(out, ".json")
     if figure is not None:
         from ncen_cli.plots import check_figure
 
@@ -256,7 +225,7 @@ def _run(
         ],
         attack["options"],
     )
-    meta, arrays = checkpoint_test_data(
+    meta, arrays = common.checkpoint_test_data(
         checkpoint,
         data["dataset"],
         data["data_dir"],
