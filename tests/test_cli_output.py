@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
+from helpers import save_tiny_checkpoint
 from ncen_cli.checkpoint import save_ensemble
 from ncen_cli.cli import app, reporting
 from ncen_cli.cli.common import heat_rgb
@@ -24,22 +25,9 @@ from ncen_cli.errors import UsageError
 runner = CliRunner()
 
 
-def _checkpoint(path):
-    torch.manual_seed(0)
-    ens = build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4)
-    meta = {
-        "dataset": "synthetic",
-        "family": "fashionmnist",
-        "input_shape": [1, 12, 12],
-        "num_classes": 4,
-        "defense": "baseline",
-    }
-    return save_ensemble(ens, path, meta)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "syn.safetensors")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "syn.safetensors")
 
 
 # --- figures ---------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from helpers import train_flags
 from ncen_cli.checkpoint import MAX_CLASSES, save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.ensemble import MAX_MEMBERS, build_ensemble
@@ -49,21 +50,10 @@ FUZZ = settings(
 )
 runner = CliRunner()
 TINY = [
-    "--members",
-    "2xresnet20",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "16",
-    "--train-limit",
-    "16",
-    "--test-limit",
-    "16",
+    *train_flags(
+        epochs=1, batch_size=16, train_limit=16, test_limit=16, threads=True, dataset=None
+    ),
     "--no-noise",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
 ]
 SWEEP = [
     "sweep",

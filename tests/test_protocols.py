@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from helpers import save_tiny_checkpoint
 from ncen_cli.attacks.base import AttackSettings
 from ncen_cli.authors_protocol import AuthorsEnsemble, AuthorsQuirks, batch_statistics
-from ncen_cli.checkpoint import save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.ensemble import Ensemble, build_ensemble
 from ncen_cli.errors import NcenError, UsageError
@@ -243,14 +243,7 @@ def test_non_finite_outputs_are_refused():
 
 def test_cli_refuses_a_checkpoint_with_nan_weights(tmp_path):
     path = tmp_path / "nan.safetensors"
-    meta = {
-        "dataset": "synthetic",
-        "family": "fashionmnist",
-        "input_shape": [1, 12, 12],
-        "num_classes": 4,
-        "defense": "baseline",
-    }
-    save_ensemble(nan_ensemble(), path, meta)
+    save_tiny_checkpoint(path, nan_ensemble())
     res = runner.invoke(
         app,
         [
@@ -276,15 +269,7 @@ def test_cli_refuses_a_checkpoint_with_nan_weights(tmp_path):
 
 def test_cli_authors_and_strong_json(tmp_path):
     path = tmp_path / "bn.safetensors"
-    torch.manual_seed(0)
-    meta = {
-        "dataset": "synthetic",
-        "family": "fashionmnist",
-        "input_shape": [1, 12, 12],
-        "num_classes": 4,
-        "defense": "baseline",
-    }
-    save_ensemble(build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4), path, meta)
+    save_tiny_checkpoint(path)
     before = path.read_bytes()
     base = [
         str(path),
@@ -369,14 +354,7 @@ def test_transfer_authors_crafts_on_softmax_members(tmp_path):
     assert soft.clean == plain.clean  # the softmax changes the crafting loss, not predictions
     ens.members[1].load_state_dict(ens.members[0].state_dict())  # agreeing members: some kept
     path = tmp_path / "t.safetensors"
-    meta = {
-        "dataset": "synthetic",
-        "family": "fashionmnist",
-        "input_shape": [1, 12, 12],
-        "num_classes": 4,
-        "defense": "baseline",
-    }
-    save_ensemble(ens, path, meta)
+    save_tiny_checkpoint(path, ens)
     res = runner.invoke(
         app,
         [

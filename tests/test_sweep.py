@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import ncen_cli.sweep as sweep_mod
+from helpers import train_flags
 from ncen_cli.attacks.base import AttackSettings
 from ncen_cli.cli import app
 from ncen_cli.errors import InterruptedRun, UsageError
@@ -26,23 +27,7 @@ from ncen_cli.sweep import (
 from ncen_cli.training import TrainConfig
 
 runner = CliRunner()
-TINY = [
-    "--dataset",
-    "synthetic",
-    "--members",
-    "2xresnet20",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "16",
-    "--train-limit",
-    "32",
-    "--test-limit",
-    "16",
-    "--no-noise",
-    "--device",
-    "cpu",
-]
+TINY = [*train_flags(epochs=1, batch_size=16, train_limit=32, test_limit=16), "--no-noise"]
 FGSM = [AttackRun("fgsm", AttackSettings(eps=0.1, steps=1, step_size=0.1))]
 
 
