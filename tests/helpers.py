@@ -42,6 +42,13 @@ def train_flags(
     return [*flags, "--threads", "1"] if threads else flags
 
 
+def fgsm_attack_args(checkpoint: Path, *extra: str, test_limit: int = 4) -> list[str]:
+    """``ncen attack CHECKPOINT`` with FGSM at eps 0.1 on ``test_limit`` test images, on the CPU,
+    then ``extra``."""
+    attack = ["--attacks", "fgsm", "--eps", "0.1", "--test-limit", str(test_limit)]
+    return ["attack", str(checkpoint), *attack, "--device", "cpu", *extra]
+
+
 def tiny_ensemble(k: int = 2, shape: tuple[int, int, int] = (1, 12, 12), classes: int = 4):
     """``k`` resnet20 members for ``shape`` images and ``classes`` classes, seeded (seed 0)."""
     torch.manual_seed(0)

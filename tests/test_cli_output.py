@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from helpers import save_tiny_checkpoint
+from helpers import fgsm_attack_args, save_tiny_checkpoint
 from ncen_cli.checkpoint import save_ensemble
 from ncen_cli.cli import app, reporting
 from ncen_cli.cli.common import heat_rgb
@@ -197,21 +197,7 @@ def test_quiet_and_verbose_logging():
 
 
 def test_attack_quiet_prints_results_only(ckpt, tmp_path):
-    args = [
-        "attack",
-        str(ckpt),
-        "--attacks",
-        "fgsm",
-        "--eps",
-        "0.1",
-        "--test-limit",
-        "8",
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(tmp_path),
-        "--json",
-    ]
+    args = fgsm_attack_args(ckpt, "--data-dir", str(tmp_path), "--json", test_limit=8)
     res = runner.invoke(app, [*args, "-q"])
     assert res.exit_code == 0 and res.stderr == ""
     assert json.loads(res.stdout)["n"] == 8

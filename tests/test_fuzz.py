@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from helpers import train_flags
+from helpers import fgsm_attack_args, train_flags
 from ncen_cli.checkpoint import MAX_CLASSES, save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.ensemble import MAX_MEMBERS, build_ensemble
@@ -71,6 +71,11 @@ SWEEP = [
     "--attack-limit",
     "4",
 ]
+
+
+def _train_on(dataset: str, data_dir: Path, out: Path) -> list[str]:
+    """``ncen train`` of the tiny settings on ``dataset`` read from ``data_dir``, into ``out``."""
+    return ["train", "--dataset", dataset, "--data-dir", str(data_dir), *TINY, "--out", str(out)]
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -211,20 +216,7 @@ def template(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _attack(path: Path) -> list[str]:
-    return [
-        "attack",
-        str(path),
-        "--attacks",
-        "fgsm",
-        "--eps",
-        "0.1",
-        "--test-limit",
-        "4",
-        "--device",
-        "cpu",
-        "--out",
-        str(path.parent / "results.json"),
-    ]
+    return fgsm_attack_args(path, "--out", str(path.parent / "results.json"))
 
 
 def test_the_template_checkpoint_itself_is_accepted(template, tmp_path):
@@ -440,7 +432,7 @@ def test_fuzz_npz_datasets(data):
             os.mkfifo(target)
         out = folder / "out" / "run.safetensors"
         assert_clean_failure(
-            ["train", "--dataset", "npz", "--data-dir", str(folder), *TINY, "--out", str(out)],
+            _train_on("npz", folder, out),
             folder,
         )
 
@@ -452,16 +444,7 @@ def test_fashionmnist_files_with_labels_outside_its_ten_classes(tmp_path, label)
         np.savez(tmp_path / f"fashionmnist_{split}.npz", x=x, y=np.array([0, 1, 2, label]))
     out = tmp_path / "o" / "r.safetensors"
     line = assert_clean_failure(
-        [
-            "train",
-            "--dataset",
-            "fashionmnist",
-            "--data-dir",
-            str(tmp_path),
-            *TINY,
-            "--out",
-            str(out),
-        ],
+        _train_on("fashionmnist", tmp_path, out),
         tmp_path,
     )
     assert f"label {label} is outside [0, " in line
@@ -687,16 +670,7 @@ def test_damaged_torchvision_files_are_not_reported_as_a_failed_download(tmp_pat
         (raw / name).write_bytes(b"\x00\x00\x08\x03 damaged")
     out = tmp_path / "o" / "r.safetensors"
     line = assert_clean_failure(
-        [
-            "train",
-            "--dataset",
-            "fashionmnist",
-            "--data-dir",
-            str(tmp_path),
-            *TINY,
-            "--out",
-            str(out),
-        ],
+        _train_on("fashionmnist", tmp_path, out),
         tmp_path,
     )
     assert "damaged" in line and "download failed" not in line

@@ -21,7 +21,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import default_sigint, ncen_env, one_error_line, start_ncen, train_flags
+from helpers import (
+    default_sigint,
+    fgsm_attack_args,
+    ncen_env,
+    one_error_line,
+    start_ncen,
+    train_flags,
+)
 from ncen_cli.atomic import atomic_write_json
 from ncen_cli.checkpoint import load_ensemble, save_ensemble
 from ncen_cli.cli import app
@@ -141,41 +148,14 @@ def test_attack_out_and_transfer_png_follow_the_same_rules(tmp_path):
     line = one_error_line(
         runner.invoke(
             app,
-            [
-                "attack",
-                str(ckpt),
-                "--attacks",
-                "fgsm",
-                "--eps",
-                "0.1",
-                "--test-limit",
-                "4",
-                "--device",
-                "cpu",
-                "--out",
-                str(results),
-            ],
+            fgsm_attack_args(ckpt, "--out", str(results)),
         ),
         2,
     )
     assert "--overwrite" in line and results.read_text() == "{}"
     ok = runner.invoke(
         app,
-        [
-            "attack",
-            str(ckpt),
-            "--attacks",
-            "fgsm",
-            "--eps",
-            "0.1",
-            "--test-limit",
-            "4",
-            "--device",
-            "cpu",
-            "--out",
-            str(results),
-            "--overwrite",
-        ],
+        fgsm_attack_args(ckpt, "--out", str(results), "--overwrite"),
     )
     assert ok.exit_code == 0, ok.output
     assert "results" in json.loads(results.read_text()) and not lock_path(results).exists()
@@ -361,19 +341,7 @@ def test_non_finite_checkpoint_is_refused_at_load(tmp_path, where):
         load_ensemble(path)
     result = runner.invoke(
         app,
-        [
-            "attack",
-            str(path),
-            "--attacks",
-            "fgsm",
-            "--eps",
-            "0.1",
-            "--test-limit",
-            "4",
-            "--device",
-            "cpu",
-            "--strict",
-        ],
+        fgsm_attack_args(path, "--strict"),
     )
     assert "NaN or infinite" in one_error_line(result, 1)
 

@@ -56,26 +56,25 @@ def _install(site: Path, dists: dict[str, str], modules: dict[str, str]) -> None
         (site / f"{module}.py").write_text(source)
 
 
-@pytest.fixture
-def hostile_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    site = tmp_path / "site"
-    _install(site, DISTS, MODULES)
+def _installed(site: Path, monkeypatch: pytest.MonkeyPatch, dists: dict, modules: dict):
+    """Install ``dists`` and ``modules`` in ``site``, put it first on ``sys.path`` and clear
+    ``NCEN_PLUGINS``; yields ``site``, then forgets the imported modules."""
+    _install(site, dists, modules)
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.delenv("NCEN_PLUGINS", raising=False)
     yield site
-    for module in MODULES:
+    for module in modules:
         sys.modules.pop(module, None)
+
+
+@pytest.fixture
+def hostile_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    yield from _installed(tmp_path / "site", monkeypatch, DISTS, MODULES)
 
 
 @pytest.fixture
 def slow_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    site = tmp_path / "site"
-    _install(site, SLOW_DISTS, SLOW_MODULES)
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delenv("NCEN_PLUGINS", raising=False)
-    yield site
-    for module in SLOW_MODULES:
-        sys.modules.pop(module, None)
+    yield from _installed(tmp_path / "site", monkeypatch, SLOW_DISTS, SLOW_MODULES)
 
 
 def _rows(result) -> dict[tuple[str, str, str], dict]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from helpers import save_tiny_checkpoint
+from helpers import fgsm_attack_args, save_tiny_checkpoint
 from ncen_cli.attacks.base import AttackSettings
 from ncen_cli.authors_protocol import AuthorsEnsemble, AuthorsQuirks, batch_statistics
 from ncen_cli.cli import app
@@ -246,21 +246,7 @@ def test_cli_refuses_a_checkpoint_with_nan_weights(tmp_path):
     save_tiny_checkpoint(path, nan_ensemble())
     res = runner.invoke(
         app,
-        [
-            "attack",
-            str(path),
-            "--data-dir",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            "--test-limit",
-            "8",
-            "--attacks",
-            "fgsm",
-            "--eps",
-            "0.1",
-            "--json",
-        ],
+        fgsm_attack_args(path, "--data-dir", str(tmp_path), "--json", test_limit=8),
     )
     assert res.exit_code == 1  # refused when the checkpoint is loaded, before any attack runs
     assert "NaN or infinite" in res.stderr and res.stdout == ""
