@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from ncen_cli.checkpoint import load_ensemble, save_ensemble
 from ncen_cli.ensemble import build_ensemble
-from ncen_cli.training import resume_path
+from ncen_cli.training import TrainConfig, resume_path
 
 
 def train_flags(
@@ -47,6 +47,14 @@ def fgsm_attack_args(checkpoint: Path, *extra: str, test_limit: int = 4) -> list
     then ``extra``."""
     attack = ["--attacks", "fgsm", "--eps", "0.1", "--test-limit", str(test_limit)]
     return ["attack", str(checkpoint), *attack, "--device", "cpu", *extra]
+
+
+def tiny_config(**settings: Any) -> TrainConfig:
+    """A :class:`TrainConfig` of two resnet20 members on the synthetic dataset, on the CPU, with
+    ``settings`` (epochs, batch size, limits, ...)."""
+    return TrainConfig(
+        members=["resnet20", "resnet20"], dataset="synthetic", device="cpu", **settings
+    )
 
 
 def tiny_ensemble(k: int = 2, shape: tuple[int, int, int] = (1, 12, 12), classes: int = 4):
@@ -76,6 +84,28 @@ def save_tiny_checkpoint(
     if ensemble is None:
         ensemble = tiny_ensemble(members, shape, classes)
     return save_ensemble(ensemble, path, meta)
+
+
+def scored_cells(folder: Path, lambda_cos: list[float], lambda_norm: list[float]) -> list:
+    """A finished sweep's cells over the grid ``lambda_cos`` x ``lambda_norm`` without training:
+    cell ``i`` (in grid order) scores ``0.1 * (i + 1)``; checkpoints named in ``folder``."""
+    from ncen_cli.sweep import CellResult, expand_grid
+
+    return [
+        CellResult(
+            cell,
+            0.9,
+            0.1 * (i + 1),
+            0.09 * (i + 1),
+            {"fgsm@0.1": 0.1 * (i + 1)},
+            1.0,
+            1.0,
+            0.0,
+            folder / f"{cell.id}.safetensors",
+            1,
+        )
+        for i, cell in enumerate(expand_grid(lambda_cos, lambda_norm))
+    ]
 
 
 def ncen_env(**extra: str) -> dict[str, str]:

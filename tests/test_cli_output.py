@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from helpers import fgsm_attack_args, save_tiny_checkpoint
+from helpers import fgsm_attack_args, save_tiny_checkpoint, scored_cells
 from ncen_cli.checkpoint import save_ensemble
 from ncen_cli.cli import app, reporting
 from ncen_cli.cli.common import heat_rgb
@@ -88,23 +88,9 @@ def test_figure_suffix_and_dpi_are_checked_first(tmp_path):
 def test_sweep_contour_levels_do_not_cover_the_cell_values(tmp_path):
     pytest.importorskip("matplotlib")
     from ncen_cli.plots import sweep_figure
-    from ncen_cli.sweep import CellResult, SweepResult, expand_grid
+    from ncen_cli.sweep import SweepResult
 
-    cells = [
-        CellResult(
-            cell,
-            0.9,
-            0.1 * (i + 1),
-            0.09 * (i + 1),
-            {"fgsm@0.1": 0.1 * (i + 1)},
-            1.0,
-            1.0,
-            0.0,
-            tmp_path / f"{cell.id}.safetensors",
-            1,
-        )
-        for i, cell in enumerate(expand_grid([0.0, 0.02, 0.06], [0.0, 0.04]))
-    ]
+    cells = scored_cells(tmp_path, [0.0, 0.02, 0.06], [0.0, 0.04])
     result = SweepResult(
         tmp_path, [0.0, 0.02, 0.06], [0.0, 0.04], cells, [{"attack": "fgsm", "eps": 0.1}]
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import member_weights, start_ncen, train_flags, wait_for_epoch
+from helpers import member_weights, start_ncen, tiny_config, train_flags, wait_for_epoch
 from ncen_cli.crafting import compose, craft_batch, crafting_generator, crafting_state, get_defense
 from ncen_cli.defenses.adv_train import DEFENSE as ADV
 from ncen_cli.defenses.adv_train import adversarial_batch
@@ -18,7 +18,7 @@ from ncen_cli.defenses.base import CraftContext, Defense
 from ncen_cli.ensemble import build_ensemble
 from ncen_cli.errors import UsageError
 from ncen_cli.train_step import exact_step, jvp_step
-from ncen_cli.training import TrainConfig, resume_path, train
+from ncen_cli.training import resume_path, train
 
 
 def _ensemble(k: int = 2) -> torch.nn.Module:
@@ -175,14 +175,11 @@ def test_composition_takes_the_regularizer_on_the_crafted_batch() -> None:
 
 
 def test_adv_train_trains_and_records_its_settings(tmp_path) -> None:
-    config = TrainConfig(
-        members=["resnet20", "resnet20"],
-        dataset="synthetic",
+    config = tiny_config(
         epochs=1,
         batch_size=16,
         train_limit=32,
         test_limit=16,
-        device="cpu",
         defense="ncen+adv-train",
         hyperparameters={"steps": 2},
     )

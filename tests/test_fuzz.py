@@ -28,12 +28,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from helpers import fgsm_attack_args, train_flags
+from helpers import fgsm_attack_args, tiny_config, train_flags
 from ncen_cli.checkpoint import MAX_CLASSES, save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.ensemble import MAX_MEMBERS, build_ensemble
 from ncen_cli.errors import InterruptedRun
-from ncen_cli.training import TrainConfig, resume_path, train
+from ncen_cli.training import resume_path, train
 
 LONG = os.environ.get("NCEN_FUZZ", "").lower() == "long"
 FUZZ_EXAMPLES = 300 if LONG else 12
@@ -458,16 +458,8 @@ def finished_run(tmp_path_factory) -> Path:
     """A 2-epoch run interrupted after epoch 1 (checkpoint + resume state): a finished run
     deletes its resume state, so the states to fuzz are those of interrupted runs."""
     out = tmp_path_factory.mktemp("run") / "run.safetensors"
-    config = TrainConfig(
-        members=["resnet20", "resnet20"],
-        dataset="synthetic",
-        epochs=2,
-        batch_size=16,
-        train_limit=16,
-        test_limit=16,
-        noise=False,
-        device="cpu",
-        threads=1,
+    config = tiny_config(
+        epochs=2, batch_size=16, train_limit=16, test_limit=16, noise=False, threads=1
     )
 
     def stop(_record) -> None:

@@ -27,6 +27,7 @@ from helpers import (
     ncen_env,
     one_error_line,
     start_ncen,
+    tiny_config,
     train_flags,
 )
 from ncen_cli.atomic import atomic_write_json
@@ -35,7 +36,7 @@ from ncen_cli.cli import app
 from ncen_cli.ensemble import build_ensemble
 from ncen_cli.errors import CheckpointError, InterruptedRun, NcenError, NonFiniteModelError
 from ncen_cli.output_safety import lock_path, output_lock
-from ncen_cli.training import TrainConfig, resume_path, train
+from ncen_cli.training import resume_path, train
 
 runner = CliRunner()
 TINY = [
@@ -261,16 +262,8 @@ def test_every_written_file_honours_the_umask(tmp_path, umask, mode):
         atomic_write_json(tmp_path / "r.json", {"a": 1})
         # a finished run deletes its resume state: an interrupted one keeps it
         stopped = tmp_path / "stopped.safetensors"
-        config = TrainConfig(
-            members=["resnet20"] * 2,
-            dataset="synthetic",
-            epochs=2,
-            batch_size=16,
-            train_limit=16,
-            test_limit=16,
-            noise=False,
-            device="cpu",
-            threads=1,
+        config = tiny_config(
+            epochs=2, batch_size=16, train_limit=16, test_limit=16, noise=False, threads=1
         )
         with pytest.raises(InterruptedRun):
             train(config, stopped, on_epoch=_stop)
@@ -299,16 +292,13 @@ def test_a_step_that_breaks_the_weights_stops_and_keeps_the_last_finite_epoch(tm
         return {"poison": torch.sqrt(zero) if calls["n"] > 1 else zero}
 
     out = tmp_path / "run.safetensors"
-    config = TrainConfig(
-        members=["resnet20"] * 2,
-        dataset="synthetic",
+    config = tiny_config(
         defense="poisoned",
         epochs=3,
         batch_size=16,
         train_limit=16,
         test_limit=16,
         noise=False,
-        device="cpu",
         threads=1,
     )
     with (

@@ -14,14 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from helpers import member_weights, start_ncen, train_flags, wait_for_epoch
+from helpers import member_weights, start_ncen, tiny_config, train_flags, wait_for_epoch
 from ncen_cli.checkpoint import load_ensemble, save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.defenses.base import Defense
 from ncen_cli.ensemble import build_ensemble
 from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
 from ncen_cli.registry import registered
-from ncen_cli.training import TrainConfig, resume_path, train
+from ncen_cli.training import resume_path, train
 
 runner = CliRunner()
 TRAIN_ARGS = [
@@ -76,15 +76,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
 
 
 def test_resume_refuses_other_settings(tmp_path):
-    config = TrainConfig(
-        members=["resnet20", "resnet20"],
-        dataset="synthetic",
-        epochs=1,
-        batch_size=32,
-        train_limit=64,
-        test_limit=32,
-        device="cpu",
-    )
+    config = tiny_config(epochs=1, batch_size=32, train_limit=64, test_limit=32)
     config.epochs = 2
     out = tmp_path / "r.safetensors"
 
@@ -183,16 +175,8 @@ def test_non_finite_loss_stops_with_term_and_epoch_and_keeps_last_checkpoint(tmp
         return {"boom": value + (float("nan") if calls["n"] > 1 else 0.0)}  # 1 batch per epoch
 
     with registered("defenses", Defense("exploding", "test", {}, exploding)):
-        config = TrainConfig(
-            members=["resnet20", "resnet20"],
-            dataset="synthetic",
-            defense="exploding",
-            epochs=3,
-            batch_size=32,
-            train_limit=32,
-            test_limit=16,
-            noise=False,
-            device="cpu",
+        config = tiny_config(
+            defense="exploding", epochs=3, batch_size=32, train_limit=32, test_limit=16, noise=False
         )
         out = tmp_path / "nan.safetensors"
         with pytest.raises(NonFiniteLossError, match=r"epoch 2 \(term: boom\)"):
