@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn as nn
 from safetensors import safe_open
@@ -169,3 +170,22 @@ def wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int, timeout: float
 def member_weights(path: Path) -> dict[str, torch.Tensor]:
     """The members' state dict of the checkpoint at ``path``."""
     return load_ensemble(path).members.state_dict()
+
+
+def install_plugins(
+    site: Path, monkeypatch: pytest.MonkeyPatch, dists: dict[str, str], modules: dict[str, str]
+) -> Path:
+    """Fake-install distributions (``dists``: name -> entry_points.txt) and their modules
+    (``modules``: name -> source) into ``site``, put it first on ``sys.path`` and clear
+    ``NCEN_PLUGINS``; returns ``site``."""
+    site.mkdir(exist_ok=True)
+    for dist, entry_points in dists.items():
+        info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+        (info / "entry_points.txt").write_text(entry_points)
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("NCEN_PLUGINS", raising=False)
+    return site

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers import install_plugins
 from ncen_cli.cli import app
 from ncen_cli.registry import DEFENSES
 
@@ -44,25 +45,9 @@ SLOW_MODULES = {
 SLOW_DISTS = {"ncen-slow-import": "[ncen.defenses]\nslow = ncen_slow_import:DEFENSE\n"}
 
 
-def _install(site: Path, dists: dict[str, str], modules: dict[str, str]) -> None:
-    """Fake-install distributions (entry points) and their modules into ``site``."""
-    site.mkdir(exist_ok=True)
-    for dist, entry_points in dists.items():
-        info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-        (info / "entry_points.txt").write_text(entry_points)
-    for module, source in modules.items():
-        (site / f"{module}.py").write_text(source)
-
-
 def _installed(site: Path, monkeypatch: pytest.MonkeyPatch, dists: dict, modules: dict):
-    """Install ``dists`` and ``modules`` in ``site``, put it first on ``sys.path`` and clear
-    ``NCEN_PLUGINS``; yields ``site``, then forgets the imported modules."""
-    _install(site, dists, modules)
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delenv("NCEN_PLUGINS", raising=False)
-    yield site
+    """:func:`install_plugins`, then forget the imported modules."""
+    yield install_plugins(site, monkeypatch, dists, modules)
     for module in modules:
         sys.modules.pop(module, None)
 
