@@ -109,6 +109,22 @@ def scored_cells(folder: Path, lambda_cos: list[float], lambda_norm: list[float]
     ]
 
 
+# The start of a ``python -c`` script that runs the console script's code path with the
+# arguments in ``sys.argv[1]`` (a JSON list) and leaves its exit status in ``code``; a test
+# appends what to report (the imported modules) on stderr.
+LAUNCH_PROBE = """
+import json, sys
+sys.argv = ["ncen", *json.loads(sys.argv[1])]
+from ncen_cli.launcher import main
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+"""
+
+
 def ncen_env(**extra: str) -> dict[str, str]:
     """The environment of an ``ncen`` subprocess: offline, one OpenMP thread, plus ``extra``."""
     return {**os.environ, "NCEN_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
