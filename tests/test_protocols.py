@@ -4,6 +4,7 @@ per-example worst case, the objective-sensitivity check, and refusal of non-fini
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,18 +254,19 @@ def test_cli_refuses_a_checkpoint_with_nan_weights(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+def _local_run(checkpoint: Path, data_dir: Path, test_limit: int) -> list[str]:
+    """A command's checkpoint argument, then ``--data-dir DATA_DIR``, the CPU and ``test_limit``
+    test images."""
+    options = ["--data-dir", str(data_dir), "--device", "cpu", "--test-limit", str(test_limit)]
+    return [str(checkpoint), *options]
+
+
 def test_cli_authors_and_strong_json(tmp_path):
     path = tmp_path / "bn.safetensors"
     save_tiny_checkpoint(path)
     before = path.read_bytes()
     base = [
-        str(path),
-        "--data-dir",
-        str(tmp_path),
-        "--device",
-        "cpu",
-        "--test-limit",
-        "12",
+        *_local_run(path, tmp_path, test_limit=12),
         "--eps",
         "0.1",
         "--steps",
@@ -345,13 +347,7 @@ def test_transfer_authors_crafts_on_softmax_members(tmp_path):
         app,
         [
             "transfer",
-            str(path),
-            "--data-dir",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            "--test-limit",
-            "100",
+            *_local_run(path, tmp_path, test_limit=100),
             "--attacks",
             "mifgsm",
             "--steps",
