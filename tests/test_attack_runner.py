@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from helpers import save_tiny_checkpoint
 from ncen_cli.attacks.base import (
     OBJECTIVES,
     Attack,
@@ -22,9 +23,8 @@ from ncen_cli.attacks.base import (
 from ncen_cli.attacks.fgsm import ATTACK as FGSM
 from ncen_cli.attacks.pgd import BIM, PGD
 from ncen_cli.attacks.square import ATTACK as SQUARE
-from ncen_cli.checkpoint import save_ensemble
 from ncen_cli.cli import app
-from ncen_cli.ensemble import Ensemble, build_ensemble
+from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import NcenError, UsageError
 from ncen_cli.registry import registered
 
@@ -179,16 +179,7 @@ def test_an_api_2_attack_is_refused_in_one_line() -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    ens = build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4)
-    meta = {
-        "dataset": "synthetic",
-        "family": "fashionmnist",
-        "input_shape": [1, 12, 12],
-        "num_classes": 4,
-        "defense": "baseline",
-    }
-    return save_ensemble(ens, tmp_path_factory.mktemp("ckpt") / "syn.safetensors", meta)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "syn.safetensors")
 
 
 def _cli(*args) -> object:

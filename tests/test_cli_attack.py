@@ -6,33 +6,18 @@ import csv
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from ncen_cli.checkpoint import save_ensemble
+from helpers import save_tiny_checkpoint
 from ncen_cli.cli import app
-from ncen_cli.ensemble import build_ensemble
 from ncen_cli.evaluation import Check, EvaluationReport
 
 runner = CliRunner()
 
 
-def _checkpoint(path, shape=(1, 12, 12), classes=4):
-    torch.manual_seed(0)
-    ens = build_ensemble(["resnet20", "resnet20"], shape, classes)
-    meta = {
-        "dataset": "synthetic",
-        "family": "fashionmnist",
-        "input_shape": list(shape),
-        "num_classes": classes,
-        "defense": "baseline",
-    }
-    return save_ensemble(ens, path, meta)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "syn.safetensors")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "syn.safetensors")
 
 
 def run(*args: str):
@@ -154,7 +139,7 @@ def test_bad_input_is_one_line_exit_2(ckpt, tmp_path, args):
 def test_missing_checkpoint_and_dataset_mismatch(tmp_path):
     res = run(tmp_path / "none.safetensors", "--data-dir", tmp_path)
     assert res.exit_code == 2 and "does not exist" in res.stderr
-    other = _checkpoint(tmp_path / "other.safetensors", shape=(1, 8, 8), classes=10)
+    other = save_tiny_checkpoint(tmp_path / "other.safetensors", shape=(1, 8, 8), classes=10)
     res = run(other, "--data-dir", tmp_path, "--device", "cpu")
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "checkpoint expects" in res.stderr and "Traceback" not in res.stderr

@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
+from helpers import fgsm_attack_args, save_tiny_checkpoint, scored_cells
 from ncen_cli.checkpoint import save_ensemble
 from ncen_cli.cli import app, reporting
 from ncen_cli.cli.common import heat_rgb
@@ -24,22 +25,9 @@ from ncen_cli.errors import UsageError
 runner = CliRunner()
 
 
-def _checkpoint(path):
-    torch.manual_seed(0)
-    ens = build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4)
-    meta = {
-        "dataset": "synthetic",
-        "family": "fashionmnist",
-        "input_shape": [1, 12, 12],
-        "num_classes": 4,
-        "defense": "baseline",
-    }
-    return save_ensemble(ens, path, meta)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "syn.safetensors")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "syn.safetensors")
 
 
 # --- figures ---------------------------------------------------------------------------------
@@ -100,23 +88,9 @@ def test_figure_suffix_and_dpi_are_checked_first(tmp_path):
 def test_sweep_contour_levels_do_not_cover_the_cell_values(tmp_path):
     pytest.importorskip("matplotlib")
     from ncen_cli.plots import sweep_figure
-    from ncen_cli.sweep import CellResult, SweepResult, expand_grid
+    from ncen_cli.sweep import SweepResult
 
-    cells = [
-        CellResult(
-            cell,
-            0.9,
-            0.1 * (i + 1),
-            0.09 * (i + 1),
-            {"fgsm@0.1": 0.1 * (i + 1)},
-            1.0,
-            1.0,
-            0.0,
-            tmp_path / f"{cell.id}.safetensors",
-            1,
-        )
-        for i, cell in enumerate(expand_grid([0.0, 0.02, 0.06], [0.0, 0.04]))
-    ]
+    cells = scored_cells(tmp_path, [0.0, 0.02, 0.06], [0.0, 0.04])
     result = SweepResult(
         tmp_path, [0.0, 0.02, 0.06], [0.0, 0.04], cells, [{"attack": "fgsm", "eps": 0.1}]
     )
@@ -209,21 +183,7 @@ def test_quiet_and_verbose_logging():
 
 
 def test_attack_quiet_prints_results_only(ckpt, tmp_path):
-    args = [
-        "attack",
-        str(ckpt),
-        "--attacks",
-        "fgsm",
-        "--eps",
-        "0.1",
-        "--test-limit",
-        "8",
-        "--device",
-        "cpu",
-        "--data-dir",
-        str(tmp_path),
-        "--json",
-    ]
+    args = fgsm_attack_args(ckpt, "--data-dir", str(tmp_path), "--json", test_limit=8)
     res = runner.invoke(app, [*args, "-q"])
     assert res.exit_code == 0 and res.stderr == ""
     assert json.loads(res.stdout)["n"] == 8

@@ -7,26 +7,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from helpers import train_flags
 from ncen_cli.checkpoint import load_ensemble
 from ncen_cli.cli import app
 
 runner = CliRunner()
-TINY = [
-    "--dataset",
-    "synthetic",
-    "--members",
-    "2xresnet20",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "32",
-    "--train-limit",
-    "64",
-    "--test-limit",
-    "32",
-    "--device",
-    "cpu",
-]
+TINY = train_flags(epochs=1, batch_size=32, train_limit=64, test_limit=32)
 
 
 def test_train_writes_a_loadable_checkpoint(tmp_path):

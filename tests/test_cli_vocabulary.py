@@ -14,6 +14,7 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
+from helpers import LAUNCH_PROBE
 from ncen_cli.cli import COMMANDS, app, load_command
 from ncen_cli.cli.options import DEPRECATED_SPELLINGS, rewrite_deprecated
 
@@ -179,18 +180,12 @@ def test_the_cli_copies_of_library_constants_agree():
 
 # --- usage errors: one line, exit 2, no torch ------------------------------------------------
 
-PROBE = """
-import json, sys
-sys.argv = ["ncen", *json.loads(sys.argv[1])]
-from ncen_cli.launcher import main
-try:
-    main()
-except SystemExit as exc:
-    code = exc.code
-else:
-    code = 0
+PROBE = (
+    LAUNCH_PROBE
+    + """
 sys.stderr.write("PROBE " + json.dumps({"code": code, "torch": "torch" in sys.modules}) + "\\n")
 """
+)
 
 
 def _probe(args: list[str], env: dict[str, str] | None = None) -> tuple[dict, list[str], str]:

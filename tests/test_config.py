@@ -9,33 +9,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers import train_flags
 from ncen_cli.cli import app
 
 runner = CliRunner()
 FLAGS = [
-    "--dataset",
-    "synthetic",
-    "--members",
-    "2xresnet20",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "16",
-    "--train-limit",
-    "16",
-    "--test-limit",
-    "16",
+    *train_flags(epochs=1, batch_size=16, train_limit=16, test_limit=16, threads=True),
     "--no-noise",
-    "--seed",
-    "5",
-    "--lambda-cos",
-    "0.03",
-    "-p",
-    "lambda_norm=0.01",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
+    *["--seed", "5", "--lambda-cos", "0.03", "-p", "lambda_norm=0.01"],
 ]
 # the same settings as a file: keys with '-' or '_', a boolean, a list for the repeatable --param
 FILE = """members = "2xresnet20"

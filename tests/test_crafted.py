@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import member_weights, start_ncen, tiny_config, train_flags, wait_for_epoch
 from ncen_cli.crafting import compose, craft_batch, crafting_generator, crafting_state, get_defense
 from ncen_cli.defenses.adv_train import DEFENSE as ADV
 from ncen_cli.defenses.adv_train import adversarial_batch
@@ -17,8 +18,7 @@ from ncen_cli.defenses.base import CraftContext, Defense
 from ncen_cli.ensemble import build_ensemble
 from ncen_cli.errors import UsageError
 from ncen_cli.train_step import exact_step, jvp_step
-from ncen_cli.training import TrainConfig, resume_path, train
-from test_reliability import _cli, _wait_for_epoch, _weights
+from ncen_cli.training import resume_path, train
 
 
 def _ensemble(k: int = 2) -> torch.nn.Module:
@@ -175,14 +175,11 @@ def test_composition_takes_the_regularizer_on_the_crafted_batch() -> None:
 
 
 def test_adv_train_trains_and_records_its_settings(tmp_path) -> None:
-    config = TrainConfig(
-        members=["resnet20", "resnet20"],
-        dataset="synthetic",
+    config = tiny_config(
         epochs=1,
         batch_size=16,
         train_limit=32,
         test_limit=16,
-        device="cpu",
         defense="ncen+adv-train",
         hyperparameters={"steps": 2},
     )
@@ -194,47 +191,27 @@ def test_adv_train_trains_and_records_its_settings(tmp_path) -> None:
 
 ADV_ARGS = [
     "train",
-    "--dataset",
-    "synthetic",
-    "--members",
-    "2xresnet20",
-    "--epochs",
-    "3",
-    "--batch-size",
-    "16",
-    "--train-limit",
-    "48",
-    "--test-limit",
-    "16",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
-    "--seed",
-    "7",
-    "--defense",
-    "adv-train",
-    "-p",
-    "steps=2",
+    *train_flags(epochs=3, batch_size=16, train_limit=48, test_limit=16, threads=True),
+    *["--seed", "7", "--defense", "adv-train", "-p", "steps=2"],
 ]
 
 
 def test_adv_train_sigkill_then_resume_equals_uninterrupted_run(tmp_path) -> None:
     straight = tmp_path / "straight.safetensors"
-    proc = _cli([*ADV_ARGS, "--out", str(straight)])
+    proc = start_ncen([*ADV_ARGS, "--out", str(straight)])
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     killed = tmp_path / "killed.safetensors"
-    proc = _cli([*ADV_ARGS, "--out", str(killed)])
-    _wait_for_epoch(proc, killed, 1)
+    proc = start_ncen([*ADV_ARGS, "--out", str(killed)])
+    wait_for_epoch(proc, killed, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert resume_path(killed).exists()
-    resumed = _cli([*ADV_ARGS, "--out", str(killed), "--resume", "--json"])
+    resumed = start_ncen([*ADV_ARGS, "--out", str(killed), "--resume", "--json"])
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr
     assert json.loads(stdout)["resumed_from_epoch"] >= 1
-    a, b = _weights(straight), _weights(killed)
+    a, b = member_weights(straight), member_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import tiny_config
 from ncen_cli import distributed
 from ncen_cli.cli.attack import build_runs
 from ncen_cli.data.synthetic import make_arrays
@@ -23,7 +24,7 @@ from ncen_cli.evaluation import (
     runs_for,
     strong_protocol,
 )
-from ncen_cli.training import TrainConfig, plan_run
+from ncen_cli.training import plan_run
 from ncen_cli.transfer import run_settings, source_stream
 
 
@@ -130,14 +131,7 @@ def test_runtime_settings_hold_inside_the_scope_only():
 
 def test_plan_run_resolves_without_training_or_touching_torch(tmp_path):
     threads = torch.get_num_threads()
-    config = TrainConfig(
-        members=["resnet20", "resnet20"],
-        dataset="synthetic",
-        noise_eps=None,
-        device="cpu",
-        threads=1 if threads != 1 else 2,
-        batch_size=16,
-    )
+    config = tiny_config(noise_eps=None, threads=1 if threads != 1 else 2, batch_size=16)
     out = tmp_path / "run.safetensors"
     plan = plan_run(config, out, arrays=make_arrays(40, 8, seed=0))
     assert plan.epochs >= 1 and plan.recorded["epochs"] == plan.epochs

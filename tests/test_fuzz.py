@@ -28,11 +28,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from helpers import fgsm_attack_args, tiny_config, train_flags
 from ncen_cli.checkpoint import MAX_CLASSES, save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.ensemble import MAX_MEMBERS, build_ensemble
 from ncen_cli.errors import InterruptedRun
-from ncen_cli.training import TrainConfig, resume_path, train
+from ncen_cli.training import resume_path, train
 
 LONG = os.environ.get("NCEN_FUZZ", "").lower() == "long"
 FUZZ_EXAMPLES = 300 if LONG else 12
@@ -49,21 +50,10 @@ FUZZ = settings(
 )
 runner = CliRunner()
 TINY = [
-    "--members",
-    "2xresnet20",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "16",
-    "--train-limit",
-    "16",
-    "--test-limit",
-    "16",
+    *train_flags(
+        epochs=1, batch_size=16, train_limit=16, test_limit=16, threads=True, dataset=None
+    ),
     "--no-noise",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
 ]
 SWEEP = [
     "sweep",
@@ -81,6 +71,11 @@ SWEEP = [
     "--attack-limit",
     "4",
 ]
+
+
+def _train_on(dataset: str, data_dir: Path, out: Path) -> list[str]:
+    """``ncen train`` of the tiny settings on ``dataset`` read from ``data_dir``, into ``out``."""
+    return ["train", "--dataset", dataset, "--data-dir", str(data_dir), *TINY, "--out", str(out)]
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -221,20 +216,7 @@ def template(tmp_path_factory) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _attack(path: Path) -> list[str]:
-    return [
-        "attack",
-        str(path),
-        "--attacks",
-        "fgsm",
-        "--eps",
-        "0.1",
-        "--test-limit",
-        "4",
-        "--device",
-        "cpu",
-        "--out",
-        str(path.parent / "results.json"),
-    ]
+    return fgsm_attack_args(path, "--out", str(path.parent / "results.json"))
 
 
 def test_the_template_checkpoint_itself_is_accepted(template, tmp_path):
@@ -450,7 +432,7 @@ def test_fuzz_npz_datasets(data):
             os.mkfifo(target)
         out = folder / "out" / "run.safetensors"
         assert_clean_failure(
-            ["train", "--dataset", "npz", "--data-dir", str(folder), *TINY, "--out", str(out)],
+            _train_on("npz", folder, out),
             folder,
         )
 
@@ -462,16 +444,7 @@ def test_fashionmnist_files_with_labels_outside_its_ten_classes(tmp_path, label)
         np.savez(tmp_path / f"fashionmnist_{split}.npz", x=x, y=np.array([0, 1, 2, label]))
     out = tmp_path / "o" / "r.safetensors"
     line = assert_clean_failure(
-        [
-            "train",
-            "--dataset",
-            "fashionmnist",
-            "--data-dir",
-            str(tmp_path),
-            *TINY,
-            "--out",
-            str(out),
-        ],
+        _train_on("fashionmnist", tmp_path, out),
         tmp_path,
     )
     assert f"label {label} is outside [0, " in line
@@ -485,16 +458,8 @@ def finished_run(tmp_path_factory) -> Path:
     """A 2-epoch run interrupted after epoch 1 (checkpoint + resume state): a finished run
     deletes its resume state, so the states to fuzz are those of interrupted runs."""
     out = tmp_path_factory.mktemp("run") / "run.safetensors"
-    config = TrainConfig(
-        members=["resnet20", "resnet20"],
-        dataset="synthetic",
-        epochs=2,
-        batch_size=16,
-        train_limit=16,
-        test_limit=16,
-        noise=False,
-        device="cpu",
-        threads=1,
+    config = tiny_config(
+        epochs=2, batch_size=16, train_limit=16, test_limit=16, noise=False, threads=1
     )
 
     def stop(_record) -> None:
@@ -697,16 +662,7 @@ def test_damaged_torchvision_files_are_not_reported_as_a_failed_download(tmp_pat
         (raw / name).write_bytes(b"\x00\x00\x08\x03 damaged")
     out = tmp_path / "o" / "r.safetensors"
     line = assert_clean_failure(
-        [
-            "train",
-            "--dataset",
-            "fashionmnist",
-            "--data-dir",
-            str(tmp_path),
-            *TINY,
-            "--out",
-            str(out),
-        ],
+        _train_on("fashionmnist", tmp_path, out),
         tmp_path,
     )
     assert "damaged" in line and "download failed" not in line

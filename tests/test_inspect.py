@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from ncen_cli.checkpoint import save_ensemble
+from helpers import save_tiny_checkpoint
 from ncen_cli.cli import app
 from ncen_cli.data.pipeline import iterate_eval_batches
 from ncen_cli.defenses.base import DefenseInputs
@@ -101,22 +101,9 @@ def test_terms_are_the_training_steps_terms_in_eval_mode():
     assert ours["gpmr.eq"] > 0 and ours["ncen.norm"] < 0
 
 
-def _checkpoint(path, shape=(1, 12, 12), classes=4):
-    torch.manual_seed(0)
-    ens = build_ensemble(["resnet20", "resnet20", "resnet20"], shape, classes)
-    meta = {
-        "dataset": "synthetic",
-        "family": "fashionmnist",
-        "input_shape": list(shape),
-        "num_classes": classes,
-        "defense": "baseline",
-    }
-    return save_ensemble(ens, path, meta)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return _checkpoint(tmp_path_factory.mktemp("ckpt") / "syn.safetensors")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "syn.safetensors", members=3)
 
 
 def test_json_shape(ckpt):
@@ -168,7 +155,9 @@ def _bad_inputs(tmp_path, ckpt):
     damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
-    other = _checkpoint(tmp_path / "other.safetensors", shape=(1, 8, 8), classes=10)
+    other = save_tiny_checkpoint(
+        tmp_path / "other.safetensors", members=3, shape=(1, 8, 8), classes=10
+    )
     return {
         "missing": [tmp_path / "none.safetensors"],
         "damaged": [damaged],

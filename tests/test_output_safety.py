@@ -21,44 +21,29 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from helpers import (
+    default_sigint,
+    fgsm_attack_args,
+    ncen_env,
+    one_error_line,
+    start_ncen,
+    tiny_config,
+    train_flags,
+)
 from ncen_cli.atomic import atomic_write_json
 from ncen_cli.checkpoint import load_ensemble, save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.ensemble import build_ensemble
 from ncen_cli.errors import CheckpointError, InterruptedRun, NcenError, NonFiniteModelError
 from ncen_cli.output_safety import lock_path, output_lock
-from ncen_cli.training import TrainConfig, resume_path, train
+from ncen_cli.training import resume_path, train
 
 runner = CliRunner()
 TINY = [
     "train",
-    "--dataset",
-    "synthetic",
-    "--members",
-    "2xresnet20",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "16",
-    "--train-limit",
-    "16",
-    "--test-limit",
-    "16",
+    *train_flags(epochs=1, batch_size=16, train_limit=16, test_limit=16, threads=True),
     "--no-noise",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
 ]
-
-
-def _one_error_line(result, code: int | tuple[int, ...]) -> str:
-    codes = (code,) if isinstance(code, int) else code
-    assert result.exit_code in codes, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -83,14 +68,6 @@ def _model(path: Path) -> Path:
     )
 
 
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "NCEN_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background test runner passes it ignored
-
-
 # --- existing --out -------------------------------------------------------------------------
 
 
@@ -109,7 +86,7 @@ def test_existing_out_of_any_kind_is_refused_and_left_alone(tmp_path, kind):
     else:
         os.mkfifo(out)
     before = _digest(tmp_path)
-    line = _one_error_line(runner.invoke(app, [*TINY, "--out", str(out)]), 2)
+    line = one_error_line(runner.invoke(app, [*TINY, "--out", str(out)]), 2)
     assert str(out) in line and ("--overwrite" in line or "folder" in line)
     assert _digest(tmp_path) == before and not lock_path(out).exists()
 
@@ -126,7 +103,7 @@ def test_overwrite_replaces_and_drops_the_old_resume_state(tmp_path):
 
 def test_resume_and_overwrite_together_is_refused(tmp_path):
     out = tmp_path / "run.safetensors"
-    _one_error_line(runner.invoke(app, [*TINY, "--out", str(out), "--resume", "--overwrite"]), 2)
+    one_error_line(runner.invoke(app, [*TINY, "--out", str(out), "--resume", "--overwrite"]), 2)
 
 
 def test_resume_of_a_finished_run_without_resume_state_says_so(tmp_path):
@@ -134,13 +111,13 @@ def test_resume_of_a_finished_run_without_resume_state_says_so(tmp_path):
     assert runner.invoke(app, [*TINY, "--out", str(out)]).exit_code == 0
     assert not resume_path(out).exists()  # a finished run deletes its resume state
     before = _digest(tmp_path)
-    line = _one_error_line(runner.invoke(app, [*TINY, "--out", str(out), "--resume"]), 2)
+    line = one_error_line(runner.invoke(app, [*TINY, "--out", str(out), "--resume"]), 2)
     assert "no resume state" in line and "--overwrite" in line
     assert _digest(tmp_path) == before
 
 
 def test_resume_of_a_path_that_holds_no_run_is_an_error(tmp_path):
-    line = _one_error_line(
+    line = one_error_line(
         runner.invoke(app, [*TINY, "--out", str(tmp_path / "typo.safetensors"), "--resume"]), 2
     )
     assert "no run" in line
@@ -149,7 +126,7 @@ def test_resume_of_a_path_that_holds_no_run_is_an_error(tmp_path):
 def test_an_unfinished_run_is_not_restarted_without_resume(tmp_path):
     out = tmp_path / "run.safetensors"
     resume_path(out).write_text("state of an interrupted run")
-    line = _one_error_line(runner.invoke(app, [*TINY, "--out", str(out)]), 2)
+    line = one_error_line(runner.invoke(app, [*TINY, "--out", str(out)]), 2)
     assert "--resume" in line and resume_path(out).read_text() == "state of an interrupted run"
 
 
@@ -161,7 +138,7 @@ def test_unwritable_out_folder_is_reported_before_any_data_is_loaded(tmp_path):
         app,
         [*TINY[:2], "fashionmnist", *TINY[3:], "--out", str(blocker / "sub" / "run.safetensors")],
     )
-    line = _one_error_line(result, (1, 2))
+    line = one_error_line(result, (1, 2))
     assert "is not a folder" in line and "fashionmnist" not in line
 
 
@@ -169,50 +146,23 @@ def test_attack_out_and_transfer_png_follow_the_same_rules(tmp_path):
     ckpt = _model(tmp_path / "m.safetensors")
     results = tmp_path / "results.json"
     results.write_text("{}")
-    line = _one_error_line(
+    line = one_error_line(
         runner.invoke(
             app,
-            [
-                "attack",
-                str(ckpt),
-                "--attacks",
-                "fgsm",
-                "--eps",
-                "0.1",
-                "--test-limit",
-                "4",
-                "--device",
-                "cpu",
-                "--out",
-                str(results),
-            ],
+            fgsm_attack_args(ckpt, "--out", str(results)),
         ),
         2,
     )
     assert "--overwrite" in line and results.read_text() == "{}"
     ok = runner.invoke(
         app,
-        [
-            "attack",
-            str(ckpt),
-            "--attacks",
-            "fgsm",
-            "--eps",
-            "0.1",
-            "--test-limit",
-            "4",
-            "--device",
-            "cpu",
-            "--out",
-            str(results),
-            "--overwrite",
-        ],
+        fgsm_attack_args(ckpt, "--out", str(results), "--overwrite"),
     )
     assert ok.exit_code == 0, ok.output
     assert "results" in json.loads(results.read_text()) and not lock_path(results).exists()
     png = tmp_path / "t.png"
     png.write_bytes(b"mine")
-    line = _one_error_line(
+    line = one_error_line(
         runner.invoke(
             app,
             ["transfer", str(ckpt), "--test-limit", "4", "--device", "cpu", "--figure", str(png)],
@@ -236,20 +186,20 @@ with output_lock(sys.argv[1]):
 def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
     out = tmp_path / "run.safetensors"
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, env=_env()
+        [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, env=ncen_env()
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
         started = time.perf_counter()
         result = runner.invoke(app, [*TINY, "--out", str(out)])
-        line = _one_error_line(result, 1)
+        line = one_error_line(result, 1)
         assert f"pid {holder.pid}" in line and "being written" in line
         assert time.perf_counter() - started < 30  # at once: no training happened
         assert not out.exists()
         sweep = runner.invoke(
             app, ["sweep", *TINY[1:], "--lambda-cos", "0", "--lambda-norm", "0", "--out", str(out)]
         )
-        assert f"pid {holder.pid}" in _one_error_line(sweep, 1)
+        assert f"pid {holder.pid}" in one_error_line(sweep, 1)
     finally:
         holder.kill()
         holder.wait()
@@ -258,7 +208,7 @@ def test_second_writer_fails_at_once_naming_the_holder(tmp_path):
 def test_stale_lock_and_temp_files_of_a_killed_writer_are_cleaned(tmp_path):
     out = tmp_path / "run.safetensors"
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, env=_env()
+        [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, env=ncen_env()
     )
     assert holder.stdout.readline().strip() == "locked"
     temp = tmp_path / ".run.safetensors.k3j2l1.tmp"  # what atomic_write leaves on SIGKILL
@@ -288,13 +238,8 @@ def test_lock_is_reentrant_across_sequential_runs_and_names_a_live_holder(tmp_pa
 
 def test_concurrent_train_on_one_out_one_wins_the_other_fails(tmp_path):
     out = tmp_path / "run.safetensors"
-    args = [sys.executable, "-m", "ncen_cli", *TINY, "--out", str(out)]
-    procs = [
-        subprocess.Popen(
-            args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
+    args = [*TINY, "--out", str(out)]
+    procs = [start_ncen(args) for _ in range(2)]
     outcomes = sorted((p.wait(timeout=300), p.stderr.read()) for p in procs)
     codes = [c for c, _ in outcomes]
     # never two "wrote": the loser either finds the lock or, if the winner already finished,
@@ -317,16 +262,8 @@ def test_every_written_file_honours_the_umask(tmp_path, umask, mode):
         atomic_write_json(tmp_path / "r.json", {"a": 1})
         # a finished run deletes its resume state: an interrupted one keeps it
         stopped = tmp_path / "stopped.safetensors"
-        config = TrainConfig(
-            members=["resnet20"] * 2,
-            dataset="synthetic",
-            epochs=2,
-            batch_size=16,
-            train_limit=16,
-            test_limit=16,
-            noise=False,
-            device="cpu",
-            threads=1,
+        config = tiny_config(
+            epochs=2, batch_size=16, train_limit=16, test_limit=16, noise=False, threads=1
         )
         with pytest.raises(InterruptedRun):
             train(config, stopped, on_epoch=_stop)
@@ -355,16 +292,13 @@ def test_a_step_that_breaks_the_weights_stops_and_keeps_the_last_finite_epoch(tm
         return {"poison": torch.sqrt(zero) if calls["n"] > 1 else zero}
 
     out = tmp_path / "run.safetensors"
-    config = TrainConfig(
-        members=["resnet20"] * 2,
-        dataset="synthetic",
+    config = tiny_config(
         defense="poisoned",
         epochs=3,
         batch_size=16,
         train_limit=16,
         test_limit=16,
         noise=False,
-        device="cpu",
         threads=1,
     )
     with (
@@ -397,28 +331,16 @@ def test_non_finite_checkpoint_is_refused_at_load(tmp_path, where):
         load_ensemble(path)
     result = runner.invoke(
         app,
-        [
-            "attack",
-            str(path),
-            "--attacks",
-            "fgsm",
-            "--eps",
-            "0.1",
-            "--test-limit",
-            "4",
-            "--device",
-            "cpu",
-            "--strict",
-        ],
+        fgsm_attack_args(path, "--strict"),
     )
-    assert "NaN or infinite" in _one_error_line(result, 1)
+    assert "NaN or infinite" in one_error_line(result, 1)
 
 
 # --- disk full, overflowing options, environment, Ctrl-C ------------------------------------
 
 
 def _small_file_limit() -> None:
-    _default_sigint()
+    default_sigint()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
@@ -427,7 +349,7 @@ def test_full_disk_while_saving_is_one_line_and_leaves_no_temp_file(tmp_path):
     out = tmp_path / "run.safetensors"
     proc = subprocess.run(
         [sys.executable, "-m", "ncen_cli", *TINY, "--out", str(out)],
-        env=_env(),
+        env=ncen_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -471,7 +393,7 @@ def test_atomic_write_turns_a_safetensors_write_failure_into_one_error(tmp_path,
 )
 def test_numeric_extremes_in_train_options_are_one_line(tmp_path, args, needle):
     result = runner.invoke(app, [*TINY, "--out", str(tmp_path / "r.safetensors"), *args])
-    line = _one_error_line(result, (1, 2))
+    line = one_error_line(result, (1, 2))
     assert needle is None or needle in line
 
 
@@ -489,7 +411,7 @@ def test_numeric_extremes_in_attack_options_are_one_line(tmp_path, args, needle)
     result = runner.invoke(
         app, ["attack", str(ckpt), "--attacks", "pgd", "--eps", "0.1", "--device", "cpu", *args]
     )
-    line = _one_error_line(result, (1, 2))
+    line = one_error_line(result, (1, 2))
     assert needle is None or needle in line
 
 
@@ -507,7 +429,7 @@ def test_bad_torchrun_environment_is_one_line(tmp_path, monkeypatch, env, needle
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     result = runner.invoke(app, [*TINY, "--out", str(tmp_path / "r.safetensors")])
-    assert needle in _one_error_line(result, 2)
+    assert needle in one_error_line(result, 2)
 
 
 # From the first instant through torch's import, plugin loading, torch's lazy imports at the first
@@ -516,14 +438,7 @@ def test_bad_torchrun_environment_is_one_line(tmp_path, monkeypatch, env, needle
 @pytest.mark.parametrize("delay", [0.15, 0.4, 0.8, 1.5, 2.5, 4.0])
 def test_ctrl_c_at_any_moment_of_start_up_exits_130_with_one_line(tmp_path, delay):
     long_run = [*TINY, "--epochs", "400", "--train-limit", "64", "--quiet"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ncen_cli", *long_run, "--out", str(tmp_path / "r.safetensors")],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_default_sigint,
-    )
+    proc = start_ncen([*long_run, "--out", str(tmp_path / "r.safetensors")])
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers import install_plugins
 from ncen_cli.cli import app
 from ncen_cli.registry import DEFENSES
 
@@ -44,38 +45,21 @@ SLOW_MODULES = {
 SLOW_DISTS = {"ncen-slow-import": "[ncen.defenses]\nslow = ncen_slow_import:DEFENSE\n"}
 
 
-def _install(site: Path, dists: dict[str, str], modules: dict[str, str]) -> None:
-    """Fake-install distributions (entry points) and their modules into ``site``."""
-    site.mkdir(exist_ok=True)
-    for dist, entry_points in dists.items():
-        info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-        (info / "entry_points.txt").write_text(entry_points)
-    for module, source in modules.items():
-        (site / f"{module}.py").write_text(source)
+def _installed(site: Path, monkeypatch: pytest.MonkeyPatch, dists: dict, modules: dict):
+    """:func:`install_plugins`, then forget the imported modules."""
+    yield install_plugins(site, monkeypatch, dists, modules)
+    for module in modules:
+        sys.modules.pop(module, None)
 
 
 @pytest.fixture
 def hostile_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    site = tmp_path / "site"
-    _install(site, DISTS, MODULES)
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delenv("NCEN_PLUGINS", raising=False)
-    yield site
-    for module in MODULES:
-        sys.modules.pop(module, None)
+    yield from _installed(tmp_path / "site", monkeypatch, DISTS, MODULES)
 
 
 @pytest.fixture
 def slow_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    site = tmp_path / "site"
-    _install(site, SLOW_DISTS, SLOW_MODULES)
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delenv("NCEN_PLUGINS", raising=False)
-    yield site
-    for module in SLOW_MODULES:
-        sys.modules.pop(module, None)
+    yield from _installed(tmp_path / "site", monkeypatch, SLOW_DISTS, SLOW_MODULES)
 
 
 def _rows(result) -> dict[tuple[str, str, str], dict]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers import install_plugins
 from ncen_cli.cli import app
 from ncen_cli.registry import DEFENSES
 
@@ -45,24 +46,13 @@ TINY_TRAIN = [
 @pytest.fixture
 def broken_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Install (on sys.path) a distribution whose defense and attack modules raise at import."""
-    site = tmp_path / "site"
-    info = site / "ncen_broken_plugin-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {BROKEN_DIST}\nVersion: 0.1\n", encoding="utf-8"
-    )
-    (info / "entry_points.txt").write_text(
+    entry_points = (
         "[ncen.defenses]\nbroken-defense = ncen_broken_plugin_mod:DEFENSE\n\n"
-        "[ncen.attacks]\nbroken-attack = ncen_broken_plugin_mod:ATTACK\n",
-        encoding="utf-8",
+        "[ncen.attacks]\nbroken-attack = ncen_broken_plugin_mod:ATTACK\n"
     )
-    (site / "ncen_broken_plugin_mod.py").write_text(
-        'raise RuntimeError("this plugin is broken on purpose")\n', encoding="utf-8"
-    )
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delenv("NCEN_PLUGINS", raising=False)
+    module = {"ncen_broken_plugin_mod": 'raise RuntimeError("this plugin is broken on purpose")\n'}
     monkeypatch.delenv("NCEN_DATA_DIR", raising=False)  # synthetic data needs no folder
-    return site
+    return install_plugins(tmp_path / "site", monkeypatch, {BROKEN_DIST: entry_points}, module)
 
 
 def _plugins(runner: CliRunner) -> list[dict]:

@@ -4,15 +4,16 @@ per-example worst case, the objective-sensitivity check, and refusal of non-fini
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from helpers import fgsm_attack_args, save_tiny_checkpoint
 from ncen_cli.attacks.base import AttackSettings
 from ncen_cli.authors_protocol import AuthorsEnsemble, AuthorsQuirks, batch_statistics
-from ncen_cli.checkpoint import save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.ensemble import Ensemble, build_ensemble
 from ncen_cli.errors import NcenError, UsageError
@@ -243,57 +244,29 @@ def test_non_finite_outputs_are_refused():
 
 def test_cli_refuses_a_checkpoint_with_nan_weights(tmp_path):
     path = tmp_path / "nan.safetensors"
-    meta = {
-        "dataset": "synthetic",
-        "family": "fashionmnist",
-        "input_shape": [1, 12, 12],
-        "num_classes": 4,
-        "defense": "baseline",
-    }
-    save_ensemble(nan_ensemble(), path, meta)
+    save_tiny_checkpoint(path, nan_ensemble())
     res = runner.invoke(
         app,
-        [
-            "attack",
-            str(path),
-            "--data-dir",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            "--test-limit",
-            "8",
-            "--attacks",
-            "fgsm",
-            "--eps",
-            "0.1",
-            "--json",
-        ],
+        fgsm_attack_args(path, "--data-dir", str(tmp_path), "--json", test_limit=8),
     )
     assert res.exit_code == 1  # refused when the checkpoint is loaded, before any attack runs
     assert "NaN or infinite" in res.stderr and res.stdout == ""
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+def _local_run(checkpoint: Path, data_dir: Path, test_limit: int) -> list[str]:
+    """A command's checkpoint argument, then ``--data-dir DATA_DIR``, the CPU and ``test_limit``
+    test images."""
+    options = ["--data-dir", str(data_dir), "--device", "cpu", "--test-limit", str(test_limit)]
+    return [str(checkpoint), *options]
+
+
 def test_cli_authors_and_strong_json(tmp_path):
     path = tmp_path / "bn.safetensors"
-    torch.manual_seed(0)
-    meta = {
-        "dataset": "synthetic",
-        "family": "fashionmnist",
-        "input_shape": [1, 12, 12],
-        "num_classes": 4,
-        "defense": "baseline",
-    }
-    save_ensemble(build_ensemble(["resnet20", "resnet20"], (1, 12, 12), 4), path, meta)
+    save_tiny_checkpoint(path)
     before = path.read_bytes()
     base = [
-        str(path),
-        "--data-dir",
-        str(tmp_path),
-        "--device",
-        "cpu",
-        "--test-limit",
-        "12",
+        *_local_run(path, tmp_path, test_limit=12),
         "--eps",
         "0.1",
         "--steps",
@@ -369,25 +342,12 @@ def test_transfer_authors_crafts_on_softmax_members(tmp_path):
     assert soft.clean == plain.clean  # the softmax changes the crafting loss, not predictions
     ens.members[1].load_state_dict(ens.members[0].state_dict())  # agreeing members: some kept
     path = tmp_path / "t.safetensors"
-    meta = {
-        "dataset": "synthetic",
-        "family": "fashionmnist",
-        "input_shape": [1, 12, 12],
-        "num_classes": 4,
-        "defense": "baseline",
-    }
-    save_ensemble(ens, path, meta)
+    save_tiny_checkpoint(path, ens)
     res = runner.invoke(
         app,
         [
             "transfer",
-            str(path),
-            "--data-dir",
-            str(tmp_path),
-            "--device",
-            "cpu",
-            "--test-limit",
-            "100",
+            *_local_run(path, tmp_path, test_limit=100),
             "--attacks",
             "mifgsm",
             "--steps",

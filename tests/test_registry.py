@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import ncen_cli.registry as registry_module
+from helpers import install_plugins
 from ncen_cli.attacks.pgd import PGD
 from ncen_cli.cli import app
 from ncen_cli.defenses import base as defenses_base
@@ -63,31 +64,18 @@ def test_api_version_lives_in_the_registry_and_stays_importable_where_plugins_re
 def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fake-installed distribution: an attack whose object name differs from its entry-point
     name, and an attack written for plugin API 2."""
-    site = tmp_path / "site"
-    info = site / "ncen_registry_test_plugin-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {DIST}\nVersion: 0.1\n", encoding="utf-8"
-    )
-    (info / "entry_points.txt").write_text(
+    entry_points = (
         "[ncen.attacks]\nalias-attack = ncen_registry_test_mod:MISNAMED\n"
-        "old-attack = ncen_registry_test_old:ATTACK\n",
-        encoding="utf-8",
+        "old-attack = ncen_registry_test_old:ATTACK\n"
     )
-    (site / "ncen_registry_test_mod.py").write_text(
-        "from ncen_cli.attacks.pgd import PGD\n"
+    modules = {
+        "ncen_registry_test_mod": "from ncen_cli.attacks.pgd import PGD\n"
         "MISNAMED = PGD.__class__('other-name', 'misnamed', PGD.run, PGD.defaults)\n",
-        encoding="utf-8",
-    )
-    (site / "ncen_registry_test_old.py").write_text(
-        "from ncen_cli.attacks.base import Attack\n"
+        "ncen_registry_test_old": "from ncen_cli.attacks.base import Attack\n"
         "ATTACK = Attack(name='old-attack', summary='API 2', perturb=lambda *a: a[1],\n"
         "                defaults=lambda eps: {})\n",
-        encoding="utf-8",
-    )
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delenv("NCEN_PLUGINS", raising=False)
-    return site
+    }
+    return install_plugins(tmp_path / "site", monkeypatch, {DIST: entry_points}, modules)
 
 
 def test_name_mismatch_and_old_api_are_load_failures_shown_by_ncen_plugins(plugin_site) -> None:

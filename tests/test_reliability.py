@@ -6,9 +6,6 @@ import json
 import os
 import pickle
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,56 +14,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from helpers import member_weights, start_ncen, tiny_config, train_flags, wait_for_epoch
 from ncen_cli.checkpoint import load_ensemble, save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.defenses.base import Defense
 from ncen_cli.ensemble import build_ensemble
 from ncen_cli.errors import CheckpointError, InterruptedRun, NonFiniteLossError, UsageError
 from ncen_cli.registry import registered
-from ncen_cli.training import TrainConfig, resume_path, train
+from ncen_cli.training import resume_path, train
 
 runner = CliRunner()
 TRAIN_ARGS = [
     "train",
-    "--dataset",
-    "synthetic",
-    "--members",
-    "2xresnet20",
-    "--epochs",
-    "3",
-    "--batch-size",
-    "32",
-    "--train-limit",
-    "96",
-    "--test-limit",
-    "32",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
+    *train_flags(epochs=3, batch_size=32, train_limit=96, test_limit=32, threads=True),
     "--seed",
     "5",
 ]
-
-
-def _default_sigint() -> None:
-    """Runs in the child before exec: a test runner started in the background (no job control,
-    nohup, some CI launchers) passes SIGINT on as *ignored*, and Python then never raises
-    KeyboardInterrupt. Ctrl-C in a terminal always delivers it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _cli(args: list[str], env_extra: dict | None = None, **kw) -> subprocess.Popen:
-    env = {**os.environ, "NCEN_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "ncen_cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_default_sigint,
-        **kw,
-    )
 
 
 def _epochs_in_state(path: Path) -> int:
@@ -77,45 +40,25 @@ def _epochs_in_state(path: Path) -> int:
         return 0
 
 
-def _checkpoint_epochs(path: Path) -> int:
-    try:
-        return int(load_ensemble(path).metadata["epochs_done"])
-    except Exception:
-        return 0
-
-
-def _wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int, timeout: float = 240) -> None:
-    """Wait until both the resume state and the checkpoint record ``epoch`` finished epochs."""
-    deadline = time.time() + timeout
-    while _epochs_in_state(resume_path(out)) < epoch or _checkpoint_epochs(out) < epoch:
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "training did not reach the epoch in time"
-        time.sleep(0.05)
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_ensemble(path).members.state_dict()
-
-
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight.safetensors"
-    proc = _cli([*TRAIN_ARGS, "--out", str(straight)])
+    proc = start_ncen([*TRAIN_ARGS, "--out", str(straight)])
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
 
     killed = tmp_path / "killed.safetensors"
-    proc = _cli([*TRAIN_ARGS, "--out", str(killed)])
-    _wait_for_epoch(proc, killed, 1)
+    proc = start_ncen([*TRAIN_ARGS, "--out", str(killed)])
+    wait_for_epoch(proc, killed, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert _epochs_in_state(resume_path(killed)) in (1, 2)
     load_ensemble(killed)  # whatever moment the kill hit, the checkpoint is complete
 
-    resumed = _cli([*TRAIN_ARGS, "--out", str(killed), "--resume", "--json"])
+    resumed = start_ncen([*TRAIN_ARGS, "--out", str(killed), "--resume", "--json"])
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr
     assert json.loads(stdout)["resumed_from_epoch"] >= 1
-    a, b = _weights(straight), _weights(killed)
+    a, b = member_weights(straight), member_weights(killed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -123,8 +66,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     out = tmp_path / "int.safetensors"
     long_run = [*TRAIN_ARGS, "--epochs", "40"]  # the last --epochs wins: far from done at epoch 1
-    proc = _cli([*long_run, "--out", str(out)])
-    _wait_for_epoch(proc, out, 1)
+    proc = start_ncen([*long_run, "--out", str(out)])
+    wait_for_epoch(proc, out, 1)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -133,15 +76,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
 
 
 def test_resume_refuses_other_settings(tmp_path):
-    config = TrainConfig(
-        members=["resnet20", "resnet20"],
-        dataset="synthetic",
-        epochs=1,
-        batch_size=32,
-        train_limit=64,
-        test_limit=32,
-        device="cpu",
-    )
+    config = tiny_config(epochs=1, batch_size=32, train_limit=64, test_limit=32)
     config.epochs = 2
     out = tmp_path / "r.safetensors"
 
@@ -240,16 +175,8 @@ def test_non_finite_loss_stops_with_term_and_epoch_and_keeps_last_checkpoint(tmp
         return {"boom": value + (float("nan") if calls["n"] > 1 else 0.0)}  # 1 batch per epoch
 
     with registered("defenses", Defense("exploding", "test", {}, exploding)):
-        config = TrainConfig(
-            members=["resnet20", "resnet20"],
-            dataset="synthetic",
-            defense="exploding",
-            epochs=3,
-            batch_size=32,
-            train_limit=32,
-            test_limit=16,
-            noise=False,
-            device="cpu",
+        config = tiny_config(
+            defense="exploding", epochs=3, batch_size=32, train_limit=32, test_limit=16, noise=False
         )
         out = tmp_path / "nan.safetensors"
         with pytest.raises(NonFiniteLossError, match=r"epoch 2 \(term: boom\)"):

@@ -82,6 +82,20 @@ def row(attack, eps, mask, objective="mean-ce"):
     }
 
 
+def diagnostics(n: int, cos: float) -> dict:
+    """An inspect stage's payload: one member pair of gradient cosine ``cos``, on ``n`` images."""
+    pairs = [{"grad_cosine_mean": cos, "disagreement": 0.1}]
+    return {
+        "diagnostics": {
+            "n": n,
+            "pairs": pairs,
+            "norm_dispersion": 0.2,
+            "ensemble_accuracy": 0.9,
+            "terms": {},
+        }
+    }
+
+
 def write_stage(folder: Path, method: str, stage: str, payload: dict, budget: dict) -> None:
     path = folder / method / f"{stage}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,37 +124,9 @@ def fake_results(folder: Path, budget: dict) -> None:
             {"results": [row("worst-case", 0.1, paper_mask, "worst"), row("pgd", 0.1, [True] * n)]},
             budget,
         )
-        write_stage(
-            folder,
-            method,
-            "inspect",
-            {
-                "diagnostics": {
-                    "n": n,
-                    "pairs": [{"grad_cosine_mean": cos, "disagreement": 0.1}],
-                    "norm_dispersion": 0.2,
-                    "ensemble_accuracy": 0.9,
-                    "terms": {},
-                }
-            },
-            budget,
-        )
+        write_stage(folder, method, "inspect", diagnostics(n, cos), budget)
     for lam, cos in ((0.02, 0.3), (0.5, 0.05)):
-        write_stage(
-            folder,
-            f"ncen@{lam}",
-            "inspect",
-            {
-                "diagnostics": {
-                    "n": n,
-                    "pairs": [{"grad_cosine_mean": cos, "disagreement": 0.1}],
-                    "norm_dispersion": 0.2,
-                    "ensemble_accuracy": 0.9,
-                    "terms": {},
-                }
-            },
-            budget,
-        )
+        write_stage(folder, f"ncen@{lam}", "inspect", diagnostics(n, cos), budget)
 
 
 def test_summary_from_a_folder_of_stage_files(tmp_path):

@@ -15,14 +15,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from typer.testing import CliRunner
 
+from helpers import member_weights, start_ncen, wait_for_epoch
 from ncen_cli.checkpoint import load_ensemble
 from ncen_cli.cli import app
 from ncen_cli.training import resume_path
@@ -57,45 +56,11 @@ RUN_ARGS = [
 RUNTIME = ["--device", "cpu", "--threads", "1"]
 
 
-def _ncen(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "NCEN_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "ncen_cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-
-
-def _epochs_saved(out: Path) -> int:
-    """Finished epochs recorded by both the resume state and the checkpoint (0 if unreadable)."""
-    try:
-        with safe_open(str(resume_path(out)), framework="pt") as f:
-            state = int(f.metadata()["epochs_done"])
-        return min(state, int(load_ensemble(out).metadata["epochs_done"]))
-    except Exception:
-        return 0
-
-
-def _wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int) -> None:
-    deadline = time.time() + 300
-    while _epochs_saved(out) < epoch:
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "training did not reach the epoch in time"
-        time.sleep(0.05)
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_ensemble(path).members.state_dict()
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """The uninterrupted run."""
     out = tmp_path_factory.mktemp("straight") / "straight.safetensors"
-    proc = _ncen([*RUN_ARGS, *RUNTIME, "--out", str(out)])
+    proc = start_ncen([*RUN_ARGS, *RUNTIME, "--out", str(out)])
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     assert not resume_path(out).exists()  # a finished run deletes its resume state
@@ -104,25 +69,25 @@ def straight(tmp_path_factory) -> Path:
 
 def test_sigkill_then_resume_from_the_path_alone_is_bit_identical(straight, tmp_path):
     killed = tmp_path / "killed.safetensors"
-    proc = _ncen([*RUN_ARGS, *RUNTIME, "--out", str(killed)])
-    _wait_for_epoch(proc, killed, 1)
+    proc = start_ncen([*RUN_ARGS, *RUNTIME, "--out", str(killed)])
+    wait_for_epoch(proc, killed, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert resume_path(killed).exists()
 
-    resumed = _ncen(["train", "--resume", str(killed), *RUNTIME, "--json"])
+    resumed = start_ncen(["train", "--resume", str(killed), *RUNTIME, "--json"])
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr
     assert json.loads(stdout)["resumed_from_epoch"] in (1, 2)
-    a, b = _weights(straight), _weights(killed)
+    a, b = member_weights(straight), member_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not resume_path(killed).exists()
 
 
 def test_the_ctrl_c_hint_works_verbatim(straight, tmp_path):
     out = tmp_path / "a run with spaces.safetensors"  # the hint must quote the path
-    proc = _ncen([*RUN_ARGS, *RUNTIME, "--out", str(out)])
-    _wait_for_epoch(proc, out, 1)
+    proc = start_ncen([*RUN_ARGS, *RUNTIME, "--out", str(out)])
+    wait_for_epoch(proc, out, 1)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr

@@ -12,25 +12,20 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
+from helpers import LAUNCH_PROBE
 from ncen_cli import __version__
 from ncen_cli.cli import COMMANDS, app, load_command
 
 # Run the console script's code path, then report which heavy modules were imported
-PROBE = """
-import json, sys
-sys.argv = ["ncen", *json.loads(sys.argv[1])]
-from ncen_cli.launcher import main
-try:
-    main()
-except SystemExit as exc:
-    code = exc.code
-else:
-    code = 0
+PROBE = (
+    LAUNCH_PROBE
+    + """
 heavy = sorted(m for m in ("torch", "numpy", "ncen_cli.training") if m in sys.modules)
 commands = sorted(m for m in sys.modules if m.startswith("ncen_cli.cli."))
 sys.stderr.write("PROBE " + json.dumps({"code": code, "heavy": heavy, "commands": commands})
                  + "\\n")
 """
+)
 
 
 def _probe(args: list[str]) -> tuple[dict, str]:

@@ -11,12 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 import ncen_cli.sweep as sweep_mod
+from helpers import scored_cells, tiny_config, train_flags
 from ncen_cli.attacks.base import AttackSettings
 from ncen_cli.cli import app
 from ncen_cli.errors import InterruptedRun, UsageError
 from ncen_cli.evaluation import AttackResult, AttackRun, EvaluationReport, runs_for
 from ncen_cli.sweep import (
-    CellResult,
     SweepResult,
     expand_grid,
     format_value,
@@ -26,38 +26,14 @@ from ncen_cli.sweep import (
 from ncen_cli.training import TrainConfig
 
 runner = CliRunner()
-TINY = [
-    "--dataset",
-    "synthetic",
-    "--members",
-    "2xresnet20",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "16",
-    "--train-limit",
-    "32",
-    "--test-limit",
-    "16",
-    "--no-noise",
-    "--device",
-    "cpu",
-]
+TINY = [*train_flags(epochs=1, batch_size=16, train_limit=32, test_limit=16), "--no-noise"]
 FGSM = [AttackRun("fgsm", AttackSettings(eps=0.1, steps=1, step_size=0.1))]
 
 
-def tiny_config(**changes) -> TrainConfig:
-    values = {
-        "members": ["resnet20", "resnet20"],
-        "dataset": "synthetic",
-        "epochs": 1,
-        "batch_size": 16,
-        "train_limit": 32,
-        "test_limit": 16,
-        "noise": False,
-        "device": "cpu",
-    }
-    return TrainConfig(**{**values, **changes})
+def sweep_config(**changes) -> TrainConfig:
+    """The sweeps' tiny training settings (one epoch, no noise), with ``changes``."""
+    values = {"epochs": 1, "batch_size": 16, "train_limit": 32, "test_limit": 16, "noise": False}
+    return tiny_config(**{**values, **changes})
 
 
 def fake_evaluator(ensemble, x, y, runs, **kwargs):
@@ -153,7 +129,7 @@ def test_default_battery_is_the_paper_attacks_at_the_smaller_eps():
 def test_second_run_skips_finished_cells(tmp_path, counted_train):
     out = tmp_path / "sweep"
     first = run_sweep(
-        tiny_config(), [0.0, 0.06], [0.04], out, score_runs=FGSM, evaluator=fake_evaluator
+        sweep_config(), [0.0, 0.06], [0.04], out, score_runs=FGSM, evaluator=fake_evaluator
     )
     assert sorted(name for name, _ in counted_train) == ["cos0.06_norm0.04", "cos0_norm0.04"]
     assert not any(c.skipped for c in first.cells)
@@ -166,7 +142,7 @@ def test_second_run_skips_finished_cells(tmp_path, counted_train):
 
     counted_train.clear()
     second = run_sweep(
-        tiny_config(), [0.06, 0.0], [0.04], out, score_runs=FGSM, evaluator=fake_evaluator
+        sweep_config(), [0.06, 0.0], [0.04], out, score_runs=FGSM, evaluator=fake_evaluator
     )
     assert counted_train == []
     assert all(c.skipped for c in second.cells)
@@ -177,7 +153,7 @@ def test_second_run_skips_finished_cells(tmp_path, counted_train):
 
     # extending the grid runs only the new cells
     third = run_sweep(
-        tiny_config(), [0.0, 0.06], [0.0, 0.04], out, score_runs=FGSM, evaluator=fake_evaluator
+        sweep_config(), [0.0, 0.06], [0.0, 0.04], out, score_runs=FGSM, evaluator=fake_evaluator
     )
     assert sorted(name for name, _ in counted_train) == ["cos0.06_norm0", "cos0_norm0"]
     assert [c.skipped for c in third.cells] == [False, True, False, True]
@@ -185,7 +161,7 @@ def test_second_run_skips_finished_cells(tmp_path, counted_train):
 
 def test_interrupted_cell_resumes_from_its_last_epoch(tmp_path, counted_train):
     out = tmp_path / "sweep"
-    config = tiny_config(epochs=2)
+    config = sweep_config(epochs=2)
     epochs_seen = []
 
     def stop_in_second_cell(record):
@@ -221,44 +197,34 @@ def test_interrupted_cell_resumes_from_its_last_epoch(tmp_path, counted_train):
 
 def test_manifest_with_other_shared_settings_is_refused(tmp_path):
     out = tmp_path / "sweep"
-    run_sweep(tiny_config(), [0.0], [0.0], out, score_runs=FGSM, evaluator=fake_evaluator)
+    run_sweep(sweep_config(), [0.0], [0.0], out, score_runs=FGSM, evaluator=fake_evaluator)
     with pytest.raises(UsageError, match=r"other shared settings \(seed: 0 -> 1\)"):
-        run_sweep(tiny_config(seed=1), [0.0], [0.0], out, score_runs=FGSM, evaluator=fake_evaluator)
+        run_sweep(
+            sweep_config(seed=1), [0.0], [0.0], out, score_runs=FGSM, evaluator=fake_evaluator
+        )
     other_battery = [AttackRun("fgsm", AttackSettings(eps=0.2, steps=1, step_size=0.2))]
     with pytest.raises(UsageError, match="other shared settings"):
         run_sweep(
-            tiny_config(), [0.0], [0.0], out, score_runs=other_battery, evaluator=fake_evaluator
+            sweep_config(), [0.0], [0.0], out, score_runs=other_battery, evaluator=fake_evaluator
         )
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "file.txt").write_text("x")
     with pytest.raises(UsageError, match="holds no sweep.json"):
         run_sweep(
-            tiny_config(),
+            sweep_config(),
             [0.0],
             [0.0],
             tmp_path / "junk",
             score_runs=FGSM,
             evaluator=fake_evaluator,
         )
-    with pytest.raises(UsageError, match="has no lambda_cos"):
-        run_sweep(
-            tiny_config(defense="gal"),
-            [0.0],
-            [0.0],
-            tmp_path / "gal",
-            score_runs=FGSM,
-            evaluator=fake_evaluator,
-        )
     # a composed defense is looked up like `ncen train` does (was: "unknown defense")
-    with pytest.raises(UsageError, match="has no lambda_cos"):
-        run_sweep(
-            tiny_config(defense="gal+adv-train"),
-            [0.0],
-            [0.0],
-            tmp_path / "gal-adv",
-            score_runs=FGSM,
-            evaluator=fake_evaluator,
-        )
+    for defense, folder in (("gal", "gal"), ("gal+adv-train", "gal-adv")):
+        with pytest.raises(UsageError, match="has no lambda_cos"):
+            config = sweep_config(defense=defense)
+            run_sweep(
+                config, [0.0], [0.0], tmp_path / folder, score_runs=FGSM, evaluator=fake_evaluator
+            )
 
 
 @pytest.fixture
@@ -366,21 +332,7 @@ def test_png_heat_map(tmp_path):
     pytest.importorskip("matplotlib")
     from ncen_cli.plots import sweep_heatmap
 
-    cells = [
-        CellResult(
-            cell,
-            0.9,
-            0.1 * (i + 1),
-            0.09 * (i + 1),
-            {"fgsm@0.1": 0.1 * (i + 1)},
-            1.0,
-            1.0,
-            0.0,
-            tmp_path / f"{cell.id}.safetensors",
-            1,
-        )
-        for i, cell in enumerate(expand_grid([0.0, 0.06], [0.0, 0.04]))
-    ]
+    cells = scored_cells(tmp_path, [0.0, 0.06], [0.0, 0.04])
     cells[-1].score = None  # a failed cell stays blank
     result = SweepResult(tmp_path, [0.0, 0.06], [0.0, 0.04], cells, [run_settings(r) for r in FGSM])
     assert result.best is cells[2]

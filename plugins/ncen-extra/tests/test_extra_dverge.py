@@ -4,30 +4,33 @@ the authors' Linf_distillation, the round-robin member batches, and kill-and-res
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-from ncen_cli.checkpoint import load_ensemble
 from ncen_cli.crafting import craft_batch, crafting_generator, crafting_state
 from ncen_cli.defenses.base import CraftContext
-from ncen_cli.ensemble import build_ensemble
 from ncen_cli.errors import UsageError
-from ncen_cli.training import resume_path
-from safetensors import safe_open
 
 from ncen_extra import dverge
 
+# the shared test helpers of the repository's tests/ folder (on sys.path already in a full run)
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+
+from helpers import (  # noqa: E402
+    member_weights,
+    start_ncen,
+    tiny_ensemble,
+    train_flags,
+    wait_for_epoch,
+)
+
 
 def _ensemble(k: int = 3) -> nn.Module:
-    torch.manual_seed(0)
-    return build_ensemble(["resnet20"] * k, (1, 12, 12), 4).train()
+    return tiny_ensemble(k).train()
 
 
 def _batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,73 +175,26 @@ def test_non_resnet_members_are_refused() -> None:
 
 ARGS = [
     "train",
-    "--dataset",
-    "synthetic",
-    "--members",
-    "2xresnet20",
-    "--epochs",
-    "3",
-    "--batch-size",
-    "16",
-    "--train-limit",
-    "32",
-    "--test-limit",
-    "16",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
-    "--seed",
-    "4",
-    "--defense",
-    "dverge",
-    "-p",
-    "steps=2",
-    "-p",
-    "clean=1",
+    *train_flags(epochs=3, batch_size=16, train_limit=32, test_limit=16, threads=True),
+    *["--seed", "4", "--defense", "dverge", "-p", "steps=2", "-p", "clean=1"],
 ]
-
-
-def _cli(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "NCEN_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "ncen_cli", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _epochs_done(out: Path) -> int:
-    try:
-        with safe_open(str(resume_path(out)), framework="pt") as f:
-            state = int(f.metadata()["epochs_done"])
-        return min(state, int(load_ensemble(out).metadata["epochs_done"]))
-    except Exception:
-        return 0
 
 
 def test_dverge_sigkill_then_resume_equals_uninterrupted_run(tmp_path) -> None:
     straight = tmp_path / "straight.safetensors"
-    proc = _cli([*ARGS, "--out", str(straight)])
+    proc = start_ncen([*ARGS, "--out", str(straight)])
     _, stderr = proc.communicate(timeout=600)
     if proc.returncode != 0 and "unknown defense 'dverge'" in stderr:
         pytest.skip("ncen-extra is not installed (pip install -e plugins/ncen-extra)")
     assert proc.returncode == 0, stderr
     killed = tmp_path / "killed.safetensors"
-    proc = _cli([*ARGS, "--out", str(killed)])
-    deadline = time.time() + 300
-    while _epochs_done(killed) < 1:
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.05)
+    proc = start_ncen([*ARGS, "--out", str(killed)])
+    wait_for_epoch(proc, killed, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    resumed = _cli([*ARGS, "--out", str(killed), "--resume", "--json"])
+    resumed = start_ncen([*ARGS, "--out", str(killed), "--resume", "--json"])
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr
     assert json.loads(stdout)["resumed_from_epoch"] >= 1
-    a = load_ensemble(straight).members.state_dict()
-    b = load_ensemble(killed).members.state_dict()
+    a, b = member_weights(straight), member_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
