@@ -348,6 +348,17 @@ def verdict(summary: dict, methods: list[str]) -> str:
                 + (" although some were under the weaker protocols." if gains else ".")
             )
         )
+    strong_pairs = {(r["method"], r["baseline"]) for r in strong}
+    untested = sorted({(r["method"], r["baseline"]) for r in gains} - strong_pairs)
+    if untested:
+        parts.append(
+            "Not yet tested by the strong protocol: "
+            + ", ".join(f"{m} vs {b}" for m, b in untested)
+            + ". The paper protocol ascends only the members' mean CE; whether a gain under it "
+            "survives attacks on the ensemble's output (CE of the combined logits, NLL of the "
+            "mean probability, APGD, per-example worst case) is what the strong stage measures, "
+            "so no robustness claim follows from these gains alone."
+        )
     parts += settling_budget(paired)
     parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
     return " ".join(parts)

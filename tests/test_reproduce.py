@@ -160,6 +160,21 @@ def test_summary_from_a_folder_of_stage_files(tmp_path):
     json.dumps(summary)  # serialisable as written to docs/reproduction.json
 
 
+def test_paper_gains_without_a_strong_stage_are_not_called_robustness(tmp_path):
+    budget = {"epochs": 8, "train_limit": 20000}
+    fake_results(tmp_path, budget)
+    for method in ("baseline", "ncen"):
+        (tmp_path / method / "strong.json").unlink()
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
+    text = summary["verdict"]
+    assert "paper protocol, ncen − baseline: better in 1" in text
+    assert "Not yet tested by the strong protocol: ncen vs baseline." in text
+    assert "no robustness claim follows" in text
+    fake_results(tmp_path, budget)  # with the strong stage the caveat is gone
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
+    assert "Not yet tested by the strong protocol" not in summary["verdict"]
+
+
 def test_stage_files_of_another_budget_are_not_used(tmp_path):
     fake_results(tmp_path, {"epochs": 1, "train_limit": 200})
     assert rr.read_results(tmp_path, {"epochs": 8, "train_limit": 20000}) == {}
