@@ -11,7 +11,8 @@ Stages per method (each a small JSON under --results when finished, written atom
 and ``authors`` (protocols on the first --protocol-limit test images, with per-example masks),
 ``strong`` (per-example worst case per eps, with masks), ``transfer`` (PGD and MI-FGSM member
 matrices), ``inspect`` (gradient diversity). A stage with a result file is skipped; training
-resumes from its per-epoch state under --work-dir (checkpoints, never committed).
+resumes from its per-epoch state under --work-dir (checkpoints, never committed); a later stage
+whose checkpoint is not there (another machine) trains it again with the same seed and budget.
 """
 
 from __future__ import annotations
@@ -199,8 +200,7 @@ class Runner:
             if stage not in stages or self.path(stage).exists():
                 continue
             if stage != "train" and not self.trained():
-                log(f"{self.method} {stage}: skipped (no finished checkpoint at {self.ckpt})")
-                continue
+                self.retrain()
             log(f"{self.method} {stage} ...")
             started = time.perf_counter()
             payload = getattr(self, stage)()
@@ -216,6 +216,21 @@ class Runner:
 
             atomic_write_json(self.path(stage), payload)
             log(f"{self.method} {stage} done in {payload['seconds']:.0f} s")
+
+    def retrain(self) -> None:
+        """Train this method's checkpoint again when a later stage needs it and --work-dir lacks
+        it (another machine, a cleaned folder): the committed train result is kept; a retrained
+        checkpoint whose clean accuracy differs from it (other hardware) is logged."""
+        log(f"{self.method}: no finished checkpoint at {self.ckpt}; training it again ...")
+        again = self.train()
+        recorded = json.loads(self.path("train").read_text()) if self.path("train").exists() else {}
+        if recorded.get("clean_accuracy") not in (None, again["clean_accuracy"]):
+            log(
+                f"{self.method}: the retrained checkpoint's clean accuracy "
+                f"{again['clean_accuracy']:.4f} differs from the committed "
+                f"{recorded['clean_accuracy']:.4f} (other hardware or precision); the next "
+                "stages use the retrained one"
+            )
 
     def trained(self) -> bool:
         from ncen_cli.checkpoint import read_metadata

@@ -3,6 +3,7 @@ stage files (no training, no models)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -173,6 +174,25 @@ def test_paper_gains_without_a_strong_stage_are_not_called_robustness(tmp_path):
     fake_results(tmp_path, budget)  # with the strong stage the caveat is gone
     summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
     assert "Not yet tested by the strong protocol" not in summary["verdict"]
+
+
+def test_a_stage_whose_checkpoint_is_gone_trains_it_again(tmp_path, capsys):
+    """On another machine the committed train result exists but --work-dir is empty: the next
+    stage retrains the checkpoint instead of being skipped, and the train result is kept."""
+    runner = object.__new__(reproduce.Runner)
+    runner.method, runner.ckpt = "ncen", tmp_path / "work" / "ncen.safetensors"
+    runner.args = argparse.Namespace(results=tmp_path / "results")
+    runner.budget = {"epochs": 8}
+    write_stage(tmp_path / "results", "ncen", "train", {"clean_accuracy": 0.91}, runner.budget)
+    done: list[str] = []
+    runner.trained = lambda: "train" in done
+    runner.train = lambda: done.append("train") or {"clean_accuracy": 0.90}
+    runner.paper = lambda: done.append("paper") or {"results": []}
+    runner.run(["paper"])
+    assert done == ["train", "paper"]
+    assert json.loads((tmp_path / "results/ncen/train.json").read_text())["clean_accuracy"] == 0.91
+    assert json.loads((tmp_path / "results/ncen/paper.json").read_text())["stage"] == "paper"
+    assert "differs from the committed 0.9100" in capsys.readouterr().err
 
 
 def test_stage_files_of_another_budget_are_not_used(tmp_path):
