@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from helpers import train_flags
+from helpers import one_error_line, train_flags
 from ncen_cli.cli import app
 
 runner = CliRunner()
@@ -41,11 +41,7 @@ def _ok(args: list[str]) -> str:
 
 
 def _error(args: list[str]) -> str:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+    return one_error_line(runner.invoke(app, args), 2)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import member_weights, start_ncen, wait_for_epoch
+from helpers import member_weights, one_error_line, start_ncen, wait_for_epoch
 from ncen_cli.checkpoint import load_ensemble
 from ncen_cli.cli import app
 from ncen_cli.training import resume_path
@@ -153,11 +153,7 @@ def interrupted(tmp_path) -> Path:
 
 
 def _error(args: list[str]) -> str:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+    return one_error_line(runner.invoke(app, args), 2)
 
 
 def test_a_conflicting_option_is_refused_naming_each_field(interrupted):

@@ -81,8 +81,16 @@ def importing() -> bool:
 
 def install_startup_handler() -> None:
     """Make SIGINT exit 130 at once (main thread only; a no-op elsewhere)."""
-    with contextlib.suppress(ValueError):  # not the main thread (embedded use)
-        signal.signal(signal.SIGINT, exit_interrupted)
+    set_sigint(exit_interrupted)
+
+
+def set_sigint(handler: Any) -> Any:
+    """Install a SIGINT handler; returns the previous one (None off the main thread, where
+    nothing is installed: embedded use)."""
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return None
 
 
 @contextlib.contextmanager

@@ -240,16 +240,7 @@ def attack_command(
         ),
     ] = None,
     test_limit: opt.TestLimit = None,
-    attack_option: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--attack-option",
-            "-o",
-            metavar="NAME=VALUE",
-            help="An attack's own option (repeatable), e.g. "
-            "-o p_init=0.5 (square), -o select=margin (mc-pgd), -o early_stop=false.",
-        ),
-    ] = None,
+    attack_option: opt.AttackOptions = None,
     batch_size: Annotated[
         int | None,
         typer.Option(

@@ -7,7 +7,6 @@ import contextvars
 import functools
 import json
 import math
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from rich.console import Console
 from safetensors import SafetensorError
 
 from ncen_cli.errors import NcenError, UsageError
+from ncen_cli.interrupts import interrupt_command, set_sigint
 
 app = typer.Typer(
     name="ncen",
@@ -65,9 +65,7 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from ncen_cli.interrupts import interrupt_command
-
-        previous = _set_sigint(interrupt_command)
+        previous = set_sigint(interrupt_command)
         resources = contextlib.ExitStack()
         token = _COMMAND_RESOURCES.set(resources)
         try:
@@ -86,17 +84,9 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
         finally:
             _COMMAND_RESOURCES.reset(token)
             if previous is not None:
-                _set_sigint(previous)
+                set_sigint(previous)
 
     return wrapper
-
-
-def _set_sigint(handler: Any) -> Any:
-    """Install a SIGINT handler; returns the previous one (None off the main thread)."""
-    try:
-        return signal.signal(signal.SIGINT, handler)
-    except ValueError:
-        return None
 
 
 def claim_output(path: Path | None, overwrite: bool, option: str = "--out") -> None:

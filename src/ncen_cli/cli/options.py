@@ -138,6 +138,16 @@ Attacks = Annotated[
 Eps = Annotated[
     str | None, typer.Option("--eps", help="Comma list of L-inf radii in (0, 1], e.g. 0.05,0.3.")
 ]
+AttackOptions = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--attack-option",
+        "-o",
+        metavar="NAME=VALUE",
+        help="An attack's own option (repeatable), e.g. "
+        "-o p_init=0.5 (square), -o select=margin (mc-pgd), -o early_stop=false.",
+    ),
+]
 
 # Outputs and reporting
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]

@@ -110,15 +110,7 @@ def transfer_command(
     quiet: opt.Quiet = False,
     verbose: opt.Verbose = False,
     no_progress: opt.NoProgress = False,
-    attack_option: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--attack-option",
-            "-o",
-            metavar="NAME=VALUE",
-            help="An attack's own option (repeatable), e.g. -o select=margin (mc-pgd).",
-        ),
-    ] = None,
+    attack_option: opt.AttackOptions = None,
 ) -> None:
     """Craft adversarial examples on each member; evaluate them on every member and the ensemble.
 
