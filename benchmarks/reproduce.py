@@ -164,6 +164,20 @@ def machine() -> str:
     )
 
 
+def checkpoint_record(path: Path) -> dict:
+    """The checkpoint a stage used or wrote: the first 16 hex digits of its file's SHA-256 and its
+    training precision, so that the report can tell stages that ran on different trainings of
+    one method (a checkpoint trained again on another machine) apart."""
+    import hashlib
+
+    from ncen_cli.checkpoint import read_metadata
+
+    return {
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+        "precision": read_metadata(path).get("config", {}).get("precision"),
+    }
+
+
 def log(message: str) -> None:
     sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {message}\n")
     sys.stderr.flush()
@@ -211,6 +225,7 @@ class Runner:
                 machine=machine(),
                 seconds=payload.get("seconds", time.perf_counter() - started),
                 finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                checkpoint=checkpoint_record(self.ckpt),
             )
             from ncen_cli.atomic import atomic_write_json
 

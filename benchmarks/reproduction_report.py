@@ -279,6 +279,8 @@ def build_summary(results: dict, methods: list[str], budget: dict) -> dict:
                 summary["paired"] += paired_rows(results, m, base, p)
     summary["authors_minus_paper"] = [r for m in methods for r in protocol_gap_rows(results, m)]
     summary["missing"] = missing_stages(results, methods)
+    summary["checkpoints"] = {m: checkpoint_groups(results.get(m, {})) for m in methods}
+    summary["checkpoint_notes"] = checkpoint_notes(results, methods)
     summary["verdict"] = verdict(summary, methods)
     return summary
 
@@ -301,6 +303,49 @@ def inspect_figures(stage: dict | None) -> dict:
     }
 
 
+def checkpoint_groups(stages: dict) -> dict[str, list[str]]:
+    """A method's stage names grouped by the checkpoint they ran on: its recorded SHA-256 prefix
+    or, for a stage recorded without one (before records existed), the train stage's (those ran
+    in the train stage's work folder); ``"train"`` stands for an unrecorded train checkpoint."""
+    train = stages.get("train", {}).get("checkpoint", {}).get("sha256", "train")
+    groups: dict[str, list[str]] = {}
+    for name in STAGES:
+        if name in stages:
+            key = stages[name].get("checkpoint", {}).get("sha256", train)
+            groups.setdefault(key, []).append(name)
+    return groups
+
+
+def checkpoint_notes(results: dict, methods: list[str]) -> list[str]:
+    """A line per method whose stages ran on more than one training of it (a checkpoint trained
+    again, same seed and budget, on another machine or precision): which stages, on what."""
+    lines = []
+    for m in methods:
+        stages = results.get(m, {})
+        groups = checkpoint_groups(stages)
+        if len(groups) < 2:
+            continue
+        parts = []
+        for key, names in groups.items():
+            first = stages[names[0]]
+            which = "the train stage's checkpoint" if key == "train" else f"checkpoint {key}"
+            precision = first.get("checkpoint", {}).get(
+                "precision", first.get("budget", {}).get("precision")
+            )
+            scored = [stages[n] for n in names if stages[n].get("clean_accuracy") is not None]
+            clean = (
+                f", clean {scored[0]['clean_accuracy']:.3f} on "
+                f"{scored[0].get('n', scored[0].get('test_images'))} images"
+                if scored
+                else ""
+            )
+            parts.append(
+                f"{', '.join(names)} on {which} ({precision}, {first.get('machine', '?')}{clean})"
+            )
+        lines.append(f"- {m}: " + "; ".join(parts) + ".")
+    return lines
+
+
 # --- verdict -----------------------------------------------------------------------------------
 
 
@@ -312,6 +357,12 @@ def verdict(summary: dict, methods: list[str]) -> str:
             f"The comparison is incomplete: {len(summary['missing'])} stage(s) missing "
             f"({compact_missing(summary['missing'])}); every statement below covers "
             "only the stages that exist."
+        )
+    if summary.get("checkpoint_notes"):
+        parts.append(
+            "Some methods' stages ran on a checkpoint trained again on another machine (see "
+            "'Checkpoints trained more than once'): paired differences within a stage compare "
+            "the same images; a method's figures across stages may not."
         )
     paired = summary["paired"]
     if not paired:
@@ -580,6 +631,19 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
         *overview_table(summary),
         "",
     ]
+    if summary.get("checkpoint_notes"):
+        text += [
+            "## Checkpoints trained more than once",
+            "",
+            "A method's stages normally run on one checkpoint. Where a later session had to train "
+            "it again (same seed and budget, another machine or precision), its stages ran on "
+            "different trainings: comparisons between methods within one stage stay paired on "
+            "the same images, but one method's figures across these stages compare different "
+            "trainings.",
+            "",
+            *summary["checkpoint_notes"],
+            "",
+        ]
     for protocol, title in (
         ("paper", "Paper protocol (Table II settings, mean-CE objective)"),
         (

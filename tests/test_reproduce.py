@@ -176,9 +176,10 @@ def test_paper_gains_without_a_strong_stage_are_not_called_robustness(tmp_path):
     assert "Not yet tested by the strong protocol" not in summary["verdict"]
 
 
-def test_a_stage_whose_checkpoint_is_gone_trains_it_again(tmp_path, capsys):
+def test_a_stage_whose_checkpoint_is_gone_trains_it_again(tmp_path, capsys, monkeypatch):
     """On another machine the committed train result exists but --work-dir is empty: the next
     stage retrains the checkpoint instead of being skipped, and the train result is kept."""
+    monkeypatch.setattr(reproduce, "checkpoint_record", lambda path: {"sha256": "ab12"})
     runner = object.__new__(reproduce.Runner)
     runner.method, runner.ckpt = "ncen", tmp_path / "work" / "ncen.safetensors"
     runner.args = argparse.Namespace(results=tmp_path / "results")
@@ -191,8 +192,53 @@ def test_a_stage_whose_checkpoint_is_gone_trains_it_again(tmp_path, capsys):
     runner.run(["paper"])
     assert done == ["train", "paper"]
     assert json.loads((tmp_path / "results/ncen/train.json").read_text())["clean_accuracy"] == 0.91
-    assert json.loads((tmp_path / "results/ncen/paper.json").read_text())["stage"] == "paper"
+    paper = json.loads((tmp_path / "results/ncen/paper.json").read_text())
+    assert paper["stage"] == "paper" and paper["checkpoint"] == {"sha256": "ab12"}
     assert "differs from the committed 0.9100" in capsys.readouterr().err
+
+
+def test_checkpoint_record_names_the_file_and_its_precision(tmp_path):
+    from helpers import save_tiny_checkpoint, tiny_ensemble
+
+    first = save_tiny_checkpoint(tmp_path / "a.safetensors")
+    record = reproduce.checkpoint_record(first)
+    assert len(record["sha256"]) == 16 and set(record) == {"sha256", "precision"}
+    again = save_tiny_checkpoint(tmp_path / "b.safetensors")
+    assert reproduce.checkpoint_record(again) == record  # same bytes, same record
+    ensemble = tiny_ensemble()
+    with torch.no_grad():
+        next(ensemble.parameters()).add_(1e-3)  # one weight moved: another training's file
+    changed = save_tiny_checkpoint(tmp_path / "c.safetensors", ensemble)
+    assert reproduce.checkpoint_record(changed)["sha256"] != record["sha256"]
+
+
+def test_stages_on_a_checkpoint_trained_again_are_named(tmp_path):
+    """Stages recorded without a checkpoint ran on the train stage's; a strong stage run on a
+    retrained checkpoint (another machine, fp32) is reported as a separate training, and the
+    verdict says so, while paired rows within that stage are still computed."""
+    budget = {"epochs": 8, "train_limit": 20000}
+    fake_results(tmp_path, budget)
+    methods = ["baseline", "ncen"]
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), methods, budget)
+    assert summary["checkpoint_notes"] == []
+    assert summary["checkpoints"]["ncen"] == {"train": ["train", "paper", "strong", "inspect"]}
+    for method, sha in (("baseline", "1111"), ("ncen", "2222")):
+        payload = json.loads((tmp_path / method / "strong.json").read_text())
+        payload.update(checkpoint={"sha256": sha, "precision": "fp32"}, machine="box B")
+        payload["clean_accuracy"], payload["n"] = 0.905, 200
+        (tmp_path / method / "strong.json").write_text(json.dumps(payload))
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), methods, budget)
+    assert summary["checkpoints"]["ncen"] == {
+        "train": ["train", "paper", "inspect"],
+        "2222": ["strong"],
+    }
+    note = summary["checkpoint_notes"][1]
+    assert note.startswith("- ncen: train, paper, inspect on the train stage's checkpoint")
+    assert "strong on checkpoint 2222 (fp32, box B, clean 0.905 on 200 images)" in note
+    assert "trained again on another machine" in summary["verdict"]
+    assert any(r["protocol"] == "strong" for r in summary["paired"])
+    md = rr.render_markdown(summary, [])
+    assert "## Checkpoints trained more than once" in md and note in md
 
 
 def test_stage_files_of_another_budget_are_not_used(tmp_path):
