@@ -17,6 +17,7 @@ from ncen_cli.attacks.base import (
     Attack,
     AttackOption,
     AttackSettings,
+    RunInput,
     run_options,
     with_attack_options,
 )
@@ -47,11 +48,11 @@ def test_runner_converts_uint8_freezes_parameters_and_enables_gradients() -> Non
     ens = _linear_ensemble()
     seen = {}
 
-    def run(target, x, y, settings, generator):
-        seen["dtype"], seen["max"] = x.dtype, float(x.max())
+    def run(job: RunInput) -> torch.Tensor:
+        seen["dtype"], seen["max"] = job.x.dtype, float(job.x.max())
         seen["grad_enabled"] = torch.is_grad_enabled()
-        seen["frozen"] = not any(p.requires_grad for p in target.parameters())
-        return x
+        seen["frozen"] = not any(p.requires_grad for p in job.target.parameters())
+        return job.x
 
     x = torch.full((2, 1, 4, 4), 255, dtype=torch.uint8)
     with torch.no_grad():
@@ -81,11 +82,11 @@ def test_runner_counts_restarts_worst_case_and_reruns_only_the_robust() -> None:
     y = torch.zeros(6, dtype=torch.long)
     sizes: list[int] = []
 
-    def run(target, xs, ys, settings, generator):
+    def run(job: RunInput) -> torch.Tensor:
         restart = len(sizes)
-        sizes.append(len(xs))
-        out = xs.clone()
-        out[(xs[:, 0, 1, 1] * 10).round() == restart, 0, 0, 0] = 0.6
+        sizes.append(len(job.x))
+        out = job.x.clone()
+        out[(job.x[:, 0, 1, 1] * 10).round() == restart, 0, 0, 0] = 0.6
         return out
 
     out = _attack(run).perturb(PixelThreshold(), x, y, AttackSettings(0.3, restarts=3))
@@ -97,8 +98,8 @@ def test_runner_counts_restarts_worst_case_and_reruns_only_the_robust() -> None:
 def test_runner_refuses_an_image_outside_the_ball_or_the_unit_range(leave: str) -> None:
     x, y = _batch()
 
-    def run(target, xs, ys, settings, generator):
-        return xs + 0.2 if leave == "ball" else xs * 0 - 0.01
+    def run(job: RunInput) -> torch.Tensor:
+        return job.x + 0.2 if leave == "ball" else job.x * 0 - 0.01
 
     with pytest.raises(NcenError, match="attack test-runner left the eps ball or"):
         _attack(run).perturb(_linear_ensemble(), x, y, AttackSettings(0.1))
@@ -189,9 +190,9 @@ def _cli(*args) -> object:
 def test_cli_attack_option_reaches_the_run_and_its_report(checkpoint) -> None:
     seen: list[AttackSettings] = []
 
-    def run(target, x, y, settings, generator):
-        seen.append(settings)
-        return x
+    def run(job: RunInput) -> torch.Tensor:
+        seen.append(job.settings)
+        return job.x
 
     spy = Attack(
         "test-options",

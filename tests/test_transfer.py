@@ -17,7 +17,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from ncen_cli.archs.base import Architecture
-from ncen_cli.attacks.base import Attack, AttackSettings, objective_loss
+from ncen_cli.attacks.base import Attack, AttackSettings, RunInput, objective_loss
 from ncen_cli.checkpoint import save_ensemble
 from ncen_cli.cli import app
 from ncen_cli.data.pipeline import to_float
@@ -54,11 +54,12 @@ class Constant(nn.Module):
         return self.bias.expand(x.shape[0], -1) + 0.0 * x.flatten(1).sum(1, keepdim=True)
 
 
-def fgsm(target, x, y, settings: AttackSettings, generator) -> torch.Tensor:
-    x = x.clone().requires_grad_(True)
-    loss, _ = objective_loss(target, x, y, settings.objective)
+def fgsm(job: RunInput) -> torch.Tensor:
+    """One signed-gradient step of size eps: job.x (B, C, H, W) -> x_adv (B, C, H, W)."""
+    x = job.x.clone().requires_grad_(True)
+    loss, _ = objective_loss(job.target, x, job.y, job.settings.objective)
     (grad,) = torch.autograd.grad(loss.sum(), x)
-    return (x + settings.eps * grad.sign()).clamp(0, 1).detach()
+    return (x + job.settings.eps * grad.sign()).clamp(0, 1).detach()
 
 
 TEST_ATTACK = Attack("test-fgsm", "one signed-gradient step", fgsm, lambda eps: {"steps": 1})
@@ -278,9 +279,9 @@ def test_builtin_pgd_keeps_the_orientation():
 def test_crafting_runs_every_step_unless_told_otherwise():
     seen: list[AttackSettings] = []
 
-    def spy(target, x, y, settings, generator):
-        seen.append(settings)
-        return fgsm(target, x, y, settings, generator)
+    def spy(job: RunInput) -> torch.Tensor:
+        seen.append(job.settings)
+        return fgsm(job)
 
     with registered("attacks", Attack("test-spy", "records settings", spy, lambda eps: {})):
         arrays = make_arrays(n_train=8, n_test=8)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ncen_cli.attacks.base import AttackSettings, frozen_parameters, worst_case_restarts
+from ncen_cli.attacks.base import AttackSettings, RunInput, frozen_parameters, worst_case_restarts
 from ncen_cli.data.synthetic import make_arrays
 from ncen_cli.ensemble import Ensemble
 from ncen_cli.errors import UsageError
@@ -118,7 +118,7 @@ def test_restarts_are_the_runners_worst_case_restarts(trained) -> None:
     gen = torch.Generator().manual_seed(5)
     with frozen_parameters(ens):
         expected = worst_case_restarts(
-            ens, x, y, 3, lambda xs, ys: mc_pgd.run(ens, xs, ys, settings, gen)
+            ens, x, y, 3, lambda xs, ys: mc_pgd.run(RunInput(ens, xs, ys, settings, gen))
         )
     assert torch.equal(got, expected)
 

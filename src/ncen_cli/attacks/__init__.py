@@ -6,6 +6,7 @@ from ncen_cli.attacks.base import (
     AttackSettings,
     AttackTarget,
     MemberTarget,
+    RunInput,
     objective_loss,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "AttackSettings",
     "AttackTarget",
     "MemberTarget",
+    "RunInput",
     "objective_loss",
 ]

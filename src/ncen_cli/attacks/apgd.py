@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ncen_cli.attacks.base import Attack, AttackSettings, AttackTarget, SingleRun
+from ncen_cli.attacks.base import Attack, AttackTarget, RunInput, SingleRun
 from ncen_cli.attacks.core import LossFn, input_gradient, objective_fn, project, uniform_start
 from ncen_cli.errors import UsageError
 
@@ -117,18 +117,13 @@ def apgd_once(
 
 
 def apgd_run(loss_fn: LossFn | None = None) -> SingleRun:
-    """The single run of APGD (:func:`apgd_once`) on ``loss_fn``, or on ``settings.objective``
-    when None."""
+    """The single run of APGD (:func:`apgd_once` on ``job.x`` (B, C, H, W), ``job.y`` (B,)) on
+    ``loss_fn``, or on ``job.settings.objective`` when None."""
 
-    def run(
-        target: AttackTarget,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        settings: AttackSettings,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        loss = loss_fn or objective_fn(settings.objective)
-        return apgd_once(target, x, y, settings.eps, settings.steps, loss, generator)
+    def run(job: RunInput) -> torch.Tensor:
+        loss = loss_fn or objective_fn(job.settings.objective)
+        eps, steps = job.settings.eps, job.settings.steps
+        return apgd_once(job.target, job.x, job.y, eps, steps, loss, job.generator)
 
     return run
 

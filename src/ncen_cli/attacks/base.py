@@ -1,8 +1,9 @@
 """The attack contract (plugin API version 3) and the ensemble attack objectives.
 
-An attack is an :class:`Attack` that implements one *single run*: ``run(target, x, y, settings,
-generator) -> x_adv``. The framework's runner (:meth:`Attack.perturb`) does everything around it,
-once for every attack:
+An attack is an :class:`Attack` that implements one *single run*: ``run(job) -> x_adv``, where
+``job`` is a :class:`RunInput` (the target, the images ``job.x``, the labels ``job.y``, the
+settings and the random generator). The framework's runner (:meth:`Attack.perturb`) does
+everything around it, once for every attack, and builds one ``RunInput`` per run:
 
 1. validates the settings (:meth:`AttackSettings.check`, the attack's objective and options);
 2. converts the images to float32 in [0, 1] (:func:`as_float`);
@@ -199,23 +200,37 @@ def _is_a(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-class SingleRun(Protocol):
-    """An attack's single run (:attr:`Attack.run`): ``run(target, x, y, settings, generator) ->
-    x_adv``, the arguments passed by position (name them as you like)."""
+@dataclass(frozen=True, eq=False)  # eq=False: compared by identity (tensors have no bool ==)
+class RunInput:
+    """Everything one single run of an attack works on (the argument of :data:`SingleRun`).
 
-    def __call__(
-        self,
-        target: AttackTarget,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        settings: AttackSettings,
-        generator: torch.Generator | None,
-        /,
-    ) -> torch.Tensor:
-        """One run on float32 images x (B, C, H, W) in [0, 1] with labels y (B,), gradients
-        enabled and the target's parameters frozen; returns x_adv (B, C, H, W) within the eps ball
-        and [0, 1]. Randomness only from ``generator``."""
-        ...
+    The runner (:meth:`Attack.perturb`) builds one per run: for the first run on the whole batch,
+    for each later restart on the examples still classified correctly. The run is called with
+    gradients enabled and the target's parameters frozen (``requires_grad`` off), so it
+    differentiates the input only; it must not change the target's parameters or mode.
+
+    Attributes:
+        target: the model under attack (``member_logits``, ``combine_logits``), in eval mode.
+        x: float32 clean images (B, C, H, W) in [0, 1].
+        y: their labels (B,), class indices.
+        settings: the validated settings of this attack run (eps, steps, step size, options).
+        generator: the only source of randomness of the run (None: torch's global generator);
+            possibly on the target's device.
+
+    The run returns x_adv (B, C, H, W), float32, within ``settings.eps`` of ``x`` in L-infinity
+    and in [0, 1] (the runner refuses anything else).
+    """
+
+    target: AttackTarget
+    x: torch.Tensor
+    y: torch.Tensor
+    settings: AttackSettings
+    generator: torch.Generator | None
+
+
+SingleRun = Callable[[RunInput], torch.Tensor]
+"""An attack's single run (:attr:`Attack.run`): ``run(job: RunInput) -> x_adv``, x_adv (B, C, H, W)
+float32 within ``job.settings.eps`` of ``job.x`` and in [0, 1] (see :class:`RunInput`)."""
 
 
 AttackDefaults = Callable[[float], dict[str, Any]]
@@ -324,13 +339,14 @@ class Attack:
     ) -> torch.Tensor:
         """Adversarial images for x (B, C, H, W) (uint8, or float in [0, 1]) and labels y (B,):
         float32 (B, C, H, W) within ``settings.eps`` (L-infinity) of x and in [0, 1]. Runs
-        :attr:`run` ``settings.restarts`` times, counted worst-case per example, with frozen
-        parameters (see the module docstring)."""
+        :attr:`run` ``settings.restarts`` times on a :class:`RunInput` each, counted worst-case per
+        example, with frozen parameters (see the module docstring)."""
         self.check(settings)
         x = as_float(x)
 
         def run_once(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-            return self.run(target, xs, ys, settings, generator)
+            job = RunInput(target=target, x=xs, y=ys, settings=settings, generator=generator)
+            return self.run(job)
 
         with frozen_parameters(target), torch.enable_grad():
             x_adv = worst_case_restarts(target, x, y, settings.restarts, run_once)

@@ -15,8 +15,8 @@ import torch
 
 from ncen_cli.attacks.base import (  # noqa: F401 - frozen_parameters, as_float: re-exported
     AttackOption,
-    AttackSettings,
     AttackTarget,
+    RunInput,
     SingleRun,
     as_float,
     frozen_parameters,
@@ -136,7 +136,7 @@ def seed_from(generator: torch.Generator | None) -> int:
 
 def sign_ascent_run(default_step_fraction: float, momentum: bool = False) -> SingleRun:
     """The single run of the sign-gradient attacks (FGSM, BIM, PGD, MI-FGSM): :func:`sign_ascent`
-    on ``settings.objective``.
+    on ``job.x`` (B, C, H, W) and ``job.y`` (B,), ascending ``job.settings.objective``.
 
     Args:
         default_step_fraction: step size as a fraction of eps when ``settings.step_size`` is None.
@@ -145,13 +145,8 @@ def sign_ascent_run(default_step_fraction: float, momentum: bool = False) -> Sin
     keeps an iterate that is already misclassified unless option ``early_stop`` is False.
     """
 
-    def run(
-        target: AttackTarget,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        settings: AttackSettings,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
+    def run(job: RunInput) -> torch.Tensor:
+        settings = job.settings
         step = (
             settings.step_size
             if settings.step_size is not None
@@ -159,16 +154,16 @@ def sign_ascent_run(default_step_fraction: float, momentum: bool = False) -> Sin
         )
         early_stop = bool(settings.extra.get("early_stop", True)) and settings.steps > 1
         return sign_ascent(
-            target,
-            x,
-            y,
+            job.target,
+            job.x,
+            job.y,
             eps=settings.eps,
             steps=settings.steps,
             step_size=step,
             loss_fn=objective_fn(settings.objective),
             random_start=settings.random_start,
             decay=settings.decay if momentum else None,
-            generator=generator,
+            generator=job.generator,
             early_stop=early_stop,
             l1_floor=settings.extra.get("momentum_l1_floor"),
         )

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ncen_cli.attacks.base import Attack, AttackOption, AttackSettings, AttackTarget
+from ncen_cli.attacks.base import Attack, AttackOption, AttackTarget, RunInput
 from ncen_cli.attacks.core import project, seed_from
 
 
@@ -36,17 +36,13 @@ class CombinedLogits(nn.Module):
         return self.target.combine_logits(self.target.member_logits(x))
 
 
-def run(
-    target: AttackTarget,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    settings: AttackSettings,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """One Square run (torchattacks, one restart) on the combined logits; modes restored."""
+def run(job: RunInput) -> torch.Tensor:
+    """One Square run (torchattacks, one restart) on the combined logits of ``job.target``; modes
+    restored. ``job.x`` (B, C, H, W), ``job.y`` (B,) -> x_adv (B, C, H, W)."""
     import torchattacks
 
-    model = CombinedLogits(target)
+    x, settings = job.x, job.settings
+    model = CombinedLogits(job.target)
     modes = [(m, m.training) for m in model.modules()]
     devices = [x.device] if x.device.type == "cuda" else []
     try:
@@ -63,10 +59,10 @@ def run(
                 n_restarts=1,
                 p_init=float(ATTACK.option(settings, "p_init")),
                 loss="margin",
-                seed=seed_from(generator) % 2**31,
+                seed=seed_from(job.generator) % 2**31,
             )
             attack.set_device(x.device)
-            adv = attack(x, y).to(torch.float32)
+            adv = attack(x, job.y).to(torch.float32)
     finally:
         for module, training in modes:
             module.training = training

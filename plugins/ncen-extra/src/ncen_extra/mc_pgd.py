@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from ncen_cli.attacks.base import Attack, AttackOption, AttackSettings, AttackTarget
+from ncen_cli.attacks.base import Attack, AttackOption, AttackTarget, RunInput
 from ncen_cli.attacks.core import LossFn, sign_ascent
 
 SELECT_RULES = ("confidence", "margin")
@@ -67,25 +67,21 @@ def selected_loss(rule: str) -> LossFn:
     return loss_fn
 
 
-def run(
-    target: AttackTarget,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    settings: AttackSettings,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One MC-PGD run: x (B, C, H, W) float32 in [0, 1], y (B,) -> x_adv (B, C, H, W)."""
+def run(job: RunInput) -> torch.Tensor:
+    """One MC-PGD run: ``job.x`` (B, C, H, W) float32 in [0, 1], ``job.y`` (B,) -> x_adv
+    (B, C, H, W)."""
+    settings = job.settings
     step_size = settings.step_size if settings.step_size is not None else settings.eps / 4
     return sign_ascent(
-        target,
-        x,
-        y,
+        job.target,
+        job.x,
+        job.y,
         eps=settings.eps,
         steps=settings.steps,
         step_size=step_size,
         loss_fn=selected_loss(str(ATTACK.option(settings, "select"))),
         random_start=settings.random_start,
-        generator=generator,
+        generator=job.generator,
     )
 
 
