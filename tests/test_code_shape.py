@@ -20,10 +20,11 @@ KNOWN_OFFENDERS: set[str] = set()
 
 
 def _is_typer_command(node: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
-    """Decorated with ``@app.command(...)`` (or any ``<x>.command``)."""
+    """Decorated with ``@command(...)``, ``@common.command(...)`` or ``@app.command(...)``."""
     for decorator in node.decorator_list:
         target = decorator.func if isinstance(decorator, ast.Call) else decorator
-        if isinstance(target, ast.Attribute) and target.attr == "command":
+        name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
+        if name == "command":
             return True
     return False
 
@@ -62,7 +63,8 @@ def test_the_checker_sees_a_long_function_and_a_wide_signature(tmp_path):
         "\n    pass\n"
     )
     (package / "cli" / "c.py").write_text(
-        "@app.command('x')\ndef cmd(a, b, c, d, e, f, g, h, i):\n    pass\n"
+        "@app.command('x')\ndef cmd(a, b, c, d, e, f, g, h, i):\n    pass\n\n\n"
+        "@command('y')\ndef cmd2(a, b, c, d, e, f, g, h, i):\n    pass\n"
     )
     assert offenders(package) == [
         ("pkg/a.py long", "1", f"{MAX_LINES + 1} lines"),

@@ -86,7 +86,7 @@ def test_every_listed_command_runs_its_own_help():
 
 
 def test_the_cli_defaults_are_those_of_the_training_step():
-    from ncen_cli.cli import train as cli_train
+    from ncen_cli.cli import options as cli_train
     from ncen_cli.train_step import DEFAULT_DOUBLE_BACKPROP, DEFAULT_FD_SCALE
 
     assert cli_train.DEFAULT_DOUBLE_BACKPROP == DEFAULT_DOUBLE_BACKPROP

@@ -10,10 +10,10 @@ v_i = d R / d g_i held fixed, that is grad_theta <g_i, v_i>. Two exact ways to g
   along v_i in input space, d/dt CE_i(theta, x + t v_i) at t = 0, which forward-mode AD computes
   exactly in one dual forward pass (no step size); one reverse pass then gives its parameter
   gradient. The input gradients themselves come from an earlier forward-backward without any
-  parameter graph. See :func:`jvp_step`.
+  parameter graph. See :func:`_jvp_step`.
 * ``exact`` (default): double backpropagation. The input gradients are taken with
   ``autograd.grad(create_graph=True)`` and the backward of <g_i, v_i> differentiates the
-  backward pass itself. See :func:`exact_step`.
+  backward pass itself. See :func:`_exact_step`.
 
 Both give the same parameter gradients (to rounding; tests/test_train_step.py) and update
 BatchNorm running statistics once per step. In both, the defense's terms are evaluated vectorised
@@ -28,6 +28,7 @@ backwards and forward-mode rules).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
@@ -73,6 +74,24 @@ class _MemberPass:
     input_grad: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One step's problem: the ensemble and its defense (with its weighted hyperparameters),
+    the batch x (B, C, H, W), or (k, B, C, H, W) when each member trains on its own inputs
+    (:mod:`ncen_cli.crafting`), with labels y (B,), and how the per-member stages run."""
+
+    ensemble: Ensemble
+    defense: Defense
+    hyperparameters: Mapping[str, float]
+    x: torch.Tensor
+    y: torch.Tensor
+    executor: MemberExecutor
+
+    def member_input(self, i: int) -> torch.Tensor:
+        """Member i's images (B, C, H, W)."""
+        return self.x[i] if self.x.dim() == 5 else self.x
+
+
 def _member_pass(
     member: torch.nn.Module,
     x: torch.Tensor,
@@ -116,11 +135,7 @@ def _weighted_terms(
 
 
 def _regularizer_gradients(
-    defense: Defense,
-    hyperparameters: Mapping[str, float],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    passes: list[_MemberPass],
+    step: _Step, passes: list[_MemberPass]
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
     """Evaluate the defense's terms on detached leaves and differentiate them (cheap: the terms
     are small functions of the gradients and logits).
@@ -132,13 +147,15 @@ def _regularizer_gradients(
     logits = torch.stack([p.logits.detach() for p in passes]).requires_grad_(True)
     wrt = {"logits": logits}
     grads = None
+    defense = step.defense
     if defense.needs_input_gradients:
         # cast: every pass took its input gradient (the defense asked for them)
         grads = torch.stack([cast(torch.Tensor, p.input_grad).detach() for p in passes])
         grads.requires_grad_(True)
         wrt["grads"] = grads
     with torch.enable_grad():
-        terms = _weighted_terms(defense, DefenseInputs(x, y, logits, grads), hyperparameters)
+        inputs = DefenseInputs(step.x, step.y, logits, grads)
+        terms = _weighted_terms(defense, inputs, step.hyperparameters)
         reg = cast(torch.Tensor, sum(terms.values())) if terms else None  # cast: as above
     if reg is None or not reg.requires_grad:
         return terms, None, None
@@ -147,14 +164,7 @@ def _regularizer_gradients(
     return terms, found.get("grads"), found.get("logits")
 
 
-def exact_step(
-    ensemble: Ensemble,
-    defense: Defense,
-    hyperparameters: Mapping[str, float],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    executor: MemberExecutor = SERIAL,
-) -> StepOutput:
+def _exact_step(step: _Step) -> StepOutput:
     """Compute the loss and back-propagate it (gradients accumulate into ``.grad``).
 
     Three stages, the first and last run per member (concurrently with a threaded ``executor``):
@@ -165,21 +175,18 @@ def exact_step(
     3. member i: backward of CE_i / (k B) + <g_i, v_i> + <logits_i, u_i>, whose parameter
        gradient is exactly that of mean CE + R (the chain rule through g_i and logits_i): the
        double backpropagation runs here, member by member.
-
-    ``x`` is (B, C, H, W), or (k, B, C, H, W) when each member trains on its own inputs (a
-    defense's crafted inputs, :mod:`ncen_cli.crafting`); ``y`` (B,).
     """
-    k, batch = ensemble.k, x.shape[-4]
-    members = list(ensemble.members)
+    k, batch = step.ensemble.k, step.x.shape[-4]
+    members = list(step.ensemble.members)
     params = _trainable(members)
-    needs_grads = defense.needs_input_gradients
+    needs_grads = step.defense.needs_input_gradients
 
     def forward(i: int) -> _MemberPass:
-        xi = x[i] if x.dim() == 5 else x  # (k, B, C, H, W): member i trains on its own inputs
-        return _member_pass(members[i], xi, y, needs_grads, create_graph=True)
+        xi = step.member_input(i)
+        return _member_pass(members[i], xi, step.y, needs_grads, create_graph=True)
 
-    passes = executor.map(forward, k)
-    terms, v, u = _regularizer_gradients(defense, hyperparameters, x, y, passes)
+    passes = step.executor.map(forward, k)
+    terms, v, u = _regularizer_gradients(step, passes)
     scale_ce = 1.0 / (k * batch)
 
     def backward(i: int) -> None:
@@ -192,19 +199,12 @@ def exact_step(
         # inputs=: only parameter gradients (nothing is spent on d/dx of the input copy)
         total.backward(inputs=params[i] or None)
 
-    executor.map(backward, k)
+    step.executor.map(backward, k)
     return _step_output(passes, terms, scale_ce)
 
 
-def jvp_step(
-    ensemble: Ensemble,
-    defense: Defense,
-    hyperparameters: Mapping[str, float],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    executor: MemberExecutor = SERIAL,
-) -> StepOutput:
-    """Same result as :func:`exact_step` (loss, terms, parameter gradients in ``.grad``, one
+def _jvp_step(step: _Step) -> StepOutput:
+    """Same result as :func:`_exact_step` (loss, terms, parameter gradients in ``.grad``, one
     BatchNorm statistics update), with the double backpropagation replaced by reverse-over-
     forward. Three stages, the first and last per member (concurrently with a threaded executor):
 
@@ -218,27 +218,23 @@ def jvp_step(
 
     A defense that does not use input gradients gets the plain step. Raises UsageError for a
     member layer without a correct forward-mode rule (see :func:`ncen_cli.layers.
-    forward_mode_layers`). ``x`` is (B, C, H, W), or (k, B, C, H, W) when each member trains on
-    its own inputs (:mod:`ncen_cli.crafting`); ``y`` (B,)."""
-    if not defense.needs_input_gradients:
-        return exact_step(ensemble, defense, hyperparameters, x, y, executor)
-    k, batch = ensemble.k, x.shape[-4]
-    members = list(ensemble.members)
+    forward_mode_layers`)."""
+    if not step.defense.needs_input_gradients:
+        return _exact_step(step)
+    k, batch = step.ensemble.k, step.x.shape[-4]
+    members, y, executor = list(step.ensemble.members), step.y, step.executor
     params = _trainable(members)
-
-    def member_input(i: int) -> torch.Tensor:
-        return x[i] if x.dim() == 5 else x  # (k, B, C, H, W): member i trains on its own inputs
 
     def first(i: int) -> _MemberPass:
         with frozen_parameters(members[i]), frozen_batchnorm_stats(members[i]):
-            return _member_pass(members[i], member_input(i), y, True)
+            return _member_pass(members[i], step.member_input(i), y, True)
 
     passes = executor.map(first, k)
-    terms, v, u = _regularizer_gradients(defense, hyperparameters, x, y, passes)
+    terms, v, u = _regularizer_gradients(step, passes)
     scale_ce = 1.0 / (k * batch)
 
     def dual_forward(i: int) -> torch.Tensor:
-        xi = member_input(i)
+        xi = step.member_input(i)
         direction = torch.zeros_like(xi) if v is None else v[i].to(xi.dtype)
         dual = forward_ad.make_dual(xi.detach(), direction)
         logits, tangent = forward_ad.unpack_dual(members[i](dual))
@@ -311,10 +307,20 @@ def training_step(
     double_backprop: str = DEFAULT_DOUBLE_BACKPROP,
     executor: MemberExecutor = SERIAL,
 ) -> StepOutput:
-    """Dispatch on ``double_backprop`` (``exact`` or ``jvp``; the retired ``finite-diff`` runs
-    the default mode after a one-time deprecation warning); gradients land in ``.grad``."""
-    step = {"jvp": jvp_step, "exact": exact_step}[resolve_double_backprop(double_backprop)]
-    return step(ensemble, defense, hyperparameters, x, y, executor)
+    """One step of mean CE + the defense's terms on x (B, C, H, W), or (k, B, C, H, W) when each
+    member trains on its own inputs (:mod:`ncen_cli.crafting`), with labels y (B,); parameter
+    gradients accumulate into ``.grad``. ``double_backprop``: ``exact`` (:func:`_exact_step`)
+    or ``jvp`` (:func:`_jvp_step`); the retired ``finite-diff`` runs the default mode after a
+    one-time deprecation warning. The per-member stages run on ``executor``."""
+    mode = resolve_double_backprop(double_backprop)
+    step = _Step(ensemble, defense, hyperparameters, x, y, executor)
+    return _jvp_step(step) if mode == "jvp" else _exact_step(step)
+
+
+exact_step = functools.partial(training_step, double_backprop="exact")
+"""``training_step(ensemble, defense, hyperparameters, x, y, executor=...)`` by double backprop."""
+jvp_step = functools.partial(training_step, double_backprop="jvp")
+"""``training_step(ensemble, defense, hyperparameters, x, y, executor=...)`` by forward mode."""
 
 
 def resolve_double_backprop(mode: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -30,11 +29,7 @@ PROTOCOLS = ("paper", "strong", "authors")
 def build_runs(
     family: str,
     protocol: str | None,
-    attacks: str | None,
-    eps: str | None,
-    steps: int | None,
-    step_size: float | None,
-    restarts: int | None,
+    choice: opt.AttackChoice,
     objective: str | None,
     *,
     combine: str = "mean-logits",
@@ -52,11 +47,12 @@ def build_runs(
             "--objective does not apply to --protocol authors (its objective is "
             "advertorch's CE on the authors' ensemble output)"
         )
+    attacks, eps = choice.attacks, choice.eps
     eps_values = common.parse_eps(eps)
     names = common.parse_name_list(attacks, "--attacks") if attacks is not None else None
-    common.require_positive(steps, "--steps")
-    common.require_positive(step_size, "--step-size")
-    common.require_positive(restarts, "--restarts")
+    common.require_positive(choice.steps, "--steps")
+    common.require_positive(choice.step_size, "--step-size")
+    common.require_positive(choice.restarts, "--restarts")
     from ncen_cli.evaluation import runs_for
 
     custom = protocol is None and (names is not None or eps_values is not None)
@@ -67,10 +63,8 @@ def build_runs(
         eps=eps_values,
         objective=objective,
         combine=combine,
-        steps=steps,
-        step_size=step_size,
-        restarts=restarts,
         quirks=quirks,
+        **choice.overrides(),
     )
 
 
@@ -199,10 +193,9 @@ def csv_text(report: EvaluationReport) -> str:
     return buffer.getvalue()
 
 
-@common.app.command("attack")
-@common.handle_errors
+@common.command("attack")
 def attack_command(
-    checkpoint: Annotated[Path, typer.Argument(help="An ensemble checkpoint (.safetensors).")],
+    checkpoint: opt.Checkpoint,
     protocol: Annotated[
         str | None,
         typer.Option(
@@ -223,14 +216,6 @@ def attack_command(
             "conditional, advertorch-iterations."
         ),
     ] = None,
-    attacks: opt.Attacks = None,
-    eps: opt.Eps = None,
-    steps: Annotated[int | None, typer.Option(help="Iterations (Square: queries).")] = None,
-    step_size: Annotated[float | None, typer.Option(help="Step size (alpha).")] = None,
-    restarts: Annotated[
-        int | None,
-        typer.Option(help="Random restarts, counted worst-case per example (strong default 2)."),
-    ] = None,
     objective: Annotated[
         str | None,
         typer.Option(
@@ -240,7 +225,6 @@ def attack_command(
         ),
     ] = None,
     test_limit: opt.TestLimit = None,
-    attack_option: opt.AttackOptions = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -248,11 +232,6 @@ def attack_command(
             "in train mode)."
         ),
     ] = None,
-    dataset: opt.CheckpointDataset = None,
-    data_dir: opt.CheckpointDataDir = None,
-    download: opt.Download = True,
-    device: opt.Device = "auto",
-    threads: opt.Threads = None,
     seed: Annotated[int, typer.Option(help="Seeds the subset and every random start.")] = 0,
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 1 when a self-check fails.")
@@ -263,18 +242,15 @@ def attack_command(
             "--check-large-eps", help="Also check that PGD at eps 0.5 drives accuracy to about 0."
         ),
     ] = False,
-    out: Annotated[
-        Path | None, typer.Option(help="Also write the results to FILE (.json or .csv).")
-    ] = None,
-    overwrite: opt.Overwrite = False,
-    json_output: opt.Json = False,
-    quiet: opt.Quiet = False,
-    verbose: opt.Verbose = False,
-    no_progress: opt.NoProgress = False,
+    out: opt.ResultsFile = None,
+    *,
+    choice: opt.AttackChoice,
+    data: opt.CheckpointData,
+    output: opt.Output,
 ) -> None:
     """Attack an ensemble checkpoint and report accuracy under each attack, with self-checks."""
     common.require_positive(test_limit, "--test-limit")
-    common.parse_eps(eps)
+    common.parse_eps(choice.eps)
     common.check_suffix(out, ".json", ".csv")
     authors_quirks, batch_size = protocol_options(protocol, quirks, batch_size)
     from ncen_cli import distributed
@@ -282,22 +258,16 @@ def attack_command(
     from ncen_cli.device import Runtime
     from ncen_cli.evaluation import evaluate
 
-    common.claim_output(out, overwrite)
-    meta, arrays = common.checkpoint_test_data(
-        checkpoint, dataset, data_dir, download, test_limit, seed
-    )
+    common.claim_output(out, output.overwrite)
+    meta, arrays = common.checkpoint_test_data(checkpoint, data, test_limit, seed)
     family = meta.get("family")
     runs_family = family if family in ("fashionmnist", "cifar10") else None
-    dist = distributed.initialize(device)  # under torchrun: each rank attacks its share
-    runtime = Runtime.create(device=device, seed=seed, threads=threads)
+    dist = distributed.initialize(data.device)  # under torchrun: each rank attacks its share
+    runtime = Runtime.create(device=data.device, seed=seed, threads=data.threads)
     runs = build_runs(
         runs_family or arrays.family,
         protocol,
-        attacks,
-        eps,
-        steps,
-        step_size,
-        restarts,
+        choice,
         objective,
         combine=meta.get("combine", "mean-logits"),
         quirks=authors_quirks,
@@ -306,16 +276,14 @@ def attack_command(
 
     from ncen_cli.attacks.base import with_attack_options
 
-    optioned = with_attack_options([(r.attack, r.settings) for r in runs], attack_option)
+    optioned = with_attack_options([(r.attack, r.settings) for r in runs], choice.attack_option)
     runs = [replace(r, settings=s) for r, s in zip(runs, optioned, strict=True)]
     ensemble = load_ensemble(checkpoint, device=runtime.device)
 
     started = time.perf_counter()
     with (
         runtime.applied(),
-        Reporter(
-            quiet=quiet, no_progress=no_progress, verbose=verbose, main=dist.is_main
-        ) as reporter,
+        Reporter.for_output(output, main=dist.is_main) as reporter,
     ):
         console = reporter.console
         tasks: dict[str, Any] = {}
@@ -350,7 +318,8 @@ def attack_command(
         "checkpoint": str(checkpoint),
         "dataset": arrays.name,
         "family": runs_family or arrays.family,
-        "protocol": protocol or ("custom" if attacks is not None or eps is not None else "paper"),
+        "protocol": protocol
+        or ("custom" if choice.attacks is not None or choice.eps is not None else "paper"),
         "device": str(runtime.device),
         "batch_size": batch_size,
         "seconds": seconds,
@@ -362,7 +331,7 @@ def attack_command(
             atomic_write_json(out, payload)
         else:
             atomic_write_text(out, csv_text(report))
-    if json_output:
+    if output.json_output:
         common.print_json(payload)
     else:
         console_out = common.out_console()

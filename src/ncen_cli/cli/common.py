@@ -10,14 +10,18 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
 from safetensors import SafetensorError
 
+from ncen_cli.cli.options import grouped
 from ncen_cli.errors import NcenError, UsageError
 from ncen_cli.interrupts import interrupt_command, set_sigint
+
+if TYPE_CHECKING:
+    from ncen_cli.cli.options import CheckpointData
 
 app = typer.Typer(
     name="ncen",
@@ -87,6 +91,17 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
                 set_sigint(previous)
 
     return wrapper
+
+
+def command(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Register the decorated function as ``ncen NAME``, wrapped by :func:`handle_errors` and
+    with its option groups shown to Typer field by field (:func:`~ncen_cli.cli.options.grouped`).
+    """
+
+    def register(func: Callable[P, R]) -> Callable[P, R]:
+        return app.command(name)(handle_errors(grouped(func)))
+
+    return register
 
 
 def claim_output(path: Path | None, overwrite: bool, option: str = "--out") -> None:
@@ -188,26 +203,23 @@ def check_suffix(out: Path | None, *suffixes: str) -> None:
 
 
 def checkpoint_test_data(
-    checkpoint: Path,
-    dataset: str | None,
-    data_dir: Path | None,
-    download: bool,
-    limit: int | None,
-    seed: int,
+    checkpoint: Path, data: CheckpointData, limit: int | None, seed: int
 ) -> tuple[dict[str, Any], Any]:
     """The checkpoint's validated metadata and the test data to evaluate it on.
 
-    The dataset defaults to the one recorded in the checkpoint and the data folder to the recorded
-    one (when given neither by option nor by NCEN_DATA_DIR); ``limit`` takes a seeded subset of
-    the test images. The errors are those of ``ncen attack``: UsageError for a missing file, no
-    recorded dataset or a dataset whose images or classes do not fit the checkpoint;
-    CheckpointError for a damaged or foreign file. Returns (metadata, ImageArrays).
+    ``data`` gives --dataset, --data-dir and --download. The dataset defaults to the one
+    recorded in the checkpoint and the data folder to the recorded one (when given neither by
+    option nor by NCEN_DATA_DIR); ``limit`` takes a seeded subset of the test images. The errors
+    are those of ``ncen attack``: UsageError for a missing file, no recorded dataset or a
+    dataset whose images or classes do not fit the checkpoint; CheckpointError for a damaged or
+    foreign file. Returns (metadata, ImageArrays).
     """
     from ncen_cli.checkpoint import read_metadata
     from ncen_cli.data import load_dataset
 
     require_positive(limit, "--test-limit")
     meta = read_metadata(checkpoint)
+    dataset, data_dir = data.dataset, data.data_dir
     name = (dataset or meta.get("dataset") or "").lower()
     if not name:
         raise UsageError(f"{checkpoint} records no dataset; pass --dataset")
@@ -220,7 +232,7 @@ def checkpoint_test_data(
                 f"the data folder recorded in {checkpoint} ({recorded}) is not a folder here; "
                 "pass --data-dir"
             )
-    arrays = load_dataset(name, data_dir, download=download, test_limit=limit, seed=seed)
+    arrays = load_dataset(name, data_dir, download=data.download, test_limit=limit, seed=seed)
     check_dataset_fits(arrays, meta, checkpoint)
     return meta, arrays
 

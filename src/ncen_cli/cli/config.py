@@ -8,6 +8,7 @@ command line override the file. No torch import here: reading and checking a fil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -17,8 +18,13 @@ from typing import Annotated, Any
 
 import typer
 
-from ncen_cli.cli.common import app, fail, handle_errors
-from ncen_cli.cli.options import DEPRECATED_SPELLINGS, deprecation_warning
+from ncen_cli.cli.common import command, fail
+from ncen_cli.cli.options import (
+    DEPRECATED_SPELLINGS,
+    Checkpoint,
+    OptionGroup,
+    deprecation_warning,
+)
 
 # Parameters that are not settings of the run: never read from or written to a settings file
 NOT_SETTINGS = frozenset(
@@ -132,6 +138,14 @@ PrintConfig = Annotated[
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class SettingsFile(OptionGroup):
+    """--config FILE and --print-config (train, sweep)."""
+
+    config_file: ConfigFile = None
+    print_config: PrintConfig = False
+
+
 def command_settings(ctx: typer.Context) -> dict[str, Any]:
     """The command's resolved settings (every parameter except outputs and switches)."""
     return {k: v for k, v in ctx.params.items() if k not in NOT_SETTINGS}
@@ -180,10 +194,9 @@ def options_from_record(saved: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-@app.command("config")
-@handle_errors
+@command("config")
 def config_command(
-    checkpoint: Annotated[Path, typer.Argument(help="An ncen checkpoint (.safetensors).")],
+    checkpoint: Checkpoint,
 ) -> None:
     """Print the training settings recorded in a checkpoint as a --config TOML file."""
     from ncen_cli.checkpoint import read_metadata

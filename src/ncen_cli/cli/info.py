@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ncen_cli import paths
-from ncen_cli.cli.common import app, handle_errors, out_console, print_json
+from ncen_cli.cli.common import command, out_console, print_json
 from ncen_cli.registry import all_registrations
 
 
@@ -42,8 +42,7 @@ def _hyperparameter_line(hyper: dict[str, dict] | None) -> str:
     return "\n[dim]" + ", ".join(parts) + "[/]" if parts else ""
 
 
-@app.command("plugins")
-@handle_errors
+@command("plugins")
 def plugins_command(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
@@ -83,8 +82,7 @@ def plugins_command(
     out_console().print(table)
 
 
-@app.command("env")
-@handle_errors
+@command("env")
 def env_command(
     json_output: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -61,10 +60,9 @@ def summary_table(result: Diagnostics) -> Table:
     return table
 
 
-@common.app.command("inspect")
-@common.handle_errors
+@common.command("inspect")
 def inspect_command(
-    checkpoint: Annotated[Path, typer.Argument(help="An ensemble checkpoint (.safetensors).")],
+    checkpoint: opt.Checkpoint,
     test_limit: opt.TestLimit = None,
     batch_size: Annotated[
         int,
@@ -72,20 +70,11 @@ def inspect_command(
             help="Images per batch; the regularizer terms are computed per batch, as in training."
         ),
     ] = 64,
-    dataset: opt.CheckpointDataset = None,
-    data_dir: opt.CheckpointDataDir = None,
-    download: opt.Download = True,
-    device: opt.Device = "auto",
-    threads: opt.Threads = None,
     seed: Annotated[int, typer.Option(help="Seeds the subset of test images.")] = 0,
-    out: Annotated[
-        Path | None, typer.Option(help="Also write the results to FILE (.json).")
-    ] = None,
-    overwrite: opt.Overwrite = False,
-    json_output: opt.Json = False,
-    quiet: opt.Quiet = False,
-    verbose: opt.Verbose = False,
-    no_progress: opt.NoProgress = False,
+    out: opt.ResultsFile = None,
+    *,
+    data: opt.CheckpointData,
+    output: opt.Output,
 ) -> None:
     """Measure input-gradient diversity and member agreement of a checkpoint on test data."""
     common.require_positive(batch_size, "--batch-size")
@@ -95,16 +84,14 @@ def inspect_command(
     from ncen_cli.device import Runtime
     from ncen_cli.diagnostics import gradient_diversity
 
-    common.claim_output(out, overwrite)
-    _, arrays = common.checkpoint_test_data(
-        checkpoint, dataset, data_dir, download, test_limit, seed
-    )
-    runtime = Runtime.create(device=device, seed=seed, threads=threads)
+    common.claim_output(out, output.overwrite)
+    _, arrays = common.checkpoint_test_data(checkpoint, data, test_limit, seed)
+    runtime = Runtime.create(device=data.device, seed=seed, threads=data.threads)
     ensemble = load_ensemble(checkpoint, device=runtime.device)
     started = time.perf_counter()
     with (
         runtime.applied(),
-        Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose) as reporter,
+        Reporter.for_output(output) as reporter,
     ):
         task = reporter.start("inspect (images)", total=len(arrays.test_x))
         result = gradient_diversity(
@@ -128,7 +115,7 @@ def inspect_command(
     }
     if out is not None:
         atomic_write_json(out, payload)
-    if json_output:
+    if output.json_output:
         common.print_json(payload)
         return
     console = common.out_console()

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TypedDict
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -30,6 +30,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+if TYPE_CHECKING:
+    from ncen_cli.cli.options import Output
 
 PLAIN_INTERVAL_S = 30.0  # at most this long between two progress lines when stderr is no terminal
 LOGGERS = ("ncen", "ncen_cli")
@@ -69,14 +72,6 @@ class _Plain:
         return f"{self.label}: {share}, elapsed {format_seconds(elapsed)}{eta}"
 
 
-class ReportingOptions(TypedDict):
-    """A command's reporting options, by name: ``Reporter(main=..., **options)``."""
-
-    quiet: bool
-    no_progress: bool
-    verbose: bool
-
-
 class Reporter:
     """Logging and progress for one command; use as a context manager.
 
@@ -109,6 +104,13 @@ class Reporter:
         self._lock = threading.Lock()
         self._ticker: threading.Thread | None = None
         self._stopped = threading.Event()
+
+    @classmethod
+    def for_output(cls, output: Output, main: bool = True) -> Reporter:
+        """The reporter that a command's --quiet, --verbose and --no-progress ask for."""
+        return cls(
+            quiet=output.quiet, no_progress=output.no_progress, verbose=output.verbose, main=main
+        )
 
     def __enter__(self) -> Reporter:
         self._handler = self._make_handler()

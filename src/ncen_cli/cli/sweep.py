@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -12,14 +13,9 @@ from rich.text import Text
 
 from ncen_cli.cli import common
 from ncen_cli.cli import options as opt
-from ncen_cli.cli.config import ConfigFile, PrintConfig, command_settings, format_settings
+from ncen_cli.cli.config import SettingsFile, command_settings, format_settings
 from ncen_cli.cli.reporting import Reporter
-from ncen_cli.cli.train import (
-    CONFIG_OPTIONS,
-    DEFAULT_DOUBLE_BACKPROP,
-    DEFAULT_FD_SCALE,
-    build_config,
-)
+from ncen_cli.cli.train import build_config
 from ncen_cli.paths import new_run_folder
 from ncen_cli.registry import DATASETS
 
@@ -27,15 +23,8 @@ if TYPE_CHECKING:  # torch-backed: imported when the sweep runs (a usage error s
     from ncen_cli.sweep import Cell, CellResult, SweepResult
     from ncen_cli.training import EpochRecord
 
-# build_config's options that `ncen sweep` takes as `ncen train` does: not --defense (it sweeps
-# ncen) nor the lambdas (its --lambda-cos and --lambda-norm are the grid's comma lists)
-TRAINING_OPTIONS = tuple(
-    name for name in CONFIG_OPTIONS if name != "defense" and not name.startswith("lambda_")
-)
 
-
-@common.app.command("sweep")
-@common.handle_errors
+@common.command("sweep")
 def sweep_command(
     ctx: typer.Context,
     lambda_cos: Annotated[
@@ -45,29 +34,6 @@ def sweep_command(
         str, typer.Option(help="Comma list of lambda_norm values (grid columns).")
     ] = "0,0.02,0.04",
     members: opt.Members = "ensemble1",
-    dataset: opt.Dataset = "fashionmnist",
-    data_dir: opt.DataDir = None,
-    ncen_form: opt.NcenForm = "paper",
-    param: opt.Param = None,
-    activation: opt.Activation = "relu",
-    combine: opt.Combine = "mean-prob",
-    epochs: opt.Epochs = None,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    augment: opt.Augment = True,
-    noise: opt.Noise = True,
-    noise_eps: opt.NoiseEps = None,
-    train_limit: opt.TrainLimit = None,
-    test_limit: opt.TestLimit = None,
-    seed: int = 0,
-    device: opt.Device = "auto",
-    precision: opt.Precision = "fp32",
-    threads: opt.Threads = None,
-    member_threads: opt.MemberThreads = None,
-    deterministic: opt.Deterministic = False,
-    double_backprop: opt.DoubleBackprop = DEFAULT_DOUBLE_BACKPROP,
-    fd_scale: opt.FdScale = DEFAULT_FD_SCALE,
-    download: opt.Download = True,
     attacks: Annotated[
         str | None,
         typer.Option(
@@ -93,16 +59,13 @@ def sweep_command(
     ] = None,
     figure: opt.Figure = None,
     dpi: opt.Dpi = 110,
-    overwrite: opt.Overwrite = False,
-    json_output: opt.Json = False,
-    config_file: ConfigFile = None,
-    print_config: PrintConfig = False,
-    quiet: opt.Quiet = False,
-    verbose: opt.Verbose = False,
-    no_progress: opt.NoProgress = False,
+    *,
+    training: opt.Training,
+    settings_file: SettingsFile,
+    output: opt.Output,
 ) -> None:
     """Train and score one NCEn ensemble per (lambda_cos, lambda_norm) cell; resumable."""
-    if print_config:
+    if settings_file.print_config:
         typer.echo(format_settings(command_settings(ctx)), nl=False)  # never wrapped
         return
     if figure is not None:
@@ -113,7 +76,7 @@ def sweep_command(
     from ncen_cli.evaluation import runs_for
     from ncen_cli.sweep import run_sweep
 
-    config = build_config(defense="ncen", **{name: ctx.params[name] for name in TRAINING_OPTIONS})
+    config = build_config(defense="ncen", members=members, **dataclasses.asdict(training))
     cos_values = common.parse_float_list(lambda_cos, "--lambda-cos")
     norm_values = common.parse_float_list(lambda_norm, "--lambda-norm")
     attack_names = common.parse_name_list(attacks, "--attacks") if attacks is not None else None
@@ -127,9 +90,9 @@ def sweep_command(
             eps=eps_values,
             combine=config.combine,
         )
-    common.claim_output(figure, overwrite, "--figure")
+    common.claim_output(figure, output.overwrite, "--figure")
     main = distributed.is_main_process()
-    with Reporter(quiet=quiet, no_progress=no_progress, verbose=verbose, main=main) as reporter:
+    with Reporter.for_output(output, main=main) as reporter:
         if out is None:
             out = new_run_folder(f"sweep-{config.dataset}")
             reporter.info(f"sweep folder {out} (to resume, re-run with --out {out})")
@@ -149,9 +112,9 @@ def sweep_command(
         from ncen_cli.plots import sweep_heatmap
 
         sweep_heatmap(result, figure, dpi=dpi)
-        if not quiet:
+        if not output.quiet:
             sys.stderr.write(f"wrote {figure}\n")
-    if json_output:
+    if output.json_output:
         common.print_json(result.to_json())
     else:
         common.out_console().print(render_grid(result))

@@ -11,7 +11,7 @@ import typer
 
 from ncen_cli.cli import common
 from ncen_cli.cli import options as opt
-from ncen_cli.cli.config import ConfigFile, PrintConfig, format_settings, options_from_record
+from ncen_cli.cli.config import SettingsFile, format_settings, options_from_record
 from ncen_cli.cli.reporting import Reporter
 from ncen_cli.errors import CheckpointError, NcenError, UsageError
 from ncen_cli.paths import new_run_path
@@ -21,9 +21,6 @@ if TYPE_CHECKING:
 
 # Torch-backed modules (distributed, ensemble, training) are imported inside the functions, so
 # that a usage error of `ncen train` or `ncen sweep` answers without loading torch.
-# The defaults of ncen_cli.train_step (test_startup holds them equal):
-DEFAULT_DOUBLE_BACKPROP = "exact"
-DEFAULT_FD_SCALE = 3e-2
 
 
 def build_config(
@@ -173,17 +170,13 @@ def resumed_config(
     return merged, config
 
 
-@common.app.command("train")
-@common.handle_errors
+@common.command("train")
 def train_command(
     ctx: typer.Context,
     members: opt.Members = "resnet20,resnet26,resnet32",
-    dataset: opt.Dataset = "fashionmnist",
-    data_dir: opt.DataDir = None,
     defense: Annotated[
         str, typer.Option(help="baseline, ncen, gal, gpmr, or a plugin's.")
     ] = "ncen",
-    ncen_form: opt.NcenForm = "paper",
     lambda_cos: Annotated[
         float | None,
         typer.Option(help="NCEn direction weight (paper: 0.02 FashionMNIST, 0.06 CIFAR-10)."),
@@ -196,26 +189,6 @@ def train_command(
         float | None, typer.Option(help="GPMR phase weight (0.1 / 0.04).")
     ] = None,
     lambda_eq: Annotated[float | None, typer.Option(help="GPMR magnitude weight (10).")] = None,
-    param: opt.Param = None,
-    activation: opt.Activation = "relu",
-    combine: opt.Combine = "mean-prob",
-    epochs: opt.Epochs = None,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    augment: opt.Augment = True,
-    noise: opt.Noise = True,
-    noise_eps: opt.NoiseEps = None,
-    train_limit: opt.TrainLimit = None,
-    test_limit: opt.TestLimit = None,
-    seed: int = 0,
-    device: opt.Device = "auto",
-    precision: opt.Precision = "fp32",
-    threads: opt.Threads = None,
-    member_threads: opt.MemberThreads = None,
-    deterministic: opt.Deterministic = False,
-    double_backprop: opt.DoubleBackprop = DEFAULT_DOUBLE_BACKPROP,
-    fd_scale: opt.FdScale = DEFAULT_FD_SCALE,
-    download: opt.Download = True,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -238,15 +211,14 @@ def train_command(
             show_default=False,
         ),
     ] = None,
-    overwrite: opt.Overwrite = False,
-    json_output: opt.Json = False,
-    config_file: ConfigFile = None,
-    print_config: PrintConfig = False,
-    quiet: opt.Quiet = False,
-    verbose: opt.Verbose = False,
-    no_progress: opt.NoProgress = False,
+    *,
+    training: opt.Training,
+    settings_file: SettingsFile,
+    output: opt.Output,
 ) -> None:
     """Train an ensemble and write it to a safetensors checkpoint."""
+    # by name, as --resume and --print-config need them: members, defense, the lambdas and
+    # the training group's fields
     options = {name: ctx.params[name] for name in CONFIG_OPTIONS}
     if run is not None and not resume:
         raise UsageError(f"a run path ({run}) is only taken with --resume: ncen train --resume RUN")
@@ -256,16 +228,14 @@ def train_command(
         options, config = resumed_config(out, options, given)
     else:
         config = build_config(**options)
-    if print_config:
+    if settings_file.print_config:
         typer.echo(format_settings(options), nl=False)  # never wrapped, unlike a Rich console
         return
     out = out or new_run_path(f"{config.defense}-{config.dataset}")
     from ncen_cli import distributed
     from ncen_cli.training import train
 
-    with Reporter(
-        quiet=quiet, no_progress=no_progress, verbose=verbose, main=distributed.is_main_process()
-    ) as reporter:
+    with Reporter.for_output(output, main=distributed.is_main_process()) as reporter:
         task = reporter.start("epoch 1 (batches)")
         planned = [0]  # epochs in all, known once train() has resolved the dataset's default
 
@@ -291,7 +261,7 @@ def train_command(
             resume=resume,
             on_epoch=on_epoch,
             on_batch=on_batch,
-            overwrite=overwrite,
+            overwrite=output.overwrite,
             on_start=on_start,
             dist=distributed.initialize(config.device),
         )
@@ -310,7 +280,7 @@ def train_command(
         "resumed_from_epoch": result.resumed_from_epoch,
         "seconds": sum(r.seconds for r in result.history),
     }
-    if json_output:
+    if output.json_output:
         common.print_json(summary)
     else:
         common.out_console().print(

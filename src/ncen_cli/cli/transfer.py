@@ -14,7 +14,7 @@ from rich.text import Text
 from ncen_cli.atomic import atomic_write_json
 from ncen_cli.cli import common
 from ncen_cli.cli import options as opt
-from ncen_cli.cli.reporting import Reporter, ReportingOptions
+from ncen_cli.cli.reporting import Reporter
 from ncen_cli.errors import UsageError
 
 if TYPE_CHECKING:  # torch-backed: imported when the command runs (usage errors stay instant)
@@ -67,17 +67,9 @@ def figure_title(meta: dict[str, Any], dataset: str) -> str:
     return f"{members} | {meta.get('defense', 'unknown defense')} | {dataset}"
 
 
-@common.app.command("transfer")
-@common.handle_errors
+@common.command("transfer")
 def transfer_command(
-    checkpoint: Annotated[Path, typer.Argument(help="Ensemble checkpoint (.safetensors).")],
-    attacks: opt.Attacks = None,
-    eps: opt.Eps = None,
-    steps: Annotated[int | None, typer.Option(help="Iterations (default: the attack's).")] = None,
-    step_size: Annotated[
-        float | None, typer.Option(help="Step size (default: the attack's for --eps).")
-    ] = None,
-    restarts: Annotated[int | None, typer.Option(help="Random restarts (worst case).")] = None,
+    checkpoint: opt.Checkpoint,
     test_limit: opt.TestLimit = None,
     only_correct: Annotated[
         bool,
@@ -86,11 +78,6 @@ def transfer_command(
         ),
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images crafted at once.")] = 500,
-    dataset: opt.CheckpointDataset = None,
-    data_dir: opt.CheckpointDataDir = None,
-    download: opt.Download = True,
-    device: opt.Device = "auto",
-    threads: opt.Threads = None,
     seed: Annotated[int, typer.Option(help="Seeds the --test-limit subset and random starts.")] = 0,
     protocol: Annotated[
         str | None,
@@ -100,58 +87,45 @@ def transfer_command(
             "normalisation); not an honest evaluation."
         ),
     ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Also write the results to FILE (.json).")
-    ] = None,
+    out: opt.ResultsFile = None,
     figure: opt.Figure = None,
     dpi: opt.Dpi = 110,
-    overwrite: opt.Overwrite = False,
-    json_output: opt.Json = False,
-    quiet: opt.Quiet = False,
-    verbose: opt.Verbose = False,
-    no_progress: opt.NoProgress = False,
-    attack_option: opt.AttackOptions = None,
+    *,
+    choice: opt.AttackChoice,
+    data: opt.CheckpointData,
+    output: opt.Output,
 ) -> None:
     """Craft adversarial examples on each member; evaluate them on every member and the ensemble.
 
     One matrix per attack in --attacks and radius in --eps (default pgd at the paper's 0.05).
     """
-    names = common.parse_name_list(attacks or DEFAULT_ATTACKS, "--attacks")
-    eps_values = common.parse_eps(eps) or [DEFAULT_EPS]
+    names = common.parse_name_list(choice.attacks or DEFAULT_ATTACKS, "--attacks")
+    eps_values = common.parse_eps(choice.eps) or [DEFAULT_EPS]
     for value, option in (
-        (steps, "--steps"),
-        (step_size, "--step-size"),
-        (restarts, "--restarts"),
+        (choice.steps, "--steps"),
+        (choice.step_size, "--step-size"),
+        (choice.restarts, "--restarts"),
         (test_limit, "--test-limit"),
         (batch_size, "--batch-size"),
     ):
         common.require_positive(value, option)
     _check_outputs(protocol, out, figure, dpi)
-    common.claim_output(out, overwrite)
-    common.claim_output(figure, overwrite, "--figure")
+    common.claim_output(out, output.overwrite)
+    common.claim_output(figure, output.overwrite, "--figure")
     results, meta, dataset_name, is_main = _run(
         checkpoint,
         names,
         eps_values,
-        attack={
-            "steps": steps,
-            "step_size": step_size,
-            "restarts": restarts,
-            "authors": protocol == "authors",
-            "options": attack_option,
-        },
-        data={
+        choice=choice,
+        authors=protocol == "authors",
+        images={
             "test_limit": test_limit,
             "only_correct": only_correct,
             "batch_size": batch_size,
-            "dataset": dataset,
-            "data_dir": data_dir,
-            "download": download,
-            "device": device,
-            "threads": threads,
             "seed": seed,
         },
-        reporting={"quiet": quiet, "no_progress": no_progress, "verbose": verbose},
+        data=data,
+        output=output,
     )
     if not is_main:
         return
@@ -163,9 +137,9 @@ def transfer_command(
         from ncen_cli.plots import transfer_heatmap
 
         transfer_heatmap(results, figure, dpi=dpi, title=figure_title(meta, dataset_name))
-        if not quiet:
+        if not output.quiet:
             common.err_console().print(f"wrote {figure}")
-    if json_output:
+    if output.json_output:
         common.print_json(payload)
         return
     console = common.out_console()
@@ -190,12 +164,15 @@ def _run(
     names: list[str],
     eps_values: list[float],
     *,
-    attack: dict[str, Any],
-    data: dict[str, Any],
-    reporting: ReportingOptions,
+    choice: opt.AttackChoice,
+    authors: bool,
+    images: dict[str, Any],
+    data: opt.CheckpointData,
+    output: opt.Output,
 ) -> tuple[list[TransferResult], dict[str, Any], str, bool]:
-    """Load the checkpoint and its test data, then one matrix per (attack, eps); ``attack``,
-    ``data`` and ``reporting`` hold the command's options of that kind, by name.
+    """Load the checkpoint and its test data, then one matrix per (attack, eps) with ``choice``'s
+    settings (``authors``: as the authors' code crafts); ``images`` holds the command's test-image
+    options by name; ``output`` says how to report.
     Returns (results, checkpoint metadata, dataset name, whether this is rank 0)."""
     from ncen_cli.attacks.base import with_attack_options
     from ncen_cli.authors_protocol import ADVERTORCH_L1_FLOOR
@@ -204,32 +181,25 @@ def _run(
     from ncen_cli.distributed import initialize
     from ncen_cli.transfer import run_settings, transfer_matrix
 
-    authors = attack["authors"]
     runs = [(name, eps) for name in names for eps in eps_values]  # a repeated name: one each
     # every setting (unknown attacks, -o options) is checked before the data is loaded
     settings_list = with_attack_options(
         [
             (
                 name,
-                run_settings(name, eps, attack["steps"], attack["step_size"], attack["restarts"]),
+                run_settings(name, eps, **choice.overrides()),
             )
             for name, eps in runs
         ],
-        attack["options"],
+        choice.attack_option,
     )
-    meta, arrays = common.checkpoint_test_data(
-        checkpoint,
-        data["dataset"],
-        data["data_dir"],
-        data["download"],
-        data["test_limit"],
-        data["seed"],
-    )
-    dist = initialize(data["device"])
-    runtime = Runtime.create(device=data["device"], seed=data["seed"], threads=data["threads"])
+    seed = images["seed"]
+    meta, arrays = common.checkpoint_test_data(checkpoint, data, images["test_limit"], seed)
+    dist = initialize(data.device)
+    runtime = Runtime.create(device=data.device, seed=seed, threads=data.threads)
     ensemble = load_ensemble(checkpoint, device=runtime.device)
     results: list[TransferResult] = []
-    with runtime.applied(), Reporter(main=dist.is_main, **reporting) as reporter:
+    with runtime.applied(), Reporter.for_output(output, main=dist.is_main) as reporter:
         for (name, eps), settings in zip(runs, settings_list, strict=True):
             if authors and name == "mifgsm":
                 settings = replace(
@@ -247,10 +217,10 @@ def _run(
                     arrays.test_y,
                     attack=name,
                     settings=settings,
-                    batch_size=data["batch_size"],
+                    batch_size=images["batch_size"],
                     device=runtime.device,
-                    seed=data["seed"],
-                    only_correct=data["only_correct"] or authors,
+                    seed=seed,
+                    only_correct=images["only_correct"] or authors,
                     progress=on_step,
                     member_softmax=authors,
                     dist=dist,
