@@ -157,8 +157,11 @@ def machine() -> str:
         )
     except (OSError, StopIteration):
         pass
+    from ncen_cli.device import cpu_has_native_bf16
+
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
     return (
-        f"{platform.machine()} {cpu}, {os.cpu_count()} cores"
+        f"{platform.machine()} {cpu} ({bf16}), {os.cpu_count()} cores"
         + (f", {gpu}" if gpu else "")
         + f", torch {torch.__version__}"
     )
@@ -556,6 +559,11 @@ ESTIMATES = [
     "objectives, APGD-DLR-100) | ≈ 1 h |",
     "| transfer (500 images) | PGD-40 and MI-FGSM-40 on each member | ≈ 5 min |",
     "| inspect (1,000 images) | one input-gradient pass per member | < 1 min |",
+    "",
+    "Measured since (wall time, the machine shared with test runs): on a 2-core CPU *without* "
+    "native bf16 (so fp32), training `baseline` took 78 min (7.8-9.6 min per epoch) and its "
+    "strong stage 9 min; on such a CPU a double-backprop method's 5,000 steps take several "
+    "hours, more than one session: train those where bf16 is native or on a GPU.",
     "",
     "About 2.5-3 h per method and 20-24 h for the 8 core methods on an idle machine; this "
     "machine is shared (the smoke run got about half a core), so expect 2-3 × more: start it "
