@@ -58,7 +58,9 @@ def rewrite_deprecated(command: str, args: list[str]) -> list[str]:
 
 
 # The checkpoint that attack, transfer, inspect and config read
-Checkpoint = Annotated[Path, typer.Argument(help="An ensemble checkpoint (.safetensors).")]
+Checkpoint = Annotated[
+    Path, typer.Argument(metavar="CHECKPOINT", help="An ensemble checkpoint (.safetensors).")
+]
 
 # Data: what every command that reads images takes
 Dataset = Annotated[
