@@ -562,8 +562,9 @@ ESTIMATES = [
     "",
     "Measured since (wall time, the machine shared with test runs): on a 2-core CPU *without* "
     "native bf16 (so fp32), training `baseline` took 78 min (7.8-9.6 min per epoch) and its "
-    "strong stage 9 min; on such a CPU a double-backprop method's 5,000 steps take several "
-    "hours, more than one session: train those where bf16 is native or on a GPU.",
+    "strong stage 9 min; `ncen`'s first epoch took 18 min (beside another job), so its 8 "
+    "epochs take about 2-2.5 h there, more than one session allows (work folders do not "
+    "outlive a session): train the double-backprop methods where bf16 is native or on a GPU.",
     "",
     "About 2.5-3 h per method and 20-24 h for the 8 core methods on an idle machine; this "
     "machine is shared (the smoke run got about half a core), so expect 2-3 × more: start it "
