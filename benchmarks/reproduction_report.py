@@ -280,7 +280,7 @@ def build_summary(results: dict, methods: list[str], budget: dict) -> dict:
     summary["authors_minus_paper"] = [r for m in methods for r in protocol_gap_rows(results, m)]
     summary["missing"] = missing_stages(results, methods)
     summary["checkpoints"] = {m: checkpoint_groups(results.get(m, {})) for m in methods}
-    summary["checkpoint_notes"] = checkpoint_notes(results, methods)
+    summary["checkpoint_notes"] = checkpoint_notes(results, summary["checkpoints"])
     summary["verdict"] = verdict(summary, methods)
     return summary
 
@@ -316,13 +316,13 @@ def checkpoint_groups(stages: dict) -> dict[str, list[str]]:
     return groups
 
 
-def checkpoint_notes(results: dict, methods: list[str]) -> list[str]:
+def checkpoint_notes(results: dict, groups_by_method: dict[str, dict[str, list[str]]]) -> list[str]:
     """A line per method whose stages ran on more than one training of it (a checkpoint trained
-    again, same seed and budget, on another machine or precision): which stages, on what."""
+    again, same seed and budget, on another machine or precision): which stages, on what.
+    ``groups_by_method``: :func:`checkpoint_groups` of each method."""
     lines = []
-    for m in methods:
+    for m, groups in groups_by_method.items():
         stages = results.get(m, {})
-        groups = checkpoint_groups(stages)
         if len(groups) < 2:
             continue
         parts = []

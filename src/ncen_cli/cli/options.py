@@ -114,7 +114,7 @@ Precision = Annotated[
 ]
 MemberThreads = Annotated[
     int | None,
-    typer.Option(help="Members trained at once on CPU threads (default: all if multi-core)."),
+    typer.Option(help="Concurrent members on CPU threads (default: k if multi-core, 1 on CUDA)."),
 ]
 Deterministic = Annotated[bool, typer.Option(help="Deterministic algorithms.")]
 DoubleBackprop = Annotated[
