@@ -77,3 +77,26 @@ def test_every_command_of_a_group_takes_its_fields_with_one_default_and_help(gro
             assert param.default == default, (name, field)
             entry = (param.default, getattr(param, "help", None))
             assert seen.setdefault(field, entry) == entry, f"{field} differs in ncen {name}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "error: --steps must be a finite number > 0, got 0"),
+        (["--step-size", "-0.5"], "error: --step-size must be a finite number > 0, got -0.5"),
+        (["--restarts", "0"], "error: --restarts must be a finite number > 0, got 0"),
+        (["--eps", "1.5"], "error: --eps values must be in (0, 1] for images in [0, 1], got 1.5"),
+        (["--attacks", ","], "error: --attacks needs at least one name"),
+    ],
+)
+def test_attack_and_transfer_check_the_attack_choice_alike(tmp_path, args, message):
+    """One check of the AttackChoice group (common.select_attacks) for both commands: the same
+    one-line error, before the checkpoint is read (the file here is not a checkpoint at all)."""
+    from ncen_cli.cli import app
+
+    not_a_checkpoint = tmp_path / "m.safetensors"
+    not_a_checkpoint.write_bytes(b"not a checkpoint")
+    for command in ("attack", "transfer"):
+        result = runner.invoke(app, [command, str(not_a_checkpoint), *args])
+        assert result.exit_code == 2, (command, result.output)
+        assert result.stderr.strip() == message, command

@@ -15,7 +15,7 @@ SRC = Path(ncen_cli.__file__).parent
 MAX_LINES = 80
 MAX_POSITIONAL = 8
 # Known offenders outside this test's owners' files, excused until their owners fix them
-# (``path name``): build_runs's combine / quirks should become keyword-only.
+# (``path name``); none at present.
 KNOWN_OFFENDERS: set[str] = set()
 
 

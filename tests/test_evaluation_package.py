@@ -11,6 +11,7 @@ from torch import nn
 from helpers import tiny_config
 from ncen_cli import distributed
 from ncen_cli.cli.attack import build_runs
+from ncen_cli.cli.common import select_attacks
 from ncen_cli.cli.options import AttackChoice
 from ncen_cli.data.synthetic import make_arrays
 from ncen_cli.device import Runtime
@@ -43,7 +44,7 @@ def test_runs_for_builds_every_protocol_the_commands_use():
     ]
     # the CLI's builder is runs_for behind its option parsing
     choice = AttackChoice(attacks="pgd", eps="0.1", steps=5, restarts=2)
-    assert build_runs("fashionmnist", "strong", choice, None) == runs_for(
+    assert build_runs("fashionmnist", "strong", select_attacks(choice), None) == runs_for(
         "fashionmnist", "strong", attacks=["pgd"], eps=[0.1], steps=5, restarts=2
     )
 

@@ -29,7 +29,7 @@ PROTOCOLS = ("paper", "strong", "authors")
 def build_runs(
     family: str,
     protocol: str | None,
-    choice: opt.AttackChoice,
+    selection: common.AttackSelection,
     objective: str | None,
     *,
     combine: str = "mean-logits",
@@ -38,8 +38,30 @@ def build_runs(
     """The runs asked for: a protocol (paper by default when no attack settings are given),
     optionally restricted by ``--attacks``, re-centred on ``--eps`` and overridden by
     ``--steps/--step-size/--restarts``; or, with ``--attacks``/``--eps`` and no protocol, those
-    attacks with their defaults (:func:`ncen_cli.evaluation.runs_for`). The option checks run
-    before torch is imported, so a usage error answers at once."""
+    attacks with their defaults (:func:`ncen_cli.evaluation.runs_for`). ``selection`` and the
+    protocol options were checked before the checkpoint was read
+    (:func:`ncen_cli.cli.common.select_attacks`, :func:`protocol_options`)."""
+    from ncen_cli.evaluation import runs_for
+
+    custom = protocol is None and (selection.names is not None or selection.eps is not None)
+    return runs_for(
+        family,
+        "custom" if custom else protocol or "paper",
+        attacks=selection.names,
+        eps=selection.eps,
+        objective=objective,
+        combine=combine,
+        quirks=quirks,
+        **selection.overrides,
+    )
+
+
+def protocol_options(
+    protocol: str | None, quirks: str | None, objective: str | None, batch_size: int | None
+) -> tuple[AuthorsQuirks | None, int]:
+    """--protocol, --quirks (authors only) and --objective checked before torch is imported, so
+    that a usage error answers at once; returns the quirks and the batch size (default 500;
+    authors: 64)."""
     if protocol is not None and protocol not in PROTOCOLS:
         raise UsageError(f"--protocol must be {', '.join(PROTOCOLS)}, got '{protocol}'")
     if protocol == "authors" and objective is not None:
@@ -47,31 +69,6 @@ def build_runs(
             "--objective does not apply to --protocol authors (its objective is "
             "advertorch's CE on the authors' ensemble output)"
         )
-    attacks, eps = choice.attacks, choice.eps
-    eps_values = common.parse_eps(eps)
-    names = common.parse_name_list(attacks, "--attacks") if attacks is not None else None
-    common.require_positive(choice.steps, "--steps")
-    common.require_positive(choice.step_size, "--step-size")
-    common.require_positive(choice.restarts, "--restarts")
-    from ncen_cli.evaluation import runs_for
-
-    custom = protocol is None and (names is not None or eps_values is not None)
-    return runs_for(
-        family,
-        "custom" if custom else protocol or "paper",
-        attacks=names,
-        eps=eps_values,
-        objective=objective,
-        combine=combine,
-        quirks=quirks,
-        **choice.overrides(),
-    )
-
-
-def protocol_options(
-    protocol: str | None, quirks: str | None, batch_size: int | None
-) -> tuple[AuthorsQuirks | None, int]:
-    """``--quirks`` (authors only) and the batch size (default 500; authors: 64)."""
     common.require_positive(batch_size, "--batch-size")
     if quirks is not None and protocol != "authors":
         raise UsageError("--quirks applies only to --protocol authors")
@@ -250,9 +247,9 @@ def attack_command(
 ) -> None:
     """Attack an ensemble checkpoint and report accuracy under each attack, with self-checks."""
     common.require_positive(test_limit, "--test-limit")
-    common.parse_eps(choice.eps)
+    selection = common.select_attacks(choice)
     common.check_suffix(out, ".json", ".csv")
-    authors_quirks, batch_size = protocol_options(protocol, quirks, batch_size)
+    authors_quirks, batch_size = protocol_options(protocol, quirks, objective, batch_size)
     from ncen_cli import distributed
     from ncen_cli.checkpoint import load_ensemble
     from ncen_cli.device import Runtime
@@ -267,7 +264,7 @@ def attack_command(
     runs = build_runs(
         runs_family or arrays.family,
         protocol,
-        choice,
+        selection,
         objective,
         combine=meta.get("combine", "mean-logits"),
         quirks=authors_quirks,
@@ -276,7 +273,7 @@ def attack_command(
 
     from ncen_cli.attacks.base import with_attack_options
 
-    optioned = with_attack_options([(r.attack, r.settings) for r in runs], choice.attack_option)
+    optioned = with_attack_options([(r.attack, r.settings) for r in runs], selection.attack_options)
     runs = [replace(r, settings=s) for r, s in zip(runs, optioned, strict=True)]
     ensemble = load_ensemble(checkpoint, device=runtime.device)
 
@@ -319,7 +316,7 @@ def attack_command(
         "dataset": arrays.name,
         "family": runs_family or arrays.family,
         "protocol": protocol
-        or ("custom" if choice.attacks is not None or choice.eps is not None else "paper"),
+        or ("custom" if selection.names is not None or selection.eps is not None else "paper"),
         "device": str(runtime.device),
         "batch_size": batch_size,
         "seconds": seconds,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import json
 import math
@@ -16,7 +17,7 @@ import typer
 from rich.console import Console
 from safetensors import SafetensorError
 
-from ncen_cli.cli.options import grouped
+from ncen_cli.cli.options import AttackChoice, SettingOverrides, grouped
 from ncen_cli.errors import NcenError, UsageError
 from ncen_cli.interrupts import interrupt_command, set_sigint
 
@@ -194,6 +195,38 @@ def parse_eps(text: str | None) -> list[float] | None:
     values = parse_float_list(text, "--eps")
     check_eps(values)
     return values
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSelection:
+    """The ``AttackChoice`` options parsed and checked once, before torch is imported (attack,
+    transfer). None keeps the protocol's or the attack's own."""
+
+    names: list[str] | None
+    eps: list[float] | None
+    overrides: SettingOverrides  # --steps, --step-size, --restarts
+    attack_options: list[str] | None  # -o NAME=VALUE, checked per attack when the runs are built
+
+
+def select_attacks(choice: AttackChoice) -> AttackSelection:
+    """UsageError for an empty --attacks, a radius outside (0, 1] or a count or step size that is
+    not positive; otherwise the parsed selection."""
+    for value, option in (
+        (choice.steps, "--steps"),
+        (choice.step_size, "--step-size"),
+        (choice.restarts, "--restarts"),
+    ):
+        require_positive(value, option)
+    return AttackSelection(
+        names=parse_name_list(choice.attacks, "--attacks") if choice.attacks is not None else None,
+        eps=parse_eps(choice.eps),
+        overrides={
+            "steps": choice.steps,
+            "step_size": choice.step_size,
+            "restarts": choice.restarts,
+        },
+        attack_options=choice.attack_option,
+    )
 
 
 def check_suffix(out: Path | None, *suffixes: str) -> None:

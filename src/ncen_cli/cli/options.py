@@ -268,7 +268,7 @@ class CheckpointData(OptionGroup):
 @dataclasses.dataclass(frozen=True)
 class AttackChoice(OptionGroup):
     """Which attacks, at which radii, with which settings (attack, transfer); None: the
-    protocol's or the attack's own."""
+    protocol's or the attack's own. Parsed and checked by ``common.select_attacks``."""
 
     attacks: Attacks = None
     eps: Eps = None
@@ -277,14 +277,10 @@ class AttackChoice(OptionGroup):
     restarts: Restarts = None
     attack_option: AttackOptions = None
 
-    def overrides(self) -> SettingOverrides:
-        """--steps, --step-size and --restarts as keyword arguments (``runs_for``,
-        ``transfer.run_settings``); None keeps the protocol's or the attack's own."""
-        return {"steps": self.steps, "step_size": self.step_size, "restarts": self.restarts}
-
 
 class SettingOverrides(TypedDict):
-    """Attack settings that replace the defaults (None: keep them)."""
+    """Attack settings that replace the defaults (None: keep them): keyword arguments of
+    ``runs_for`` and ``transfer.run_settings``."""
 
     steps: int | None
     step_size: float | None

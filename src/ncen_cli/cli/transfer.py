@@ -20,7 +20,7 @@ from ncen_cli.errors import UsageError
 if TYPE_CHECKING:  # torch-backed: imported when the command runs (usage errors stay instant)
     from ncen_cli.transfer import TransferResult
 
-DEFAULT_ATTACKS = "pgd"
+DEFAULT_ATTACK = "pgd"
 DEFAULT_EPS = 0.05  # the paper's; = ncen_cli.transfer.DEFAULT_EPS (test_cli_vocabulary checks)
 
 
@@ -99,16 +99,11 @@ def transfer_command(
 
     One matrix per attack in --attacks and radius in --eps (default pgd at the paper's 0.05).
     """
-    names = common.parse_name_list(choice.attacks or DEFAULT_ATTACKS, "--attacks")
-    eps_values = common.parse_eps(choice.eps) or [DEFAULT_EPS]
-    for value, option in (
-        (choice.steps, "--steps"),
-        (choice.step_size, "--step-size"),
-        (choice.restarts, "--restarts"),
-        (test_limit, "--test-limit"),
-        (batch_size, "--batch-size"),
-    ):
-        common.require_positive(value, option)
+    selection = common.select_attacks(choice)
+    names = selection.names or [DEFAULT_ATTACK]
+    eps_values = selection.eps or [DEFAULT_EPS]
+    common.require_positive(test_limit, "--test-limit")
+    common.require_positive(batch_size, "--batch-size")
     _check_outputs(protocol, out, figure, dpi)
     common.claim_output(out, output.overwrite)
     common.claim_output(figure, output.overwrite, "--figure")
@@ -116,7 +111,7 @@ def transfer_command(
         checkpoint,
         names,
         eps_values,
-        choice=choice,
+        selection=selection,
         authors=protocol == "authors",
         images={
             "test_limit": test_limit,
@@ -164,13 +159,13 @@ def _run(
     names: list[str],
     eps_values: list[float],
     *,
-    choice: opt.AttackChoice,
+    selection: common.AttackSelection,
     authors: bool,
     images: dict[str, Any],
     data: opt.CheckpointData,
     output: opt.Output,
 ) -> tuple[list[TransferResult], dict[str, Any], str, bool]:
-    """Load the checkpoint and its test data, then one matrix per (attack, eps) with ``choice``'s
+    """Load the checkpoint and its test data, then one matrix per (attack, eps) with ``selection``'s
     settings (``authors``: as the authors' code crafts); ``images`` holds the command's test-image
     options by name; ``output`` says how to report.
     Returns (results, checkpoint metadata, dataset name, whether this is rank 0)."""
@@ -187,11 +182,11 @@ def _run(
         [
             (
                 name,
-                run_settings(name, eps, **choice.overrides()),
+                run_settings(name, eps, **selection.overrides),
             )
             for name, eps in runs
         ],
-        choice.attack_option,
+        selection.attack_options,
     )
     seed = images["seed"]
     meta, arrays = common.checkpoint_test_data(checkpoint, data, images["test_limit"], seed)
