@@ -212,6 +212,7 @@ def paired_rows(results: dict, method: str, baseline: str, protocol: str) -> lis
                 "objective": row.get("params", {}).get("objective"),
                 "difference": d,
                 "ci": [low, high],
+                "accuracies": [sum(a) / len(a), sum(b) / len(b)] if a else [None, None],
                 "n": len(a),
                 "discordant": [counts[1], counts[2]],
             }
@@ -242,6 +243,7 @@ def protocol_gap_rows(results: dict, method: str) -> list[dict]:
                 "eps": row["eps"],
                 "difference": d,
                 "ci": [low, high],
+                "accuracies": [sum(a) / len(a), sum(b) / len(b)] if a else [None, None],
                 "n": len(a),
             }
         )
@@ -281,7 +283,7 @@ def build_summary(results: dict, methods: list[str], budget: dict) -> dict:
     summary["missing"] = missing_stages(results, methods)
     summary["checkpoints"] = {m: checkpoint_groups(results.get(m, {})) for m in methods}
     summary["checkpoint_notes"] = checkpoint_notes(results, summary["checkpoints"])
-    summary["verdict"] = verdict(summary, methods)
+    summary["verdict"] = verdict(summary, methods, results)
     return summary
 
 
@@ -316,6 +318,28 @@ def checkpoint_groups(stages: dict) -> dict[str, list[str]]:
     return groups
 
 
+def stage_precision(stage: dict) -> str | None:
+    """The training precision of the checkpoint a stage ran on: its checkpoint record's, or the
+    budget's for a stage recorded before records existed."""
+    return stage.get("checkpoint", {}).get("precision", stage.get("budget", {}).get("precision"))
+
+
+def precision_mismatches(results: dict, paired: list[dict]) -> list[str]:
+    """One sentence per (method, baseline, protocol) whose two checkpoints were trained in
+    different precisions (e.g. one stage run on an fp32 retraining): the paired difference then
+    also contains the precision's effect."""
+    lines = []
+    for m, b, p in dict.fromkeys((r["method"], r["baseline"], r["protocol"]) for r in paired):
+        pm, pb = (stage_precision(results[x][p]) for x in (m, b))
+        if pm != pb:
+            lines.append(
+                f"{p} protocol, {m} − {b}: the two checkpoints were trained in different "
+                f"precisions ({m} {pm}, {b} {pb}), so the difference also contains that of "
+                "the precision."
+            )
+    return lines
+
+
 def checkpoint_notes(results: dict, groups_by_method: dict[str, dict[str, list[str]]]) -> list[str]:
     """A line per method whose stages ran on more than one training of it (a checkpoint trained
     again, same seed and budget, on another machine or precision): which stages, on what.
@@ -329,9 +353,7 @@ def checkpoint_notes(results: dict, groups_by_method: dict[str, dict[str, list[s
         for key, names in groups.items():
             first = stages[names[0]]
             which = "the train stage's checkpoint" if key == "train" else f"checkpoint {key}"
-            precision = first.get("checkpoint", {}).get(
-                "precision", first.get("budget", {}).get("precision")
-            )
+            precision = stage_precision(first)
             scored = [stages[n] for n in names if stages[n].get("clean_accuracy") is not None]
             clean = (
                 f", clean {scored[0]['clean_accuracy']:.3f} on "
@@ -349,8 +371,9 @@ def checkpoint_notes(results: dict, groups_by_method: dict[str, dict[str, list[s
 # --- verdict -----------------------------------------------------------------------------------
 
 
-def verdict(summary: dict, methods: list[str]) -> str:
-    """Only what the intervals support, per protocol and baseline; incomplete runs say so."""
+def verdict(summary: dict, methods: list[str], results: dict) -> str:
+    """Only what the intervals support, per protocol and baseline; incomplete runs say so.
+    ``results``: :func:`read_results`, for the checkpoints' precisions."""
     parts = []
     if summary["missing"]:
         parts.append(
@@ -374,6 +397,11 @@ def verdict(summary: dict, methods: list[str]) -> str:
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in paired:
         groups.setdefault((row["method"], row["baseline"], row["protocol"]), []).append(row)
+    parts.append(
+        "Each method is one training (seed 0): the intervals cover the choice of test images, "
+        "not the variation between trainings, so a difference below compares these two "
+        "ensembles; whether it holds for other seeds is not measured."
+    )
     for (m, b, p), rows in groups.items():
         calls = [call(r) for r in rows]
         parts.append(
@@ -390,10 +418,12 @@ def verdict(summary: dict, methods: list[str]) -> str:
             + (
                 "an NCEn gain survives in: "
                 + "; ".join(
-                    f"{r['method']} vs {r['baseline']} ε={r['eps']:g} ({r['difference']:+.3f})"
+                    f"{r['method']} vs {r['baseline']} ε={r['eps']:g} ({r['difference']:+.3f}: "
+                    f"{r['accuracies'][0]:.3f} against {r['accuracies'][1]:.3f})"
                     for r in kept
                 )
-                + "."
+                + " (NCEn's and the baseline's accuracy under the per-example worst case: "
+                "a gain may still leave little robustness)."
                 if kept
                 else "no NCEn form is better than any baseline at any ε"
                 + (" although some were under the weaker protocols." if gains else ".")
@@ -410,6 +440,7 @@ def verdict(summary: dict, methods: list[str]) -> str:
             "mean probability, APGD, per-example worst case) is what the strong stage measures, "
             "so no robustness claim follows from these gains alone."
         )
+    parts += precision_mismatches(results, paired)
     parts += settling_budget(paired)
     parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
     return " ".join(parts)

@@ -154,6 +154,10 @@ def test_summary_from_a_folder_of_stage_files(tmp_path):
     text = summary["verdict"]
     assert text.startswith("The comparison is incomplete")
     assert "strong protocol (per-example worst case) an NCEn gain survives" in text
+    worst = paired[("strong", "worst-case")]
+    acc_ncen, acc_base = worst["accuracies"]
+    assert acc_ncen - acc_base == pytest.approx(worst["difference"])
+    assert f"({worst['difference']:+.3f}: {acc_ncen:.3f} against {acc_base:.3f})" in text
     assert "falls with λ" in text
     md = rr.render_markdown(summary, ["## Budget"])
     assert "## Missing stages" in md and "| better |" in md
@@ -237,8 +241,19 @@ def test_stages_on_a_checkpoint_trained_again_are_named(tmp_path):
     assert "strong on checkpoint 2222 (fp32, box B, clean 0.905 on 200 images)" in note
     assert "trained again on another machine" in summary["verdict"]
     assert any(r["protocol"] == "strong" for r in summary["paired"])
+    assert "different precisions" not in summary["verdict"]  # both strong stages: fp32
+    assert "Each method is one training (seed 0)" in summary["verdict"]
     md = rr.render_markdown(summary, [])
     assert "## Checkpoints trained more than once" in md and note in md
+    payload = json.loads((tmp_path / "ncen" / "strong.json").read_text())
+    payload["checkpoint"]["precision"] = "bf16"
+    (tmp_path / "ncen" / "strong.json").write_text(json.dumps(payload))
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), methods, budget)
+    assert (
+        "strong protocol, ncen − baseline: the two checkpoints were trained in different "
+        "precisions (ncen bf16, baseline fp32)" in summary["verdict"]
+    )
+    assert "paper protocol, ncen − baseline: the two checkpoints" not in summary["verdict"]
 
 
 def test_stage_files_of_another_budget_are_not_used(tmp_path):
