@@ -22,6 +22,8 @@ from typing import Any
 Z95 = 1.959964
 STAGES = ("train", "paper", "authors", "strong", "transfer", "inspect")
 PROTOCOLS = ("paper", "authors", "strong")
+WORST = "worst-case"  # the strong stage's per-example worst-case rows (ncen_cli's WORST_CASE)
+PAPER_OBJECTIVE = "mean-ce"  # the paper's attack objective: the mean of the members' CE
 BASELINES = ("baseline", "gal", "gpmr", "trs", "adp", "adv-train")
 NAMES = {
     "fgsm": "FGSM",
@@ -164,7 +166,7 @@ def headline_rows(stage: dict, protocol: str) -> list[dict]:
     per-example worst case per eps (the rows that have ``attack == "worst-case"``)."""
     rows = stage.get("results", [])
     if protocol == "strong":
-        return [r for r in rows if r["attack"] == "worst-case"]
+        return [r for r in rows if r["attack"] == WORST]
     return rows
 
 
@@ -172,6 +174,12 @@ def headline_rows(stage: dict, protocol: str) -> list[dict]:
 
 
 def protocol_entries(stage: dict, protocol: str) -> list[dict]:
+    """The rows a protocol is judged by (:func:`headline_rows`) as report entries."""
+    return accuracy_entries(headline_rows(stage, protocol))
+
+
+def accuracy_entries(rows: list[dict]) -> list[dict]:
+    """Result rows as report entries: attack, eps, objective, accuracy, ci, n."""
     return [
         {
             "attack": r["attack"],
@@ -181,8 +189,28 @@ def protocol_entries(stage: dict, protocol: str) -> list[dict]:
             "ci": [r["ci_low"], r["ci_high"]],
             "n": r["n"],
         }
-        for r in headline_rows(stage, protocol)
+        for r in rows
     ]
+
+
+def paired_figures(row: dict, other: dict) -> dict | None:
+    """``row`` minus ``other`` paired on the same images, from their per-example masks: the
+    difference, Newcombe's 95 % interval, both accuracies, n and the discordant counts (row
+    only correct, other only correct); None when a mask is missing or the lengths differ."""
+    if "mask" not in row or "mask" not in other:
+        return None
+    a, b = unpack_mask(row["mask"]), unpack_mask(other["mask"])
+    if len(a) != len(b):
+        return None
+    counts = paired_counts(a, b)
+    d, low, high = paired_difference(*counts)
+    return {
+        "difference": d,
+        "ci": [low, high],
+        "accuracies": [sum(a) / len(a), sum(b) / len(b)] if a else [None, None],
+        "n": len(a),
+        "discordant": [counts[1], counts[2]],
+    }
 
 
 def paired_rows(results: dict, method: str, baseline: str, protocol: str) -> list[dict]:
@@ -195,28 +223,19 @@ def paired_rows(results: dict, method: str, baseline: str, protocol: str) -> lis
     out = []
     for row in headline_rows(a_stage, protocol):
         other = b_rows.get(row_key(row))
-        if other is None or "mask" not in row or "mask" not in other:
-            continue
-        a, b = unpack_mask(row["mask"]), unpack_mask(other["mask"])
-        if len(a) != len(b):
-            continue
-        counts = paired_counts(a, b)
-        d, low, high = paired_difference(*counts)
-        out.append(
-            {
-                "method": method,
-                "baseline": baseline,
-                "protocol": protocol,
-                "attack": row["attack"],
-                "eps": row["eps"],
-                "objective": row.get("params", {}).get("objective"),
-                "difference": d,
-                "ci": [low, high],
-                "accuracies": [sum(a) / len(a), sum(b) / len(b)] if a else [None, None],
-                "n": len(a),
-                "discordant": [counts[1], counts[2]],
-            }
-        )
+        figures = paired_figures(row, other) if other is not None else None
+        if figures is not None:
+            out.append(
+                {
+                    "method": method,
+                    "baseline": baseline,
+                    "protocol": protocol,
+                    "attack": row["attack"],
+                    "eps": row["eps"],
+                    "objective": row.get("params", {}).get("objective"),
+                    **figures,
+                }
+            )
     return out
 
 
@@ -230,23 +249,36 @@ def protocol_gap_rows(results: dict, method: str) -> list[dict]:
     out = []
     for row in stages["authors"]["results"]:
         other = paper.get((row["attack"], round(float(row["eps"]), 4)))
-        if other is None or "mask" not in row or "mask" not in other:
+        figures = paired_figures(row, other) if other is not None else None
+        if figures is not None:
+            out.append({"method": method, "attack": row["attack"], "eps": row["eps"], **figures})
+    return out
+
+
+def objective_gap_rows(results: dict, method: str) -> list[dict]:
+    """Per attack and eps of a method's strong stage: the paper's objective (the members' mean
+    CE) minus each other objective of the same attack, paired on the same images. A positive
+    difference: attacking the mean CE overstates the accuracy that the other objective leaves."""
+    rows = results.get(method, {}).get("strong", {}).get("results", [])
+    by_key = {row_key(r): r for r in rows if r["attack"] != WORST}
+    out = []
+    for (attack, eps, objective), row in by_key.items():
+        if objective != PAPER_OBJECTIVE:
             continue
-        a, b = unpack_mask(row["mask"]), unpack_mask(other["mask"])
-        if len(a) != len(b):
-            continue
-        d, low, high = paired_difference(*paired_counts(a, b))
-        out.append(
-            {
-                "method": method,
-                "attack": row["attack"],
-                "eps": row["eps"],
-                "difference": d,
-                "ci": [low, high],
-                "accuracies": [sum(a) / len(a), sum(b) / len(b)] if a else [None, None],
-                "n": len(a),
-            }
-        )
+        for (other_attack, other_eps, other_objective), other in by_key.items():
+            if (other_attack, other_eps) != (attack, eps) or other_objective == objective:
+                continue
+            figures = paired_figures(row, other)
+            if figures is not None:
+                out.append(
+                    {
+                        "method": method,
+                        "attack": attack,
+                        "eps": eps,
+                        "objectives": [objective, other_objective],
+                        **figures,
+                    }
+                )
     return out
 
 
@@ -269,6 +301,9 @@ def build_summary(results: dict, methods: list[str], budget: dict) -> dict:
             "clean_accuracy": stages.get("train", {}).get("clean_accuracy"),
             "train_seconds": stages.get("train", {}).get("seconds"),
             "protocols": {p: protocol_entries(stages[p], p) for p in PROTOCOLS if p in stages},
+            "strong_attacks": accuracy_entries(  # the attacks the worst case is taken over
+                [r for r in stages.get("strong", {}).get("results", []) if r["attack"] != WORST]
+            ),
             "inspect": inspect_figures(stages.get("inspect")),
             "transfer": {
                 a: t["summary"] for a, t in stages.get("transfer", {}).get("attacks", {}).items()
@@ -280,6 +315,7 @@ def build_summary(results: dict, methods: list[str], budget: dict) -> dict:
             for p in PROTOCOLS:
                 summary["paired"] += paired_rows(results, m, base, p)
     summary["authors_minus_paper"] = [r for m in methods for r in protocol_gap_rows(results, m)]
+    summary["objective_gaps"] = [r for m in methods for r in objective_gap_rows(results, m)]
     summary["missing"] = missing_stages(results, methods)
     summary["checkpoints"] = {m: checkpoint_groups(results.get(m, {})) for m in methods}
     summary["checkpoint_notes"] = checkpoint_notes(results, summary["checkpoints"])
@@ -442,6 +478,7 @@ def verdict(summary: dict, methods: list[str], results: dict) -> str:
         )
     parts += precision_mismatches(results, paired)
     parts += settling_budget(paired)
+    parts += objective_overstatement(summary)
     parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
     return " ".join(parts)
 
@@ -510,6 +547,36 @@ def settling_budget(paired: list[dict], test_set: int = 10000) -> list[str]:
     ]
 
 
+def objective_overstatement(summary: dict) -> list[str]:
+    """Per method with a strong stage: the settings where attacking the paper's objective (the
+    members' mean CE) leaves significantly more accuracy than another objective of the same
+    attack (paired interval above 0)."""
+    lines = []
+    for m in summary["methods"]:
+        rows = [r for r in summary.get("objective_gaps", []) if r["method"] == m]
+        over = [r for r in rows if call(r) == "better"]
+        if not rows:
+            continue
+        if not over:
+            lines.append(
+                f"{m}: no other objective of the strong stage leaves significantly less than the "
+                f"paper's ({PAPER_OBJECTIVE}) at any setting."
+            )
+            continue
+        lines.append(
+            f"{m}: attacking the paper's objective ({PAPER_OBJECTIVE}) overstates the accuracy "
+            "left in "
+            + "; ".join(
+                f"{NAMES.get(r['attack'], r['attack'])} ε={r['eps']:g} by {r['difference']:+.3f} "
+                f"({r['accuracies'][0]:.3f} against {r['accuracies'][1]:.3f} under "
+                f"{r['objectives'][1]})"
+                for r in over
+            )
+            + "."
+        )
+    return lines
+
+
 def diversity_vs_lambda(summary: dict) -> list[str]:
     """Mean pairwise gradient cosine of the dose-response runs, in order of λ."""
     points = []
@@ -545,17 +612,28 @@ def fmt(value: float | None, spec: str = ".3f") -> str:
 def setting(entry: dict) -> str:
     name = NAMES.get(entry["attack"], entry["attack"])
     objective = entry.get("objective")
-    return f"{name} ({objective})" if objective and entry["attack"] != "worst-case" else name
+    return f"{name} ({objective})" if objective and entry["attack"] != WORST else name
 
 
 def protocol_table(summary: dict, protocol: str) -> list[str]:
-    methods = [m for m, e in summary["methods"].items() if protocol in e["protocols"]]
+    """Each method's headline accuracy per setting of one protocol, a column per method."""
+    entries = {
+        m: e["protocols"][protocol]
+        for m, e in summary["methods"].items()
+        if protocol in e["protocols"]
+    }
+    return accuracy_table(entries, f"(no {protocol} stage yet)")
+
+
+def accuracy_table(entries_by_method: dict[str, list[dict]], empty: str) -> list[str]:
+    """Report entries as a table: a row per (setting, eps), a column per method."""
+    methods = list(entries_by_method)
     if not methods:
-        return [f"(no {protocol} stage yet)"]
+        return [empty]
     keys: list[tuple] = []
     cells: dict[tuple, dict[str, str]] = {}
     for m in methods:
-        for e in summary["methods"][m]["protocols"][protocol]:
+        for e in entries_by_method[m]:
             key = (setting(e), round(e["eps"], 4))
             if key not in cells:
                 keys.append(key)
@@ -570,6 +648,21 @@ def protocol_table(summary: dict, protocol: str) -> list[str]:
             + " |"
         )
     return lines
+
+
+def objective_gap_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["(no strong stage yet)"]
+    return [
+        "| method | attack | ε | objectives | difference | 95 % interval | accuracies | n |",
+        "|" + " --- |" * 8,
+    ] + [
+        f"| {r['method']} | {NAMES.get(r['attack'], r['attack'])} | {r['eps']:g} | "
+        f"{r['objectives'][0]} − {r['objectives'][1]} | {r['difference']:+.3f} | "
+        f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
+        f"{r['accuracies'][0]:.3f} / {r['accuracies'][1]:.3f} | {r['n']} |"
+        for r in rows
+    ]
 
 
 def paired_table(summary: dict) -> list[str]:
@@ -685,6 +778,26 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
         ("strong", "Strong protocol: per-example worst case per ε"),
     ):
         text += [f"## {title}", "", *protocol_table(summary, protocol), ""]
+    text += [
+        "## Strong protocol: every attack and objective",
+        "",
+        "The runs the per-example worst case is taken over (mean-ce: the members' mean CE, the "
+        "paper's objective; prob: NLL of the ensemble's mean probability; dlr: APGD's "
+        "difference-of-logits ratio).",
+        "",
+        *accuracy_table(
+            {m: e["strong_attacks"] for m, e in summary["methods"].items() if e["strong_attacks"]},
+            "(no strong stage yet)",
+        ),
+        "",
+        "## The attack objective (strong stage: the paper's objective − each other, paired)",
+        "",
+        "A positive difference: attacking the members' mean CE leaves more accuracy than "
+        "attacking the other objective, on the same images (Newcombe's 95 % interval).",
+        "",
+        *objective_gap_table(summary.get("objective_gaps", [])),
+        "",
+    ]
     gap = summary.get("authors_minus_paper", [])
     text += [
         "## What the authors' protocol adds (authors − paper, paired, same images)",

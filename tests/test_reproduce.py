@@ -398,3 +398,43 @@ def test_settling_budget_counts_images_needed():
     rows = [{"difference": 0.02, "ci": [-0.01, 0.05], "n": 1000}]
     text = rr.settling_budget(rows)[0]
     assert "settled by at most 10,000" in text and "2,250 images" in text
+
+
+def test_the_paper_objective_is_held_against_the_others_on_the_same_images(tmp_path):
+    """objective_gap_rows pairs the strong stage's mean-CE run with each other objective of the
+    same attack and eps; the verdict names the settings where mean CE leaves significantly more."""
+    budget = {"epochs": 8, "train_limit": 20000}
+    fake_results(tmp_path, budget)
+    n = 200
+    rows = [
+        row("worst-case", 0.1, [True] * 20 + [False] * 180, "worst"),
+        row("pgd", 0.1, [True] * 120 + [False] * 80),  # mean-ce: 0.6
+        row("pgd", 0.1, [True] * 20 + [False] * 180, "prob"),  # prob: 0.1, a subset
+        row("fgsm", 0.1, [True] * 150 + [False] * 50),
+        row("fgsm", 0.1, [True] * 148 + [False] * 52, "prob"),  # 2 images apart: no call
+        row("apgd-dlr", 0.1, [True] * n, "dlr"),  # no mean-ce run of its attack: no pair
+        row("pgd", 0.15, [True] * 10 + [False] * 190, "prob"),  # no mean-ce run at this eps
+    ]
+    write_stage(tmp_path, "ncen", "strong", {"results": rows}, budget)
+    results = rr.read_results(tmp_path, budget)
+    gaps = rr.objective_gap_rows(results, "ncen")
+    assert [(r["attack"], r["eps"], r["objectives"]) for r in gaps] == [
+        ("pgd", 0.1, ["mean-ce", "prob"]),
+        ("fgsm", 0.1, ["mean-ce", "prob"]),
+    ]
+    pgd, fgsm = gaps
+    assert pgd["difference"] == pytest.approx(0.5) and pgd["accuracies"] == [0.6, 0.1]
+    assert pgd["discordant"] == [100, 0] and rr.call(pgd) == "better"
+    assert rr.call(fgsm) == "inconclusive"
+    summary = rr.build_summary(results, ["baseline", "ncen"], budget)
+    assert summary["objective_gaps"] == gaps  # the baseline's strong stage has no prob run
+    assert [e["attack"] for e in summary["methods"]["ncen"]["strong_attacks"]] == [
+        r["attack"] for r in rows[1:]
+    ]
+    assert (
+        "ncen: attacking the paper's objective (mean-ce) overstates the accuracy left in "
+        "PGD ε=0.1 by +0.500 (0.600 against 0.100 under prob)."
+    ) in summary["verdict"]
+    md = rr.render_markdown(summary, [])
+    assert "| ncen | PGD | 0.1 | mean-ce − prob | +0.500 |" in md
+    assert "| APGD-DLR (dlr) | 0.1 | – | 1.000 ±" in md  # every strong run, a column per method
