@@ -560,15 +560,19 @@ ESTIMATES = [
     "| transfer (500 images) | PGD-40 and MI-FGSM-40 on each member | ≈ 5 min |",
     "| inspect (1,000 images) | one input-gradient pass per member | < 1 min |",
     "",
-    "Measured since (wall time, the machine shared with test runs): on a 2-core CPU *without* "
-    "native bf16 (so fp32), training `baseline` took 78 min (7.8-9.6 min per epoch) and its "
-    "strong stage 9 min; `ncen`'s first epoch took 18 min (beside another job), so its 8 "
-    "epochs take about 2-2.5 h there, more than one session allows (work folders do not "
-    "outlive a session): train the double-backprop methods where bf16 is native or on a GPU.",
+    "Measured since (wall time). On a 2-core CPU *with* native bf16 (an AMD EPYC with "
+    "AVX512-BF16): training `ncen` took 43 min (4.4-6.7 min per epoch, idle machine) to 50 min "
+    "(shared), and all six of its stages 71 min (paper 4.6 min, authors 6.4, strong 6.0, "
+    "transfer 3.9, inspect < 1); `baseline` took 40 min to train and 63 min for all stages (its strong stage on an fp32 retraining). "
+    "On a 2-core CPU *without* native bf16 (so fp32), training `baseline` took 78 min "
+    "(7.8-9.6 min per epoch) and its strong stage 9 min; `ncen`'s first epoch took 18 min "
+    "(beside another job), so its 8 epochs take about 2-2.5 h there, more than one session "
+    "allows (work folders do not outlive a session): train the double-backprop methods where "
+    "bf16 is native or on a GPU.",
     "",
-    "About 2.5-3 h per method and 20-24 h for the 8 core methods on an idle machine; this "
-    "machine is shared (the smoke run got about half a core), so expect 2-3 × more: start it "
-    "in the background and let later sessions continue it.",
+    "So, where bf16 is native, about 1.2 h per double-backprop method (`gal`, `gpmr`, "
+    "`ncen-official`, the three `ncen@λ`: about 7 h for the six still missing) on an idle "
+    "machine; start it in the background and let later sessions continue it.",
     "",
     "`--device cuda --full` (60,000 images + D_noise, 40 epochs: 75,000 steps per method; every "
     "stage on all 10,000 test images): **no GPU was available to this task, so this is an "
