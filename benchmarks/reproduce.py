@@ -536,43 +536,38 @@ def write_report(args: argparse.Namespace) -> dict:
     return summary
 
 
-# Expected times: ESTIMATES, not measurements of these runs (the train and stage files record
-# the real seconds). CPU figures scale the idle-machine step times of docs/performance.md.
-ESTIMATES = [
+# Time per method: the stage files record each run's seconds; these are the figures measured so
+# far (2-core CPUs, wall time), plus the GPU estimate, labelled as one.
+TIMES = [
     "",
-    "### Expected time (an estimate, not a measurement)",
+    "### Time per method",
     "",
-    "On the 2-core CPU, idle, scaling docs/performance.md's step times (3 × resnet20, batch 64: "
-    "plain bf16 246 ms, exact double backprop bf16 657 ms per step; PGD on the ensemble ≈ 5.8 ms "
-    "per image and iteration) to the default budget (5,000 steps per method):",
+    "Measured (wall time, from the stage files) on 2-core x86_64 AMD EPYC CPUs, with and without "
+    "native bf16 (fp32 where it is not native); stages after training do not depend on the "
+    "training precision.",
     "",
-    "| stage | work per method | expected time (idle CPU) |",
-    "| --- | --- | --- |",
-    "| train `baseline` | 5,000 plain steps + 9 clean passes over 10,000 images | ≈ 25 min |",
-    "| train `ncen`, `ncen-official`, `ncen@λ`, `gal`, `gpmr` | 5,000 double-backprop steps | "
-    "≈ 1 h (gal and gpmr assumed as costly as ncen) |",
-    "| train `adv-train` (optional) | ≈ 10 × a plain step | ≈ 3.5 h |",
-    "| paper (1,000 images) | 182 attack iterations per image | ≤ 18 min (early stop shortens) |",
+    "| stage | work per method | CPU with native bf16 | CPU without (fp32) |",
+    "| --- | --- | --- | --- |",
+    "| train `baseline` | 5,000 plain steps + 9 clean passes over 10,000 images | 40 min | "
+    "78 min (shared machine) |",
+    "| train `ncen` (and, by their step cost, `ncen-official`, `ncen@λ`, `gal`, `gpmr`) | "
+    "5,000 double-backprop steps | 43 min (idle) - 50 min (shared) | ≈ 2-2.5 h (first epoch "
+    "18 min, beside another job): more than a session |",
+    "| train `adv-train` (optional) | ≈ 10 × a plain step | not run (≈ 10 × baseline's: an "
+    "estimate) | – |",
+    "| paper (1,000 images) | 182 attack iterations per image | 4.2-4.6 min | – |",
     "| authors (≤ 1,000 clean-correct images) | 182 iterations, no early stop, batch 64 | "
-    "≤ 18 min |",
+    "6.4-8.7 min | – |",
     "| strong (500 images) | 1,206 iterations per image (3 ε × FGSM, PGD-50, APGD-CE-100 on two "
-    "objectives, APGD-DLR-100) | ≈ 1 h |",
-    "| transfer (500 images) | PGD-40 and MI-FGSM-40 on each member | ≈ 5 min |",
-    "| inspect (1,000 images) | one input-gradient pass per member | < 1 min |",
+    "objectives, APGD-DLR-100) | 6.0 min | 9 min |",
+    "| transfer (500 images) | PGD-40 and MI-FGSM-40 on each member | 1.3-3.9 min | – |",
+    "| inspect (1,000 images) | one input-gradient pass per member | < 1 min | – |",
     "",
-    "Measured since (wall time). On a 2-core CPU *with* native bf16 (an AMD EPYC with "
-    "AVX512-BF16): training `ncen` took 43 min (4.4-6.7 min per epoch, idle machine) to 50 min "
-    "(shared), and all six of its stages 71 min (paper 4.6 min, authors 6.4, strong 6.0, "
-    "transfer 3.9, inspect < 1); `baseline` took 40 min to train and 63 min for all stages (its strong stage on an fp32 retraining). "
-    "On a 2-core CPU *without* native bf16 (so fp32), training `baseline` took 78 min "
-    "(7.8-9.6 min per epoch) and its strong stage 9 min; `ncen`'s first epoch took 18 min "
-    "(beside another job), so its 8 epochs take about 2-2.5 h there, more than one session "
-    "allows (work folders do not outlive a session): train the double-backprop methods where "
-    "bf16 is native or on a GPU.",
-    "",
-    "So, where bf16 is native, about 1.2 h per double-backprop method (`gal`, `gpmr`, "
-    "`ncen-official`, the three `ncen@λ`: about 7 h for the six still missing) on an idle "
-    "machine; start it in the background and let later sessions continue it.",
+    "So, where bf16 is native, about 1.2 h per double-backprop method (`ncen`: 71 min for all "
+    "six stages), about 7 h for the six such methods still missing, on an idle machine; work "
+    "folders do not outlive a session, so run each method's stages in one sitting (a later "
+    "stage whose checkpoint is gone trains it again). Without native bf16, train the "
+    "double-backprop methods elsewhere.",
     "",
     "`--device cuda --full` (60,000 images + D_noise, 40 epochs: 75,000 steps per method; every "
     "stage on all 10,000 test images): **no GPU was available to this task, so this is an "
@@ -606,7 +601,7 @@ def preamble(args: argparse.Namespace) -> list[str]:
         "accuracy (a 3-epoch run on 6,000 images reached 0.80); the BL train stage confirms or "
         "refutes it.",
         "",
-        *ESTIMATES,
+        *TIMES,
         "",
         "```bash",
         "# run (or continue) every missing stage; repeat after an interruption",
