@@ -168,16 +168,20 @@ def machine() -> str:
 
 
 def checkpoint_record(path: Path) -> dict:
-    """The checkpoint a stage used or wrote: the first 16 hex digits of its file's SHA-256 and its
-    training precision, so that the report can tell stages that ran on different trainings of
-    one method (a checkpoint trained again on another machine) apart."""
+    """The checkpoint a stage used or wrote: the first 16 hex digits of its file's SHA-256, its
+    training precision and the digest of its per-epoch training history
+    (:func:`reproduction_report.history_digest`), so that the report can tell stages that ran on
+    different trainings of one method (a checkpoint trained again on another machine) apart,
+    and recognise a retraining that reproduced the train stage's run exactly."""
     import hashlib
 
     from ncen_cli.checkpoint import read_metadata
 
+    meta = read_metadata(path)
     return {
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
-        "precision": read_metadata(path).get("config", {}).get("precision"),
+        "precision": meta.get("config", {}).get("precision"),
+        "history": report.history_digest(meta.get("history", [])),
     }
 
 
@@ -314,8 +318,7 @@ class Runner:
             "test_images": len(self.arrays.test_y),
             "seconds": sum(float(r.get("seconds", 0)) for r in history),
             "history": [
-                {k: r.get(k) for k in ("epoch", "lr", "ce", "terms", "test_accuracy", "seconds")}
-                for r in history
+                {k: r.get(k) for k in (*report.HISTORY_FIELDS, "seconds")} for r in history
             ],
         }
 

@@ -14,6 +14,7 @@ first test image in the most significant bit of the first byte.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -23,6 +24,8 @@ Z95 = 1.959964
 STAGES = ("train", "paper", "authors", "strong", "transfer", "inspect")
 PROTOCOLS = ("paper", "authors", "strong")
 WORST = "worst-case"  # the strong stage's per-example worst-case rows (ncen_cli's WORST_CASE)
+HISTORY_FIELDS = ("epoch", "lr", "ce", "terms", "test_accuracy")  # a train stage's, no timings
+DIGEST_FIELDS = ("epoch", "ce", "terms", "test_accuracy")  # also in a checkpoint's history
 PAPER_OBJECTIVE = "mean-ce"  # the paper's attack objective: the mean of the members' CE
 BASELINES = ("baseline", "gal", "gpmr", "trs", "adp", "adv-train")
 NAMES = {
@@ -319,6 +322,7 @@ def build_summary(results: dict, methods: list[str], budget: dict) -> dict:
     summary["missing"] = missing_stages(results, methods)
     summary["checkpoints"] = {m: checkpoint_groups(results.get(m, {})) for m in methods}
     summary["checkpoint_notes"] = checkpoint_notes(results, summary["checkpoints"])
+    summary["reproduced_notes"] = reproduced_notes(results, methods)
     summary["verdict"] = verdict(summary, methods, results)
     return summary
 
@@ -341,17 +345,69 @@ def inspect_figures(stage: dict | None) -> dict:
     }
 
 
+def history_digest(history: list[dict]) -> str:
+    """16 hex digits of SHA-256 over a training's per-epoch record (epoch, mean CE, the defense's
+    terms, test accuracy: the figures that a checkpoint's history and a train stage's share, no
+    timings). Two trainings with the same digest took the same path to the last bit of every
+    epoch's mean loss: a retraining that reproduced the run, not merely one with the same
+    settings."""
+    rows = [{k: r.get(k) for k in DIGEST_FIELDS} for r in history]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def checkpoint_groups(stages: dict) -> dict[str, list[str]]:
     """A method's stage names grouped by the checkpoint they ran on: its recorded SHA-256 prefix
     or, for a stage recorded without one (before records existed), the train stage's (those ran
-    in the train stage's work folder); ``"train"`` stands for an unrecorded train checkpoint."""
+    in the train stage's work folder); ``"train"`` stands for an unrecorded train checkpoint. A
+    stage whose checkpoint's history digest equals that of the train stage's recorded history
+    ran on a retraining that reproduced the train stage's run: it joins the train stage's
+    group."""
     train = stages.get("train", {}).get("checkpoint", {}).get("sha256", "train")
+    reproduced = reproduced_stages(stages)
     groups: dict[str, list[str]] = {}
     for name in STAGES:
         if name in stages:
-            key = stages[name].get("checkpoint", {}).get("sha256", train)
+            record = stages[name].get("checkpoint", {})
+            key = train if name in reproduced else record.get("sha256", train)
             groups.setdefault(key, []).append(name)
     return groups
+
+
+def reproduced_stages(stages: dict) -> list[str]:
+    """The stages of a method that ran on a checkpoint other than the train stage's file (or on
+    one when the train stage recorded none) whose history digest equals that of the train
+    stage's recorded history: a retraining that reproduced the train stage's run."""
+    train_stage = stages.get("train", {})
+    if not train_stage.get("history"):
+        return []
+    digest = history_digest(train_stage["history"])
+    train_sha = train_stage.get("checkpoint", {}).get("sha256")
+    return [
+        name
+        for name in STAGES
+        if name != "train"
+        and name in stages
+        and stages[name].get("checkpoint", {}).get("history") == digest
+        and stages[name]["checkpoint"].get("sha256") != train_sha
+    ]
+
+
+def reproduced_notes(results: dict, methods: list[str]) -> list[str]:
+    """A line per method with :func:`reproduced_stages`: which stages, on which file."""
+    lines = []
+    for m in methods:
+        stages = results.get(m, {})
+        names = reproduced_stages(stages)
+        if names:
+            record = stages[names[0]]["checkpoint"]
+            lines.append(
+                f"- {m}: {', '.join(names)} ran on a retraining (checkpoint {record['sha256']}, "
+                f"{record.get('precision')}, {stages[names[0]].get('machine', '?')}) whose every "
+                "epoch's record (mean CE, the defense's terms, test accuracy) equals the "
+                "train stage's to the last bit: the same run reproduced, counted as one "
+                "training."
+            )
+    return lines
 
 
 def stage_precision(stage: dict) -> str | None:
@@ -755,7 +811,7 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
         *overview_table(summary),
         "",
     ]
-    if summary.get("checkpoint_notes"):
+    if summary.get("checkpoint_notes") or summary.get("reproduced_notes"):
         text += [
             "## Checkpoints trained more than once",
             "",
@@ -763,9 +819,11 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
             "it again (same seed and budget, another machine or precision), its stages ran on "
             "different trainings: comparisons between methods within one stage stay paired on "
             "the same images, but one method's figures across these stages compare different "
-            "trainings.",
+            "trainings. A retraining whose per-epoch record equals the train stage's bit for "
+            "bit reproduced that run, and counts as the same training.",
             "",
-            *summary["checkpoint_notes"],
+            *summary.get("checkpoint_notes", []),
+            *summary.get("reproduced_notes", []),
             "",
         ]
     for protocol, title in (

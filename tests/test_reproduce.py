@@ -206,7 +206,8 @@ def test_checkpoint_record_names_the_file_and_its_precision(tmp_path):
 
     first = save_tiny_checkpoint(tmp_path / "a.safetensors")
     record = reproduce.checkpoint_record(first)
-    assert len(record["sha256"]) == 16 and set(record) == {"sha256", "precision"}
+    assert len(record["sha256"]) == 16 and set(record) == {"sha256", "precision", "history"}
+    assert record["history"] == rr.history_digest([])  # a tiny checkpoint has no history
     again = save_tiny_checkpoint(tmp_path / "b.safetensors")
     assert reproduce.checkpoint_record(again) == record  # same bytes, same record
     ensemble = tiny_ensemble()
@@ -438,3 +439,37 @@ def test_the_paper_objective_is_held_against_the_others_on_the_same_images(tmp_p
     md = rr.render_markdown(summary, [])
     assert "| ncen | PGD | 0.1 | mean-ce − prob | +0.500 |" in md
     assert "| APGD-DLR (dlr) | 0.1 | – | 1.000 ±" in md  # every strong run, a column per method
+
+
+def test_a_retraining_that_reproduced_the_run_counts_as_the_same_training(tmp_path):
+    """A stage on another file whose history digest equals the train stage's recorded history
+    joins the train stage's group: no 'trained again' caveat, one line saying it reproduced."""
+    budget = {"epochs": 8, "train_limit": 20000}
+    fake_results(tmp_path, budget)
+    history = [
+        {"epoch": 1, "lr": 1e-3, "ce": 0.65, "terms": {"cos": 0.01}, "test_accuracy": 0.858},
+        {"epoch": 2, "lr": 1e-3, "ce": 0.42, "terms": {"cos": 0.02}, "test_accuracy": 0.874},
+    ]
+    write_stage(tmp_path, "ncen", "train", {"clean_accuracy": 0.9, "history": history}, budget)
+    # a checkpoint's own history has no lr: the digest covers what both records hold
+    from_checkpoint = [{k: v for k, v in r.items() if k != "lr"} for r in history]
+    assert rr.history_digest(from_checkpoint) == rr.history_digest(history)
+    strong = json.loads((tmp_path / "ncen" / "strong.json").read_text())
+    record = {"sha256": "7777", "precision": "bf16"}
+    strong["checkpoint"] = {**record, "history": rr.history_digest(from_checkpoint)}
+    (tmp_path / "ncen" / "strong.json").write_text(json.dumps(strong))
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
+    assert summary["checkpoints"]["ncen"] == {"train": ["train", "paper", "strong", "inspect"]}
+    assert summary["checkpoint_notes"] == []
+    assert "trained again" not in summary["verdict"]
+    (note,) = summary["reproduced_notes"]
+    assert note.startswith("- ncen: strong ran on a retraining (checkpoint 7777, bf16,")
+    assert "## Checkpoints trained more than once" in rr.render_markdown(summary, [])
+    # one epoch's loss differs in its last bit: another training
+    changed = [dict(history[0]), history[1]]
+    changed[0]["ce"] = 0.6500000000000001
+    strong["checkpoint"]["history"] = rr.history_digest(changed)
+    (tmp_path / "ncen" / "strong.json").write_text(json.dumps(strong))
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
+    assert summary["checkpoints"]["ncen"]["7777"] == ["strong"]
+    assert summary["reproduced_notes"] == [] and "trained again" in summary["verdict"]
