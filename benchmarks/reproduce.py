@@ -562,7 +562,7 @@ TIMES = [
     "| authors (≤ 1,000 clean-correct images) | 182 iterations, no early stop, batch 64 | "
     "6.4-8.7 min | – |",
     "| strong (500 images) | 1,206 iterations per image (3 ε × FGSM, PGD-50, APGD-CE-100 on two "
-    "objectives, APGD-DLR-100) | 6.0 min | 9 min |",
+    "objectives, APGD-DLR-100) | 2.3 min (baseline) - 6.0 min (ncen) | 9 min (baseline) |",
     "| transfer (500 images) | PGD-40 and MI-FGSM-40 on each member | 1.3-3.9 min | – |",
     "| inspect (1,000 images) | one input-gradient pass per member | < 1 min | – |",
     "",
