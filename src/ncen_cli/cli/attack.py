@@ -43,10 +43,9 @@ def build_runs(
     (:func:`ncen_cli.cli.common.select_attacks`, :func:`protocol_options`)."""
     from ncen_cli.evaluation import runs_for
 
-    custom = protocol is None and (selection.names is not None or selection.eps is not None)
     return runs_for(
         family,
-        "custom" if custom else protocol or "paper",
+        run_protocol(protocol, selection),
         attacks=selection.names,
         eps=selection.eps,
         objective=objective,
@@ -54,6 +53,14 @@ def build_runs(
         quirks=quirks,
         **selection.overrides,
     )
+
+
+def run_protocol(protocol: str | None, selection: common.AttackSelection) -> str:
+    """The protocol the runs follow: --protocol; without it "custom" when --attacks or --eps
+    names the runs, else "paper"."""
+    if protocol is not None:
+        return protocol
+    return "custom" if selection.names is not None or selection.eps is not None else "paper"
 
 
 def protocol_options(
@@ -315,8 +322,7 @@ def attack_command(
         "checkpoint": str(checkpoint),
         "dataset": arrays.name,
         "family": runs_family or arrays.family,
-        "protocol": protocol
-        or ("custom" if selection.names is not None or selection.eps is not None else "paper"),
+        "protocol": run_protocol(protocol, selection),
         "device": str(runtime.device),
         "batch_size": batch_size,
         "seconds": seconds,
