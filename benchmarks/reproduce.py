@@ -554,7 +554,8 @@ TIMES = [
     "| train `baseline` | 5,000 plain steps + 9 clean passes over 10,000 images | 40 min | "
     "78 min (shared machine) |",
     "| train `ncen` (and, by their step cost, `ncen-official`, `ncen@λ`, `gal`, `gpmr`) | "
-    "5,000 double-backprop steps | 43 min (idle) - 50 min (shared) | ≈ 2-2.5 h (first epoch "
+    "5,000 double-backprop steps | 34 min (`gpmr`) - 43 min (`ncen`), idle; 50 min (`ncen`, "
+    "shared) | ≈ 2-2.5 h (first epoch "
     "18 min, beside another job): more than a session |",
     "| train `adv-train` (optional) | ≈ 10 × a plain step | not run (≈ 10 × baseline's: an "
     "estimate) | – |",
@@ -566,8 +567,9 @@ TIMES = [
     "| transfer (500 images) | PGD-40 and MI-FGSM-40 on each member | 1.3-3.9 min | – |",
     "| inspect (1,000 images) | one input-gradient pass per member | < 1 min | – |",
     "",
-    "So, where bf16 is native, about 1.2 h per double-backprop method (`ncen`: 71 min for all "
-    "six stages), about 7 h for the six such methods still missing, on an idle machine; work "
+    "So, where bf16 is native, about 1-1.2 h per double-backprop method (all six stages: "
+    "`gpmr` 53 min, `ncen` 71 min), about 5-6 h for the five such methods still missing (`gal`, "
+    "`ncen-official`, the three `ncen@λ`), on an idle machine; work "
     "folders do not outlive a session, so run each method's stages in one sitting (a later "
     "stage whose checkpoint is gone trains it again). Without native bf16, train the "
     "double-backprop methods elsewhere.",

@@ -491,7 +491,7 @@ def verdict(summary: dict, methods: list[str], results: dict) -> str:
         groups.setdefault((row["method"], row["baseline"], row["protocol"]), []).append(row)
     parts.append(
         "Each method is one training (seed 0): the intervals cover the choice of test images, "
-        "not the variation between trainings, so a difference below compares these two "
+        "not the variation between trainings, so each difference below compares two particular "
         "ensembles; whether it holds for other seeds is not measured."
     )
     for (m, b, p), rows in groups.items():
