@@ -196,11 +196,12 @@ def accuracy_entries(rows: list[dict]) -> list[dict]:
     ]
 
 
-def paired_figures(row: dict, other: dict) -> dict | None:
+def paired_figures(row: dict, other: dict | None) -> dict | None:
     """``row`` minus ``other`` paired on the same images, from their per-example masks: the
     difference, Newcombe's 95 % interval, both accuracies, n and the discordant counts (row
-    only correct, other only correct); None when a mask is missing or the lengths differ."""
-    if "mask" not in row or "mask" not in other:
+    only correct, other only correct); None without ``other``, when a mask is missing or when
+    the lengths differ."""
+    if other is None or "mask" not in row or "mask" not in other:
         return None
     a, b = unpack_mask(row["mask"]), unpack_mask(other["mask"])
     if len(a) != len(b):
@@ -225,8 +226,7 @@ def paired_rows(results: dict, method: str, baseline: str, protocol: str) -> lis
     b_rows = {row_key(r): r for r in headline_rows(b_stage, protocol)}
     out = []
     for row in headline_rows(a_stage, protocol):
-        other = b_rows.get(row_key(row))
-        figures = paired_figures(row, other) if other is not None else None
+        figures = paired_figures(row, b_rows.get(row_key(row)))
         if figures is not None:
             out.append(
                 {
@@ -236,6 +236,7 @@ def paired_rows(results: dict, method: str, baseline: str, protocol: str) -> lis
                     "attack": row["attack"],
                     "eps": row["eps"],
                     "objective": row.get("params", {}).get("objective"),
+                    "precisions": [stage_precision(a_stage), stage_precision(b_stage)],
                     **figures,
                 }
             )
@@ -251,8 +252,7 @@ def protocol_gap_rows(results: dict, method: str) -> list[dict]:
     paper = {(r["attack"], round(float(r["eps"]), 4)): r for r in stages["paper"]["results"]}
     out = []
     for row in stages["authors"]["results"]:
-        other = paper.get((row["attack"], round(float(row["eps"]), 4)))
-        figures = paired_figures(row, other) if other is not None else None
+        figures = paired_figures(row, paper.get((row["attack"], round(float(row["eps"]), 4))))
         if figures is not None:
             out.append({"method": method, "attack": row["attack"], "eps": row["eps"], **figures})
     return out
@@ -262,23 +262,23 @@ def objective_gap_rows(results: dict, method: str) -> list[dict]:
     """Per attack and eps of a method's strong stage: the paper's objective (the members' mean
     CE) minus each other objective of the same attack, paired on the same images. A positive
     difference: attacking the mean CE overstates the accuracy that the other objective leaves."""
-    rows = results.get(method, {}).get("strong", {}).get("results", [])
-    by_key = {row_key(r): r for r in rows if r["attack"] != WORST}
+    by_setting: dict[tuple[str, float], dict[str, dict]] = {}  # (attack, eps) -> objective -> row
+    for r in results.get(method, {}).get("strong", {}).get("results", []):
+        if r["attack"] != WORST:
+            attack, eps, objective = row_key(r)
+            by_setting.setdefault((attack, eps), {})[objective] = r
     out = []
-    for (attack, eps, objective), row in by_key.items():
-        if objective != PAPER_OBJECTIVE:
-            continue
-        for (other_attack, other_eps, other_objective), other in by_key.items():
-            if (other_attack, other_eps) != (attack, eps) or other_objective == objective:
-                continue
-            figures = paired_figures(row, other)
-            if figures is not None:
+    for runs in by_setting.values():
+        row = runs.get(PAPER_OBJECTIVE)
+        for objective, other in runs.items():
+            figures = paired_figures(row, other) if row is not None else None
+            if objective != PAPER_OBJECTIVE and figures is not None:
                 out.append(
                     {
                         "method": method,
-                        "attack": attack,
-                        "eps": eps,
-                        "objectives": [objective, other_objective],
+                        "attack": other["attack"],
+                        "eps": other["eps"],
+                        "objectives": [PAPER_OBJECTIVE, objective],
                         **figures,
                     }
                 )
@@ -323,7 +323,7 @@ def build_summary(results: dict, methods: list[str], budget: dict) -> dict:
     summary["checkpoints"] = {m: checkpoint_groups(results.get(m, {})) for m in methods}
     summary["checkpoint_notes"] = checkpoint_notes(results, summary["checkpoints"])
     summary["reproduced_notes"] = reproduced_notes(results, methods)
-    summary["verdict"] = verdict(summary, methods, results)
+    summary["verdict"] = verdict(summary, methods)
     return summary
 
 
@@ -416,13 +416,13 @@ def stage_precision(stage: dict) -> str | None:
     return stage.get("checkpoint", {}).get("precision", stage.get("budget", {}).get("precision"))
 
 
-def precision_mismatches(results: dict, paired: list[dict]) -> list[str]:
+def precision_mismatches(paired: list[dict]) -> list[str]:
     """One sentence per (method, baseline, protocol) whose two checkpoints were trained in
     different precisions (e.g. one stage run on an fp32 retraining): the paired difference then
     also contains the precision's effect."""
+    precisions = {(r["method"], r["baseline"], r["protocol"]): r["precisions"] for r in paired}
     lines = []
-    for m, b, p in dict.fromkeys((r["method"], r["baseline"], r["protocol"]) for r in paired):
-        pm, pb = (stage_precision(results[x][p]) for x in (m, b))
+    for (m, b, p), (pm, pb) in precisions.items():
         if pm != pb:
             lines.append(
                 f"{p} protocol, {m} − {b}: the two checkpoints were trained in different "
@@ -463,9 +463,8 @@ def checkpoint_notes(results: dict, groups_by_method: dict[str, dict[str, list[s
 # --- verdict -----------------------------------------------------------------------------------
 
 
-def verdict(summary: dict, methods: list[str], results: dict) -> str:
-    """Only what the intervals support, per protocol and baseline; incomplete runs say so.
-    ``results``: :func:`read_results`, for the checkpoints' precisions."""
+def verdict(summary: dict, methods: list[str]) -> str:
+    """Only what the intervals support, per protocol and baseline; incomplete runs say so."""
     parts = []
     if summary["missing"]:
         parts.append(
@@ -532,7 +531,7 @@ def verdict(summary: dict, methods: list[str], results: dict) -> str:
             "mean probability, APGD, per-example worst case) is what the strong stage measures, "
             "so no robustness claim follows from these gains alone."
         )
-    parts += precision_mismatches(results, paired)
+    parts += precision_mismatches(paired)
     parts += settling_budget(paired)
     parts += objective_overstatement(summary)
     parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
