@@ -295,11 +295,21 @@ def call(row: dict) -> str:
     return "better" if low > 0 else "worse" if high < 0 else "inconclusive"
 
 
-def build_summary(results: dict, methods: list[str], budget: dict) -> dict:
-    """The machine-readable report (the shape issue 20 asks for), verdict included."""
+def build_summary(
+    results: dict, methods: list[str], budget: dict, same_training: dict[str, str] | None = None
+) -> dict:
+    """The machine-readable report (the shape issue 20 asks for), verdict included.
+
+    ``same_training`` maps a method name to another that names the same training (the same
+    defense with the same resolved hyperparameters: ``ncen@0.02`` -> ``ncen`` on FashionMNIST).
+    Such a name gets that method's figures and a ``same_training_as`` field, and is counted
+    once: no missing stages, paired rows or table columns of its own."""
+    same_training = same_training or {}
+    own = list(dict.fromkeys(same_training.get(m, m) for m in methods))
+    listed = list(dict.fromkeys(x for m in methods for x in (same_training.get(m, m), m)))
     summary: dict[str, Any] = {"budget": budget, "methods": {}, "paired": [], "missing": []}
-    for m in methods:
-        stages = results.get(m, {})
+    for m in listed:
+        stages = results.get(same_training.get(m, m), {})
         entry: dict[str, Any] = {
             "clean_accuracy": stages.get("train", {}).get("clean_accuracy"),
             "train_seconds": stages.get("train", {}).get("seconds"),
@@ -312,19 +322,37 @@ def build_summary(results: dict, methods: list[str], budget: dict) -> dict:
                 a: t["summary"] for a, t in stages.get("transfer", {}).get("attacks", {}).items()
             },
         }
+        if m in same_training:
+            entry["same_training_as"] = same_training[m]
         summary["methods"][m] = entry
-    for m in (m for m in methods if is_ncen(m)):
-        for base in (b for b in methods if b in BASELINES):
+    for m in (m for m in own if is_ncen(m)):
+        for base in (b for b in own if b in BASELINES):
             for p in PROTOCOLS:
                 summary["paired"] += paired_rows(results, m, base, p)
-    summary["authors_minus_paper"] = [r for m in methods for r in protocol_gap_rows(results, m)]
-    summary["objective_gaps"] = [r for m in methods for r in objective_gap_rows(results, m)]
-    summary["missing"] = missing_stages(results, methods)
-    summary["checkpoints"] = {m: checkpoint_groups(results.get(m, {})) for m in methods}
+    summary["authors_minus_paper"] = [r for m in own for r in protocol_gap_rows(results, m)]
+    summary["objective_gaps"] = [r for m in own for r in objective_gap_rows(results, m)]
+    summary["missing"] = missing_stages(results, own)
+    summary["checkpoints"] = {m: checkpoint_groups(results.get(m, {})) for m in own}
     summary["checkpoint_notes"] = checkpoint_notes(results, summary["checkpoints"])
-    summary["reproduced_notes"] = reproduced_notes(results, methods)
-    summary["verdict"] = verdict(summary, methods)
+    summary["reproduced_notes"] = reproduced_notes(results, own)
+    summary["verdict_points"] = verdict(summary, own)
+    summary["verdict"] = " ".join(summary["verdict_points"])
     return summary
+
+
+def distinct_methods(summary: dict) -> dict[str, dict]:
+    """The summary's method entries without the names of another method's training."""
+    return {m: e for m, e in summary["methods"].items() if "same_training_as" not in e}
+
+
+def same_training_notes(summary: dict) -> list[str]:
+    """One sentence per method name that is another method's training."""
+    return [
+        f"{m} is the same training as {e['same_training_as']} (the same defense with the same "
+        f"resolved hyperparameters): its figures are {e['same_training_as']}'s, counted once."
+        for m, e in summary["methods"].items()
+        if "same_training_as" in e
+    ]
 
 
 def inspect_figures(stage: dict | None) -> dict:
@@ -463,8 +491,9 @@ def checkpoint_notes(results: dict, groups_by_method: dict[str, dict[str, list[s
 # --- verdict -----------------------------------------------------------------------------------
 
 
-def verdict(summary: dict, methods: list[str]) -> str:
-    """Only what the intervals support, per protocol and baseline; incomplete runs say so."""
+def verdict(summary: dict, methods: list[str]) -> list[str]:
+    """Only what the intervals support, per protocol and baseline; incomplete runs say so. One
+    string per point (docs/reproduction.md lists them; the JSON's ``verdict`` joins them)."""
     parts = []
     if summary["missing"]:
         parts.append(
@@ -484,7 +513,7 @@ def verdict(summary: dict, methods: list[str]) -> str:
             "No paired difference can be computed yet (an NCEn form and a baseline "
             "need the same protocol stage), so nothing is concluded."
         )
-        return " ".join(parts)
+        return parts
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in paired:
         groups.setdefault((row["method"], row["baseline"], row["protocol"]), []).append(row)
@@ -535,7 +564,7 @@ def verdict(summary: dict, methods: list[str]) -> str:
     parts += settling_budget(paired)
     parts += objective_overstatement(summary)
     parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
-    return " ".join(parts)
+    return parts + same_training_notes(summary)
 
 
 def compact_missing(missing: list[str]) -> str:
@@ -674,7 +703,7 @@ def protocol_table(summary: dict, protocol: str) -> list[str]:
     """Each method's headline accuracy per setting of one protocol, a column per method."""
     entries = {
         m: e["protocols"][protocol]
-        for m, e in summary["methods"].items()
+        for m, e in distinct_methods(summary).items()
         if protocol in e["protocols"]
     }
     return accuracy_table(entries, f"(no {protocol} stage yet)")
@@ -754,8 +783,9 @@ def overview_table(summary: dict) -> list[str]:
     for m, e in summary["methods"].items():
         seconds = e.get("train_seconds")
         gap = e["transfer"].get("pgd", {}).get("gap")
+        name = f"{m} (= {e['same_training_as']})" if "same_training_as" in e else m
         lines.append(
-            f"| {m} | {fmt(e['clean_accuracy'])} | "
+            f"| {name} | {fmt(e['clean_accuracy'])} | "
             f"{duration(seconds)} | "
             f"{fmt(e['inspect'].get('mean_gradient_cosine'), '+.3f')} | "
             f"{fmt(e['inspect'].get('norm_dispersion'))} | {fmt(gap, '+.3f')} |"
@@ -769,7 +799,7 @@ def transfer_table(summary: dict) -> list[str]:
         "ensemble column |",
         "|" + " --- |" * 6,
     ]
-    for m, e in summary["methods"].items():
+    for m, e in distinct_methods(summary).items():
         for attack, s in e["transfer"].items():
             lines.append(
                 f"| {m} | {NAMES.get(attack, attack)} | {fmt(s.get('mean_diagonal'))} | "
@@ -803,7 +833,7 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
         "",
         "## Verdict",
         "",
-        summary["verdict"],
+        *(f"- {point}" for point in summary["verdict_points"]),
         "",
         "## Methods",
         "",
@@ -843,7 +873,11 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
         "difference-of-logits ratio).",
         "",
         *accuracy_table(
-            {m: e["strong_attacks"] for m, e in summary["methods"].items() if e["strong_attacks"]},
+            {
+                m: e["strong_attacks"]
+                for m, e in distinct_methods(summary).items()
+                if e["strong_attacks"]
+            },
             "(no strong stage yet)",
         ),
         "",

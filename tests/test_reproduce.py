@@ -473,3 +473,41 @@ def test_a_retraining_that_reproduced_the_run_counts_as_the_same_training(tmp_pa
     summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
     assert summary["checkpoints"]["ncen"]["7777"] == ["strong"]
     assert summary["reproduced_notes"] == [] and "trained again" in summary["verdict"]
+
+
+def test_a_name_of_another_methods_training_is_counted_once(tmp_path, monkeypatch):
+    """ncen@0.02 is ncen on FashionMNIST (0.02 is its default λ): it is not trained or evaluated
+    again; the report gives it ncen's figures, once, and places it in the dose-response."""
+    assert reproduce.same_trainings(list(reproduce.CORE_METHODS)) == {"ncen@0.02": "ncen"}
+    assert reproduce.same_trainings(["ncen@0.02"]) == {"ncen@0.02": "ncen"}
+    assert reproduce.same_trainings(["ncen@0.1", "ncen-official@0.02", "gal"]) == {
+        "ncen-official@0.02": "ncen-official"
+    }
+    assert reproduce.same_trainings(["ncen@0.02"], dataset="cifar10") == {}  # its λ differ there
+
+    budget = {"epochs": 8, "train_limit": 20000}
+    fake_results(tmp_path, budget)  # also an ncen@0.02 inspect file, which must not be used
+    methods = ["baseline", "ncen@0.02", "ncen@0.5"]
+    same = {"ncen@0.02": "ncen"}
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), methods, budget, same)
+    assert list(summary["methods"]) == ["baseline", "ncen", "ncen@0.02", "ncen@0.5"]
+    alias, ncen = summary["methods"]["ncen@0.02"], summary["methods"]["ncen"]
+    assert alias["same_training_as"] == "ncen" and "same_training_as" not in ncen
+    assert alias["inspect"] == ncen["inspect"] and alias["protocols"] == ncen["protocols"]
+    assert {r["method"] for r in summary["paired"]} == {"ncen"}
+    assert not [m for m in summary["missing"] if m.startswith("ncen@0.02")]
+    assert "ncen train" not in summary["missing"] and "ncen authors" in summary["missing"]
+    assert "λ=0.02: +0.100, λ=0.5: +0.050" in summary["verdict"]  # ncen's cosine, not 0.3
+    assert summary["verdict_points"][-1].startswith("ncen@0.02 is the same training as ncen")
+    md = rr.render_markdown(summary, [])
+    assert "| ncen@0.02 (= ncen) | 0.900 |" in md
+    assert "| attack | ε | baseline | ncen |" in md  # no column of its own
+    assert f"- {summary['verdict_points'][0]}" in md
+
+    ran: list[str] = []
+    monkeypatch.setattr(
+        reproduce, "Runner", lambda args, method: SimpleNamespace(run=lambda s: ran.append(method))
+    )
+    args = reproduce.parse_args(["--data-dir", "x", "--methods", "ncen@0.02,ncen,ncen@0.1"])
+    reproduce.run_methods(args, [])
+    assert ran == ["ncen", "ncen@0.1"]
