@@ -329,6 +329,7 @@ def build_summary(
         for base in (b for b in own if b in BASELINES):
             for p in PROTOCOLS:
                 summary["paired"] += paired_rows(results, m, base, p)
+    summary["dose_response"] = dose_response_rows(results, listed, same_training)
     summary["authors_minus_paper"] = [r for m in own for r in protocol_gap_rows(results, m)]
     summary["objective_gaps"] = [r for m in own for r in objective_gap_rows(results, m)]
     summary["missing"] = missing_stages(results, own)
@@ -338,6 +339,27 @@ def build_summary(
     summary["verdict_points"] = verdict(summary, own)
     summary["verdict"] = " ".join(summary["verdict_points"])
     return summary
+
+
+def dose_lambda(method: str) -> float | None:
+    """λ of a dose-response name (``ncen@0.1`` -> 0.1), else None."""
+    return float(method.split("@", 1)[1]) if method.startswith("ncen@") else None
+
+
+def dose_response_rows(results: dict, methods: list[str], same_training: dict[str, str]) -> list:
+    """Strong protocol, each ``ncen@λ`` minus the smallest λ's, paired on the same images (per
+    ε of the per-example worst case); ``same_training`` names where a λ's results are."""
+    doses = sorted((lam, m) for m in methods if (lam := dose_lambda(m)) is not None)
+    if len(doses) < 2:
+        return []
+    low = doses[0][1]
+    out = []
+    for _, m in doses[1:]:
+        for row in paired_rows(
+            results, same_training.get(m, m), same_training.get(low, low), "strong"
+        ):
+            out.append({**row, "method": m, "baseline": low})
+    return out
 
 
 def distinct_methods(summary: dict) -> dict[str, dict]:
@@ -522,13 +544,6 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
         "not the variation between trainings, so each difference below compares two particular "
         "ensembles; whether it holds for other seeds is not measured."
     )
-    for (m, b, p), rows in groups.items():
-        calls = [call(r) for r in rows]
-        parts.append(
-            f"{p} protocol, {m} − {b}: better in {calls.count('better')}, worse in "
-            f"{calls.count('worse')}, inconclusive in {calls.count('inconclusive')} of "
-            f"{len(rows)} settings (95 % paired intervals)."
-        )
     strong = [r for r in paired if r["protocol"] == "strong"]
     gains = [r for r in paired if r["protocol"] != "strong" and call(r) == "better"]
     if strong:
@@ -549,6 +564,17 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
                 + (" although some were under the weaker protocols." if gains else ".")
             )
         )
+    lost = [r for r in strong if call(r) == "worse"]
+    if lost:
+        parts.append(
+            "Under the strong protocol an NCEn form is worse than a baseline in: "
+            + "; ".join(
+                f"{r['method']} vs {r['baseline']} ε={r['eps']:g} ({r['difference']:+.3f}: "
+                f"{r['accuracies'][0]:.3f} against {r['accuracies'][1]:.3f})"
+                for r in lost
+            )
+            + "."
+        )
     strong_pairs = {(r["method"], r["baseline"]) for r in strong}
     untested = sorted({(r["method"], r["baseline"]) for r in gains} - strong_pairs)
     if untested:
@@ -560,10 +586,18 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
             "mean probability, APGD, per-example worst case) is what the strong stage measures, "
             "so no robustness claim follows from these gains alone."
         )
+    for (m, b, p), rows in groups.items():
+        calls = [call(r) for r in rows]
+        parts.append(
+            f"{p} protocol, {m} − {b}: better in {calls.count('better')}, worse in "
+            f"{calls.count('worse')}, inconclusive in {calls.count('inconclusive')} of "
+            f"{len(rows)} settings (95 % paired intervals)."
+        )
     parts += precision_mismatches(paired)
     parts += settling_budget(paired)
     parts += objective_overstatement(summary)
     parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
+    parts += robustness_vs_lambda(summary)
     return parts + same_training_notes(summary)
 
 
@@ -661,12 +695,36 @@ def objective_overstatement(summary: dict) -> list[str]:
     return lines
 
 
+def robustness_vs_lambda(summary: dict) -> list[str]:
+    """The strong protocol's per-example worst case of each larger λ against the smallest λ,
+    paired; settings where both leave nothing are left out."""
+    rows = [r for r in summary.get("dose_response", []) if any(r["accuracies"])]
+    if not summary.get("dose_response"):
+        return []
+    if not rows:
+        return [
+            "Dose-response, strong protocol: every λ leaves 0 accuracy at every ε, so λ "
+            "changes nothing measurable there."
+        ]
+    return [
+        "Dose-response, strong protocol (per-example worst case, paired on the same images): "
+        + "; ".join(
+            f"λ={dose_lambda(r['method']):g} − λ={dose_lambda(r['baseline']):g} at "
+            f"ε={r['eps']:g}: {r['difference']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] "
+            f"({r['accuracies'][0]:.3f} against {r['accuracies'][1]:.3f}), {call(r)}"
+            for r in rows
+        )
+        + "; settings where both leave 0 are not listed."
+    ]
+
+
 def diversity_vs_lambda(summary: dict) -> list[str]:
     """Mean pairwise gradient cosine of the dose-response runs, in order of λ."""
     points = []
     for m, entry in summary["methods"].items():
-        if m.startswith("ncen@") and entry["inspect"].get("mean_gradient_cosine") is not None:
-            points.append((float(m.split("@", 1)[1]), entry["inspect"]["mean_gradient_cosine"]))
+        lam = dose_lambda(m)
+        if lam is not None and entry["inspect"].get("mean_gradient_cosine") is not None:
+            points.append((lam, entry["inspect"]["mean_gradient_cosine"]))
     base = summary["methods"].get("baseline", {}).get("inspect", {}).get("mean_gradient_cosine")
     if len(points) < 2:
         return []
@@ -809,6 +867,46 @@ def transfer_table(summary: dict) -> list[str]:
     return lines if len(lines) > 2 else ["(no transfer stage yet)"]
 
 
+def dose_table(summary: dict) -> list[str]:
+    """A row per ``ncen@λ`` in order of λ: clean accuracy, the inspect figures and the strong
+    protocol's per-example worst case per ε; then each larger λ against the smallest, paired."""
+    doses = sorted(
+        (lam, m, e) for m, e in summary["methods"].items() if (lam := dose_lambda(m)) is not None
+    )
+    if not doses:
+        return ["(no dose-response method in this report)"]
+    eps = sorted({w["eps"] for _, _, e in doses for w in e["protocols"].get("strong", [])})
+    header = ["λ", "method", "clean accuracy", "mean gradient cosine", "norm dispersion"]
+    header += [f"strong worst case ε={x:g}" for x in eps]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for lam, m, e in doses:
+        worst = {w["eps"]: w["accuracy"] for w in e["protocols"].get("strong", [])}
+        cells = [
+            f"{lam:g}",
+            f"{m} (= {e['same_training_as']})" if "same_training_as" in e else m,
+            fmt(e["clean_accuracy"]),
+            fmt(e["inspect"].get("mean_gradient_cosine"), "+.3f"),
+            fmt(e["inspect"].get("norm_dispersion")),
+            *(fmt(worst.get(x)) for x in eps),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    rows = summary.get("dose_response", [])
+    if rows:
+        lines += [
+            "",
+            "Each larger λ minus the smallest, strong protocol, paired on the same images:",
+            "",
+            "| λ | against λ | ε | difference | 95 % interval | accuracies | n | call |",
+            "|" + " --- |" * 8,
+        ] + [
+            f"| {dose_lambda(r['method']):g} | {dose_lambda(r['baseline']):g} | {r['eps']:g} | "
+            f"{r['difference']:+.3f} | [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
+            f"{r['accuracies'][0]:.3f} / {r['accuracies'][1]:.3f} | {r['n']} | {call(r)} |"
+            for r in rows
+        ]
+    return lines
+
+
 def missing_table(missing: list[str]) -> list[str]:
     by_method: dict[str, list[str]] = {}
     for item in missing:
@@ -887,6 +985,15 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
         "attacking the other objective, on the same images (Newcombe's 95 % interval).",
         "",
         *objective_gap_table(summary.get("objective_gaps", [])),
+        "",
+    ]
+    text += [
+        "## Dose-response (ncen, λ_cos = λ_norm = λ)",
+        "",
+        "Whether gradient diversity (inspect: a lower mean pairwise cosine is more diverse) and "
+        "strong-protocol accuracy move with λ; one training per λ.",
+        "",
+        *dose_table(summary),
         "",
     ]
     gap = summary.get("authors_minus_paper", [])

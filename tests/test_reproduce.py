@@ -511,3 +511,49 @@ def test_a_name_of_another_methods_training_is_counted_once(tmp_path, monkeypatc
     args = reproduce.parse_args(["--data-dir", "x", "--methods", "ncen@0.02,ncen,ncen@0.1"])
     reproduce.run_methods(args, [])
     assert ran == ["ncen", "ncen@0.1"]
+
+
+def test_the_dose_response_pairs_each_lambda_with_the_smallest(tmp_path):
+    """Strong worst case of ncen@0.5 against ncen@0.02 (whose results are ncen's), paired on
+    the same images; a strong-protocol loss against a baseline is named."""
+    budget = {"epochs": 8, "train_limit": 20000}
+    fake_results(tmp_path, budget)  # ncen's strong worst case: 150 of 200 correct
+    strong_high = [True] * 100 + [False] * 100  # ncen@0.5 keeps 100 of 200 on those images
+    write_stage(
+        tmp_path,
+        "ncen@0.5",
+        "strong",
+        {"results": [row("worst-case", 0.1, strong_high, "worst")]},
+        budget,
+    )
+    methods = ["baseline", "ncen", "ncen@0.02", "ncen@0.5"]
+    summary = rr.build_summary(
+        rr.read_results(tmp_path, budget), methods, budget, {"ncen@0.02": "ncen"}
+    )
+    (dose,) = summary["dose_response"]
+    assert (dose["method"], dose["baseline"], dose["eps"]) == ("ncen@0.5", "ncen@0.02", 0.1)
+    assert dose["difference"] == pytest.approx(-0.25) and rr.call(dose) == "worse"
+    assert dose["accuracies"] == [0.5, 0.75]
+    text = summary["verdict"]
+    assert "λ=0.5 − λ=0.02 at ε=0.1: -0.250" in text and "(0.500 against 0.750), worse" in text
+    # ncen@0.5 equals the baseline (same mask): inconclusive, neither a gain nor a loss
+    assert "ncen@0.5 vs baseline" not in text
+    md = rr.render_markdown(summary, [])
+    assert "| 0.02 | ncen@0.02 (= ncen) | 0.900 | +0.100 | 0.200 | 0.750 |" in md
+    assert "| 0.5 | ncen@0.02 |" not in md and "| 0.5 | 0.02 | 0.1 | -0.250 |" in md
+
+    worse = [False] * 200  # an NCEn form that loses everything the baseline keeps
+    write_stage(
+        tmp_path,
+        "ncen@0.5",
+        "strong",
+        {"results": [row("worst-case", 0.1, worse, "worst")]},
+        budget,
+    )
+    summary = rr.build_summary(
+        rr.read_results(tmp_path, budget), methods, budget, {"ncen@0.02": "ncen"}
+    )
+    assert (
+        "an NCEn form is worse than a baseline in: ncen@0.5 vs baseline ε=0.1 (-0.500"
+        in (summary["verdict"])
+    )
