@@ -566,7 +566,8 @@ def write_report(args: argparse.Namespace) -> dict:
     )
     summary = report.build_summary(results, methods, budget(args), same_trainings(methods))
     atomic_write_json(Path(args.json), summary)
-    atomic_write_text(Path(args.doc), report.render_markdown(summary, preamble(args)))
+    ran = [m for m in OPTIONAL_METHODS if m in results]
+    atomic_write_text(Path(args.doc), report.render_markdown(summary, preamble(args, ran)))
     log(f"wrote {args.doc} and {args.json}: {len(summary['missing'])} stage(s) missing")
     return summary
 
@@ -616,8 +617,10 @@ TIMES = [
 ]
 
 
-def preamble(args: argparse.Namespace) -> list[str]:
+def preamble(args: argparse.Namespace, optional_ran: list[str]) -> list[str]:
+    """The budget and commands section; ``optional_ran``: the optional methods with results."""
     b = budget(args)
+    not_ran = [m for m in OPTIONAL_METHODS if m not in optional_ran]
     images = "all 60,000" if b["train_limit"] is None else f"{b['train_limit']:,}"
     return [
         "## Budget and commands",
@@ -632,6 +635,14 @@ def preamble(args: argparse.Namespace) -> list[str]:
         f"protocols {b['protocol_limit']:,}, strong {b['strong_limit']:,} "
         f"({b['strong_restarts']} restart(s)), transfer {b['transfer_limit']:,} (PGD and MI-FGSM "
         f"at ε = 0.05), inspect {b['inspect_limit']:,}; clean accuracy on all 10,000.",
+        "- Optional methods (TRS and ADP from ncen-extra, PGD adversarial training): "
+        + (f"ran: {', '.join(optional_ran)}; " if optional_ran else "")
+        + (
+            f"not run: {', '.join(not_ran)} (the core methods come first; "
+            f"`--methods {','.join(not_ran)}` adds them)."
+            if not_ran
+            else "all ran."
+        ),
         "- `ncen@0.02` is `ncen`'s own training (λ_cos = λ_norm = 0.02 is its FashionMNIST "
         "default): it is run once, and its row repeats ncen's figures.",
         "- This page replaces an earlier one whose verdict came from a 250-step smoke run "

@@ -557,3 +557,10 @@ def test_the_dose_response_pairs_each_lambda_with_the_smallest(tmp_path):
         "an NCEn form is worse than a baseline in: ncen@0.5 vs baseline ε=0.1 (-0.500"
         in (summary["verdict"])
     )
+
+
+def test_the_report_says_which_optional_methods_ran(tmp_path):
+    args = reproduce.parse_args(["--report-only"])
+    text = "\n".join(reproduce.preamble(args, ["adp"]))
+    assert "ran: adp; not run: trs, adv-train" in text and "`--methods trs,adv-train`" in text
+    assert "all ran." in "\n".join(reproduce.preamble(args, list(reproduce.OPTIONAL_METHODS)))
