@@ -588,21 +588,22 @@ TIMES = [
     "78 min (shared machine) |",
     "| train `ncen` (and, by their step cost, `ncen-official`, `ncen@λ`, `gal`, `gpmr`) | "
     "5,000 double-backprop steps | 34 min (`gpmr`) - 43 min (`ncen`), idle; 50 min (`ncen`, "
-    "shared) | ≈ 2-2.5 h (first epoch "
+    "shared); 56 min (`gal`, one epoch beside a test run; 6.1-6.6 min per other epoch) | "
+    "≈ 2-2.5 h (first epoch "
     "18 min, beside another job): more than a session |",
     "| train `adv-train` (optional) | ≈ 10 × a plain step | not run (≈ 10 × baseline's: an "
     "estimate) | – |",
-    "| paper (1,000 images) | 182 attack iterations per image | 4.2-4.6 min | – |",
+    "| paper (1,000 images) | 182 attack iterations per image | 4.2-7.0 min | – |",
     "| authors (≤ 1,000 clean-correct images) | 182 iterations, no early stop, batch 64 | "
-    "6.4-8.7 min | – |",
+    "6.4-15.6 min (`gal`) | – |",
     "| strong (500 images) | 1,206 iterations per image (3 ε × FGSM, PGD-50, APGD-CE-100 on two "
-    "objectives, APGD-DLR-100) | 2.3 min (baseline) - 6.0 min (ncen) | 9 min (baseline) |",
+    "objectives, APGD-DLR-100) | 2.3 min (`baseline`) - 9.4 min (`gal`) | 9 min (`baseline`) |",
     "| transfer (500 images) | PGD-40 and MI-FGSM-40 on each member | 1.3-3.9 min | – |",
     "| inspect (1,000 images) | one input-gradient pass per member | < 1 min | – |",
     "",
-    "So, where bf16 is native, about 1-1.2 h per double-backprop method (all six stages: "
-    "`gpmr` 53 min, `ncen` 71 min), about 4-5 h for the four such methods still missing (`gal`, "
-    "`ncen-official`, `ncen@0.1`, `ncen@0.5`; `ncen@0.02` is `ncen`), on an idle machine; work "
+    "So, where bf16 is native, about 1-1.6 h per double-backprop method (all six stages: "
+    "`gpmr` 53 min, `ncen` 71 min, `gal` 95 min), about 3.5-4.5 h for the three such methods "
+    "still missing (`ncen-official`, `ncen@0.1`, `ncen@0.5`; `ncen@0.02` is `ncen`); work "
     "folders do not outlive a session, so run each method's stages in one sitting (a later "
     "stage whose checkpoint is gone trains it again). Without native bf16, train the "
     "double-backprop methods elsewhere.",
@@ -611,7 +612,8 @@ TIMES = [
     "stage on all 10,000 test images): **no GPU was available to this task, so this is an "
     "estimate, not a measurement**: at an assumed 15 ms per plain and 40 ms per double-backprop "
     "step (batch 64 is latency-bound on a GPU), 20-50 min of training and ≈ 20 min of evaluation "
-    "per method, about 7-9 h for the 8 core methods in series and 2.5-3 h with `--jobs 4`; "
+    "per method, about 6-8 h for the 7 distinct core methods in series and 2.5-3 h with "
+    "`--jobs 4`; "
     "`benchmarks/bench_step.py --device cuda --sections run --run-images 60000 --run-test 10000` "
     "measures one epoch first.",
 ]
