@@ -552,11 +552,7 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
             "Under the strong protocol (per-example worst case) "
             + (
                 "an NCEn gain survives in: "
-                + "; ".join(
-                    f"{r['method']} vs {r['baseline']} ε={r['eps']:g} ({r['difference']:+.3f}: "
-                    f"{r['accuracies'][0]:.3f} against {r['accuracies'][1]:.3f})"
-                    for r in kept
-                )
+                + "; ".join(strong_pair(r) for r in kept)
                 + " (NCEn's and the baseline's accuracy under the per-example worst case: "
                 "a gain may still leave little robustness)."
                 if kept
@@ -568,11 +564,7 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
     if lost:
         parts.append(
             "Under the strong protocol an NCEn form is worse than a baseline in: "
-            + "; ".join(
-                f"{r['method']} vs {r['baseline']} ε={r['eps']:g} ({r['difference']:+.3f}: "
-                f"{r['accuracies'][0]:.3f} against {r['accuracies'][1]:.3f})"
-                for r in lost
-            )
+            + "; ".join(strong_pair(r) for r in lost)
             + "."
         )
     strong_pairs = {(r["method"], r["baseline"]) for r in strong}
@@ -599,6 +591,14 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
     parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
     parts += robustness_vs_lambda(summary)
     return parts + same_training_notes(summary)
+
+
+def strong_pair(row: dict) -> str:
+    """A paired row as the verdict names it: who against whom, ε, difference, both accuracies."""
+    return (
+        f"{row['method']} vs {row['baseline']} ε={row['eps']:g} ({row['difference']:+.3f}: "
+        f"{row['accuracies'][0]:.3f} against {row['accuracies'][1]:.3f})"
+    )
 
 
 def compact_missing(missing: list[str]) -> str:
@@ -698,9 +698,9 @@ def objective_overstatement(summary: dict) -> list[str]:
 def robustness_vs_lambda(summary: dict) -> list[str]:
     """The strong protocol's per-example worst case of each larger λ against the smallest λ,
     paired; settings where both leave nothing are left out."""
-    rows = [r for r in summary.get("dose_response", []) if any(r["accuracies"])]
     if not summary.get("dose_response"):
         return []
+    rows = [r for r in summary["dose_response"] if any(r["accuracies"])]
     if not rows:
         return [
             "Dose-response, strong protocol: every λ leaves 0 accuracy at every ε, so λ "
