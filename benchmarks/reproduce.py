@@ -602,8 +602,8 @@ TIMES = [
     "| inspect (1,000 images) | one input-gradient pass per member | < 1 min | – |",
     "",
     "So, where bf16 is native, about 1-1.6 h per double-backprop method (all six stages: "
-    "`gpmr` 53 min, `ncen` 71 min, `gal` 95 min), about 3.5-4.5 h for the three such methods "
-    "still missing (`ncen-official`, `ncen@0.1`, `ncen@0.5`; `ncen@0.02` is `ncen`); work "
+    "`gpmr` 53 min, `ncen` 71 min, `ncen-official` 75 min, `gal` 95 min), about 2.5-3 h for "
+    "the two such methods still missing (`ncen@0.1`, `ncen@0.5`; `ncen@0.02` is `ncen`); work "
     "folders do not outlive a session, so run each method's stages in one sitting (a later "
     "stage whose checkpoint is gone trains it again). Without native bf16, train the "
     "double-backprop methods elsewhere.",
