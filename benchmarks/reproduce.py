@@ -645,8 +645,6 @@ def preamble(args: argparse.Namespace, optional_ran: list[str]) -> list[str]:
             if not_ran
             else "all ran."
         ),
-        "- `ncen@0.02` is `ncen`'s own training (λ_cos = λ_norm = 0.02 is its FashionMNIST "
-        "default): it is run once, and its row repeats ncen's figures.",
         "- This page replaces an earlier one whose verdict came from a 250-step smoke run "
         "(clean accuracy 0.70-0.77); that verdict is withdrawn: only the figures below count.",
         "- The default budget (20,000 images × 8 epochs) is chosen to give BL ≥ 0.88 clean "

@@ -362,6 +362,12 @@ def dose_response_rows(results: dict, methods: list[str], same_training: dict[st
     return out
 
 
+def display_name(method: str, entry: dict) -> str:
+    """A method's name in a table: ``ncen@0.02 (= ncen)`` for another method's training."""
+    same = entry.get("same_training_as")
+    return f"{method} (= {same})" if same else method
+
+
 def distinct_methods(summary: dict) -> dict[str, dict]:
     """The summary's method entries without the names of another method's training."""
     return {m: e for m, e in summary["methods"].items() if "same_training_as" not in e}
@@ -792,6 +798,14 @@ def accuracy_table(entries_by_method: dict[str, list[dict]], empty: str) -> list
     return lines
 
 
+def paired_cells(row: dict) -> str:
+    """A paired row's table cells: difference | 95 % interval | both accuracies | n."""
+    return (
+        f"{row['difference']:+.3f} | [{row['ci'][0]:+.3f}, {row['ci'][1]:+.3f}] | "
+        f"{row['accuracies'][0]:.3f} / {row['accuracies'][1]:.3f} | {row['n']}"
+    )
+
+
 def objective_gap_table(rows: list[dict]) -> list[str]:
     if not rows:
         return ["(no strong stage yet)"]
@@ -800,9 +814,7 @@ def objective_gap_table(rows: list[dict]) -> list[str]:
         "|" + " --- |" * 8,
     ] + [
         f"| {r['method']} | {NAMES.get(r['attack'], r['attack'])} | {r['eps']:g} | "
-        f"{r['objectives'][0]} − {r['objectives'][1]} | {r['difference']:+.3f} | "
-        f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
-        f"{r['accuracies'][0]:.3f} / {r['accuracies'][1]:.3f} | {r['n']} |"
+        f"{r['objectives'][0]} − {r['objectives'][1]} | {paired_cells(r)} |"
         for r in rows
     ]
 
@@ -841,9 +853,8 @@ def overview_table(summary: dict) -> list[str]:
     for m, e in summary["methods"].items():
         seconds = e.get("train_seconds")
         gap = e["transfer"].get("pgd", {}).get("gap")
-        name = f"{m} (= {e['same_training_as']})" if "same_training_as" in e else m
         lines.append(
-            f"| {name} | {fmt(e['clean_accuracy'])} | "
+            f"| {display_name(m, e)} | {fmt(e['clean_accuracy'])} | "
             f"{duration(seconds)} | "
             f"{fmt(e['inspect'].get('mean_gradient_cosine'), '+.3f')} | "
             f"{fmt(e['inspect'].get('norm_dispersion'))} | {fmt(gap, '+.3f')} |"
@@ -883,7 +894,7 @@ def dose_table(summary: dict) -> list[str]:
         worst = {w["eps"]: w["accuracy"] for w in e["protocols"].get("strong", [])}
         cells = [
             f"{lam:g}",
-            f"{m} (= {e['same_training_as']})" if "same_training_as" in e else m,
+            display_name(m, e),
             fmt(e["clean_accuracy"]),
             fmt(e["inspect"].get("mean_gradient_cosine"), "+.3f"),
             fmt(e["inspect"].get("norm_dispersion")),
@@ -900,8 +911,7 @@ def dose_table(summary: dict) -> list[str]:
             "|" + " --- |" * 8,
         ] + [
             f"| {dose_lambda(r['method']):g} | {dose_lambda(r['baseline']):g} | {r['eps']:g} | "
-            f"{r['difference']:+.3f} | [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
-            f"{r['accuracies'][0]:.3f} / {r['accuracies'][1]:.3f} | {r['n']} | {call(r)} |"
+            f"{paired_cells(r)} | {call(r)} |"
             for r in rows
         ]
     return lines
