@@ -542,9 +542,10 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
             "need the same protocol stage), so nothing is concluded."
         )
         return parts
-    groups: dict[tuple[str, str, str], list[dict]] = {}
+    groups: dict[tuple[str, str], dict[str, list[dict]]] = {}
     for row in paired:
-        groups.setdefault((row["method"], row["baseline"], row["protocol"]), []).append(row)
+        by_protocol = groups.setdefault((row["method"], row["baseline"]), {})
+        by_protocol.setdefault(row["protocol"], []).append(row)
     parts.append(
         "Each method is one training (seed 0): the intervals cover the choice of test images, "
         "not the variation between trainings, so each difference below compares two particular "
@@ -584,12 +585,11 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
             "mean probability, APGD, per-example worst case) is what the strong stage measures, "
             "so no robustness claim follows from these gains alone."
         )
-    for (m, b, p), rows in groups.items():
-        calls = [call(r) for r in rows]
+    for (m, b), by_protocol in groups.items():
         parts.append(
-            f"{p} protocol, {m} − {b}: better in {calls.count('better')}, worse in "
-            f"{calls.count('worse')}, inconclusive in {calls.count('inconclusive')} of "
-            f"{len(rows)} settings (95 % paired intervals)."
+            f"{m} − {b}, settings better / worse / inconclusive by the 95 % paired interval: "
+            + "; ".join(tally(p, rows) for p, rows in by_protocol.items())
+            + "."
         )
     parts += precision_mismatches(paired)
     parts += settling_budget(paired)
@@ -597,6 +597,13 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
     parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
     parts += robustness_vs_lambda(summary)
     return parts + same_training_notes(summary)
+
+
+def tally(protocol: str, rows: list[dict]) -> str:
+    """ "paper 6 / 1 / 1 of 8": one protocol's paired rows counted by their call."""
+    calls = [call(r) for r in rows]
+    counts = " / ".join(str(calls.count(c)) for c in ("better", "worse", "inconclusive"))
+    return f"{protocol} {counts} of {len(rows)}"
 
 
 def strong_pair(row: dict) -> str:

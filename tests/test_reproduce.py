@@ -172,7 +172,8 @@ def test_paper_gains_without_a_strong_stage_are_not_called_robustness(tmp_path):
         (tmp_path / method / "strong.json").unlink()
     summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
     text = summary["verdict"]
-    assert "paper protocol, ncen − baseline: better in 1" in text
+    assert "ncen − baseline, settings better / worse / inconclusive" in text
+    assert "paper 1 / 0 / 1 of 2" in text
     assert "Not yet tested by the strong protocol: ncen vs baseline." in text
     assert "no robustness claim follows" in text
     fake_results(tmp_path, budget)  # with the strong stage the caveat is gone
