@@ -587,23 +587,24 @@ TIMES = [
     "| train `baseline` | 5,000 plain steps + 9 clean passes over 10,000 images | 40 min | "
     "78 min (shared machine) |",
     "| train `ncen` (and, by their step cost, `ncen-official`, `ncen@λ`, `gal`, `gpmr`) | "
-    "5,000 double-backprop steps | 34 min (`gpmr`) - 43 min (`ncen`), idle; 50 min (`ncen`, "
+    "5,000 double-backprop steps | 34 min (`gpmr`) - 43.5 min (`ncen@0.1`), idle; 50 min (`ncen`, "
     "shared); 56 min (`gal`, one epoch beside a test run; 6.1-6.6 min per other epoch) | "
     "≈ 2-2.5 h (first epoch "
     "18 min, beside another job): more than a session |",
     "| train `adv-train` (optional) | ≈ 10 × a plain step | not run (≈ 10 × baseline's: an "
     "estimate) | – |",
-    "| paper (1,000 images) | 182 attack iterations per image | 4.2-7.0 min | – |",
+    "| paper (1,000 images) | 182 attack iterations per image | 3.5-8.4 min | – |",
     "| authors (≤ 1,000 clean-correct images) | 182 iterations, no early stop, batch 64 | "
     "6.4-15.6 min (`gal`) | – |",
     "| strong (500 images) | 1,206 iterations per image (3 ε × FGSM, PGD-50, APGD-CE-100 on two "
-    "objectives, APGD-DLR-100) | 2.3 min (`baseline`) - 9.4 min (`gal`) | 9 min (`baseline`) |",
+    "objectives, APGD-DLR-100) | 2.3 min (`baseline`) - 14.8 min (`ncen@0.1`): longer the more "
+    "images survive (early stop) | 9 min (`baseline`) |",
     "| transfer (500 images) | PGD-40 and MI-FGSM-40 on each member | 1.3-3.9 min | – |",
     "| inspect (1,000 images) | one input-gradient pass per member | < 1 min | – |",
     "",
     "So, where bf16 is native, about 1-1.6 h per double-backprop method (all six stages: "
-    "`gpmr` 53 min, `ncen` 71 min, `ncen-official` 75 min, `gal` 95 min), about 2.5-3 h for "
-    "the two such methods still missing (`ncen@0.1`, `ncen@0.5`; `ncen@0.02` is `ncen`); work "
+    "`gpmr` 53 min, `ncen` 71 min, `ncen-official` 75 min, `ncen@0.1` 83 min, `gal` 95 min); "
+    "`ncen@0.02` is `ncen`; work "
     "folders do not outlive a session, so run each method's stages in one sitting (a later "
     "stage whose checkpoint is gone trains it again). Without native bf16, train the "
     "double-backprop methods elsewhere.",

@@ -732,28 +732,42 @@ def robustness_vs_lambda(summary: dict) -> list[str]:
 
 
 def diversity_vs_lambda(summary: dict) -> list[str]:
-    """Mean pairwise gradient cosine of the dose-response runs, in order of λ."""
+    """Both gradient-diversity figures of inspect (mean pairwise cosine, norm dispersion) for the
+    dose-response runs in order of λ, each with its change from the smallest λ. No trend word:
+    inspect records no per-image values, so there is no interval, and with one seed the
+    variation between trainings is unknown."""
     points = []
     for m, entry in summary["methods"].items():
-        lam = dose_lambda(m)
-        if lam is not None and entry["inspect"].get("mean_gradient_cosine") is not None:
-            points.append((lam, entry["inspect"]["mean_gradient_cosine"]))
-    base = summary["methods"].get("baseline", {}).get("inspect", {}).get("mean_gradient_cosine")
+        lam, figures = dose_lambda(m), entry["inspect"]
+        if lam is not None and figures.get("mean_gradient_cosine") is not None:
+            points.append((lam, figures["mean_gradient_cosine"], figures.get("norm_dispersion")))
     if len(points) < 2:
         return []
     points.sort()
-    text = ", ".join(f"λ={lam:g}: {cos:+.3f}" for lam, cos in points)
-    trend = (
-        "falls"
-        if all(b[1] < a[1] for a, b in zip(points, points[1:], strict=False))
-        else "rises"
-        if all(b[1] > a[1] for a, b in zip(points, points[1:], strict=False))
-        else "does not move monotonically"
-    )
-    ref = f" (baseline {base:+.3f})" if base is not None else ""
+    base = summary["methods"].get("baseline", {}).get("inspect", {})
+
+    def series(index: int, key: str, label: str, spec: str) -> str:
+        if any(p[index] is None for p in points):
+            return ""
+        text = ", ".join(f"λ={p[0]:g}: {p[index]:{spec}}" for p in points)
+        change = ", ".join(f"{p[index] - points[0][index]:+.3f} at λ={p[0]:g}" for p in points[1:])
+        ref = f"; baseline {base[key]:{spec}}" if base.get(key) is not None else ""
+        return f"{label} {text} (change from λ={points[0][0]:g}: {change}{ref})"
+
+    parts = [
+        series(
+            1,
+            "mean_gradient_cosine",
+            "mean pairwise gradient cosine (lower is more diverse)",
+            "+.3f",
+        ),
+        series(2, "norm_dispersion", "norm dispersion", ".3f"),
+    ]
     return [
-        f"Mean pairwise gradient cosine from inspect {trend} with λ: {text}{ref}; this is one "
-        "seed, without an interval."
+        "Gradient diversity with λ (inspect, one training per λ, no interval: whether a change "
+        "exceeds the variation between trainings is not measured): "
+        + "; ".join(p for p in parts if p)
+        + "."
     ]
 
 

@@ -158,7 +158,8 @@ def test_summary_from_a_folder_of_stage_files(tmp_path):
     acc_ncen, acc_base = worst["accuracies"]
     assert acc_ncen - acc_base == pytest.approx(worst["difference"])
     assert f"({worst['difference']:+.3f}: {acc_ncen:.3f} against {acc_base:.3f})" in text
-    assert "falls with λ" in text
+    assert "mean pairwise gradient cosine (lower is more diverse) λ=0.02:" in text
+    assert "change from λ=0.02:" in text and "rises" not in text and "falls" not in text
     md = rr.render_markdown(summary, ["## Budget"])
     assert "## Missing stages" in md and "| better |" in md
     assert "| ncen | authors, transfer |" in md
