@@ -604,7 +604,9 @@ TIMES = [
     "",
     "So, where bf16 is native, about 1-1.6 h per double-backprop method (all six stages: "
     "`gpmr` 53 min, `ncen` 71 min, `ncen-official` 75 min, `ncen@0.1` 83 min, `gal` 95 min); "
-    "`ncen@0.02` is `ncen`; work "
+    "`ncen@0.02` is `ncen`; `ncen@0.5`'s four evaluation stages (about 40 min, after its "
+    "training: 59 min here, its first two epochs beside other jobs, 5.2-5.9 min per idle epoch, "
+    "which a new machine repeats) are what remains; work "
     "folders do not outlive a session, so run each method's stages in one sitting (a later "
     "stage whose checkpoint is gone trains it again). Without native bf16, train the "
     "double-backprop methods elsewhere.",
