@@ -736,32 +736,34 @@ def diversity_vs_lambda(summary: dict) -> list[str]:
     dose-response runs in order of λ, each with its change from the smallest λ. No trend word:
     inspect records no per-image values, so there is no interval, and with one seed the
     variation between trainings is unknown."""
-    points = []
-    for m, entry in summary["methods"].items():
-        lam, figures = dose_lambda(m), entry["inspect"]
-        if lam is not None and figures.get("mean_gradient_cosine") is not None:
-            points.append((lam, figures["mean_gradient_cosine"], figures.get("norm_dispersion")))
+    points = sorted(
+        (
+            (lam, entry["inspect"])
+            for m, entry in summary["methods"].items()
+            if (lam := dose_lambda(m)) is not None
+            and entry["inspect"].get("mean_gradient_cosine") is not None
+        ),
+        key=lambda point: point[0],
+    )
     if len(points) < 2:
         return []
-    points.sort()
     base = summary["methods"].get("baseline", {}).get("inspect", {})
 
-    def series(index: int, key: str, label: str, spec: str) -> str:
-        if any(p[index] is None for p in points):
+    def series(key: str, label: str, spec: str) -> str:
+        values = [(lam, figures.get(key)) for lam, figures in points]
+        if any(v is None for _, v in values):
             return ""
-        text = ", ".join(f"λ={p[0]:g}: {p[index]:{spec}}" for p in points)
-        change = ", ".join(f"{p[index] - points[0][index]:+.3f} at λ={p[0]:g}" for p in points[1:])
+        (low, first), rest = values[0], values[1:]
+        text = ", ".join(f"λ={lam:g}: {v:{spec}}" for lam, v in values)
+        change = ", ".join(f"{v - first:+.3f} at λ={lam:g}" for lam, v in rest)
         ref = f"; baseline {base[key]:{spec}}" if base.get(key) is not None else ""
-        return f"{label} {text} (change from λ={points[0][0]:g}: {change}{ref})"
+        return f"{label} {text} (change from λ={low:g}: {change}{ref})"
 
     parts = [
         series(
-            1,
-            "mean_gradient_cosine",
-            "mean pairwise gradient cosine (lower is more diverse)",
-            "+.3f",
+            "mean_gradient_cosine", "mean pairwise gradient cosine (lower is more diverse)", "+.3f"
         ),
-        series(2, "norm_dispersion", "norm dispersion", ".3f"),
+        series("norm_dispersion", "norm dispersion", ".3f"),
     ]
     return [
         "Gradient diversity with λ (inspect, one training per λ, no interval: whether a change "
