@@ -5,7 +5,9 @@ A results folder holds one small JSON per finished stage, ``<method>/<stage>.jso
 docs/reproduction.json (:func:`build_summary`) and docs/reproduction.md (:func:`render_markdown`):
 per-method tables, paired differences of each NCEn form against each baseline on the same test
 images with 95 % intervals (Newcombe's method 10 for paired proportions), the list of missing
-stages and a verdict that says only what those intervals support.
+stages and a verdict that says only what those intervals support. A method may also have a
+``blackbox`` check (a gradient-free attack on the strong stage's images): the report holds it
+against the strong stage's worst case, image by image, and names the methods without one.
 
 Per-example correctness travels as a compact mask: ``{"n": N, "bits": base64(packbits(mask))}``,
 first test image in the most significant bit of the first byte.
@@ -22,6 +24,8 @@ from typing import Any
 
 Z95 = 1.959964
 STAGES = ("train", "paper", "authors", "strong", "transfer", "inspect")
+# supplementary checks: run on request (``--stages blackbox``), never listed as missing
+CHECKS = ("blackbox",)
 PROTOCOLS = ("paper", "authors", "strong")
 WORST = "worst-case"  # the strong stage's per-example worst-case rows (ncen_cli's WORST_CASE)
 HISTORY_FIELDS = ("epoch", "lr", "ce", "terms", "test_accuracy")  # a train stage's, no timings
@@ -35,6 +39,7 @@ NAMES = {
     "bim": "BIM",
     "apgd-ce": "APGD-CE",
     "apgd-dlr": "APGD-DLR",
+    "square": "Square",
     "worst-case": "worst case",
 }
 
@@ -135,7 +140,7 @@ def read_results(folder: Path, expected: dict | None = None) -> dict[str, dict[s
     if not folder.is_dir():
         return out
     for path in sorted(folder.glob("*/*.json")):
-        if path.stem not in STAGES:
+        if path.stem not in (*STAGES, *CHECKS):
             continue
         try:
             payload = json.loads(path.read_text())
@@ -318,6 +323,7 @@ def build_summary(
                 [r for r in stages.get("strong", {}).get("results", []) if r["attack"] != WORST]
             ),
             "inspect": inspect_figures(stages.get("inspect")),
+            "blackbox": blackbox_rows(stages),
             "transfer": {
                 a: t["summary"] for a, t in stages.get("transfer", {}).get("attacks", {}).items()
             },
@@ -339,6 +345,50 @@ def build_summary(
     summary["verdict_points"] = verdict(summary, own)
     summary["verdict"] = " ".join(summary["verdict_points"])
     return summary
+
+
+def blackbox_rows(stages: dict) -> list[dict]:
+    """One method's black-box check held against its strong stage, a dict per ε of the check:
+    ``square_accuracy`` (the gradient-free attack alone), ``white_box_worst_case`` (the strong
+    stage's per-example worst case on the same images), ``fooled_only_by_square`` (images that
+    survive every white-box attack but not the black-box one: a sign of gradient masking),
+    ``worst_case_over_both`` with its Wilson ``ci``, ``n`` and the attack's ``params``. The
+    strong-stage figures are None where it has no mask at that ε (no strong stage yet, or
+    another number of images). Empty without a blackbox stage."""
+    check = stages.get("blackbox")
+    if not check:
+        return []
+    worst = {
+        round(float(r["eps"]), 4): r
+        for r in stages.get("strong", {}).get("results", [])
+        if r["attack"] == WORST and "mask" in r
+    }
+    out = []
+    for r in check.get("results", []):
+        entry: dict[str, Any] = {
+            "attack": r["attack"],
+            "eps": r["eps"],
+            "params": r.get("params", {}),
+            "square_accuracy": r["accuracy"],
+            "n": r["n"],
+            "white_box_worst_case": None,
+            "fooled_only_by_square": None,
+            "worst_case_over_both": None,
+            "ci": None,
+        }
+        white_row = worst.get(round(float(r["eps"]), 4))
+        if white_row is not None and "mask" in r:
+            white, black = unpack_mask(white_row["mask"]), unpack_mask(r["mask"])
+            if len(white) == len(black):
+                both = sum(1 for w, b in zip(white, black, strict=True) if w and b)
+                entry.update(
+                    white_box_worst_case=sum(white) / len(white),
+                    fooled_only_by_square=sum(white) - both,
+                    worst_case_over_both=both / len(white),
+                    ci=list(wilson(both, len(white))),
+                )
+        out.append(entry)
+    return out
 
 
 def dose_lambda(method: str) -> float | None:
@@ -421,7 +471,7 @@ def checkpoint_groups(stages: dict) -> dict[str, list[str]]:
     train = stages.get("train", {}).get("checkpoint", {}).get("sha256", "train")
     reproduced = reproduced_stages(stages)
     groups: dict[str, list[str]] = {}
-    for name in STAGES:
+    for name in (*STAGES, *CHECKS):
         if name in stages:
             record = stages[name].get("checkpoint", {})
             key = train if name in reproduced else record.get("sha256", train)
@@ -440,7 +490,7 @@ def reproduced_stages(stages: dict) -> list[str]:
     train_sha = train_stage.get("checkpoint", {}).get("sha256")
     return [
         name
-        for name in STAGES
+        for name in (*STAGES, *CHECKS)
         if name != "train"
         and name in stages
         and stages[name].get("checkpoint", {}).get("history") == digest
@@ -591,12 +641,62 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
             + "; ".join(tally(p, rows) for p, rows in by_protocol.items())
             + "."
         )
+    parts += blackbox_verdict(summary, methods)
     parts += precision_mismatches(paired)
     parts += settling_budget(paired)
     parts += objective_overstatement(summary)
     parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
     parts += robustness_vs_lambda(summary)
     return parts + same_training_notes(summary)
+
+
+def blackbox_verdict(summary: dict, methods: list[str]) -> list[str]:
+    """Whether the strong stage's white-box figures survive a gradient-free attack, per method
+    with a blackbox check; the methods with a strong stage but no check are named."""
+    entries = {m: summary["methods"][m] for m in methods if m in summary["methods"]}
+    checked = {m: e["blackbox"] for m, e in entries.items() if e.get("blackbox")}
+    unchecked = [m for m, e in entries.items() if "strong" in e["protocols"] and m not in checked]
+    if not checked and not unchecked:
+        return []
+    how = (
+        "The strong protocol is white-box only. Gradient-masking check (Square: score-based "
+        "black box, margin loss on the ensemble's logits, on the strong stage's images): "
+    )
+    if not checked:
+        return [how + "not run for any method (`--stages blackbox` runs it)."]
+    compared = [
+        f"{m} ε={r['eps']:g}: Square leaves {r['square_accuracy']:.3f}, the white-box worst case "
+        f"{r['white_box_worst_case']:.3f}, and Square fools {r['fooled_only_by_square']} of the "
+        f"{round(r['white_box_worst_case'] * r['n'])} images that survive every white-box attack"
+        for m, rows in checked.items()
+        for r in rows
+        if r["fooled_only_by_square"] is not None
+    ]
+    masked = [
+        f"{m} ε={r['eps']:g} ({r['worst_case_over_both']:.3f} over both, against "
+        f"{r['white_box_worst_case']:.3f} white-box)"
+        for m, rows in checked.items()
+        for r in rows
+        if r["fooled_only_by_square"]
+    ]
+    queries = sorted({r["params"].get("steps") for rows in checked.values() for r in rows} - {None})
+    text = how + (f"{', '.join(map(str, queries))} queries; " if queries else "")
+    text += "; ".join(compared) if compared else "no strong stage to hold it against"
+    if compared:
+        text += (
+            ". Square found images that every white-box attack missed, so the strong figures "
+            "overstate robustness there; the worst case over both: " + "; ".join(masked)
+            if masked
+            else ". No image survived the white-box attacks only to fall to Square: no sign of "
+            "gradient masking at this query budget"
+        )
+    text += "."
+    if unchecked:
+        text += (
+            f" Not checked: {', '.join(unchecked)} (`--stages blackbox` runs it; a method whose "
+            "checkpoint is gone is trained again first)."
+        )
+    return [text]
 
 
 def tally(protocol: str, rows: list[dict]) -> str:
@@ -940,6 +1040,28 @@ def dose_table(summary: dict) -> list[str]:
     return lines
 
 
+def blackbox_table(summary: dict) -> list[str]:
+    """A row per method and ε of its black-box check (:func:`blackbox_rows`)."""
+    lines = [
+        "| method | attack | queries | ε | black box alone | white-box worst case | survive "
+        "every white-box attack, fooled by the black box | worst case over both (95 % "
+        "interval) | n |",
+        "|" + " --- |" * 9,
+    ]
+    for m, e in distinct_methods(summary).items():
+        for r in e.get("blackbox", []):
+            over = r["worst_case_over_both"]
+            both = "–" if over is None else f"{over:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]"
+            fooled = r["fooled_only_by_square"]
+            lines.append(
+                f"| {m} | {NAMES.get(r['attack'], r['attack'])} | "
+                f"{r['params'].get('steps', '–')} | {r['eps']:g} | {r['square_accuracy']:.3f} | "
+                f"{fmt(r['white_box_worst_case'])} | {'–' if fooled is None else fooled} | "
+                f"{both} | {r['n']} |"
+            )
+    return lines if len(lines) > 2 else ["(no blackbox check yet: `--stages blackbox` runs it)"]
+
+
 def missing_table(missing: list[str]) -> list[str]:
     by_method: dict[str, list[str]] = {}
     for item in missing:
@@ -1011,6 +1133,16 @@ def render_markdown(summary: dict, preamble: list[str]) -> str:
             },
             "(no strong stage yet)",
         ),
+        "",
+        "## Gradient-masking check: a black-box attack against the white-box worst case",
+        "",
+        "Square (score-based random search; margin loss on the ensemble's logits; it never "
+        "sees a gradient) on the strong stage's images, held image by image against the strong "
+        "stage's per-example worst case. An image that survives every white-box attack but not "
+        "Square points to gradient masking; the worst case over both is then the honest figure. "
+        "A supplementary stage (`--stages blackbox`), not listed as missing where it did not run.",
+        "",
+        *blackbox_table(summary),
         "",
         "## The attack objective (strong stage: the paper's objective − each other, paired)",
         "",

@@ -566,3 +566,98 @@ def test_the_report_says_which_optional_methods_ran(tmp_path):
     text = "\n".join(reproduce.preamble(args, ["adp"]))
     assert "ran: adp; not run: trs, adv-train" in text and "`--methods trs,adv-train`" in text
     assert "all ran." in "\n".join(reproduce.preamble(args, list(reproduce.OPTIONAL_METHODS)))
+
+
+def square_row(eps, mask, steps=1000):
+    out = row("square", eps, mask, "margin")
+    out["params"]["steps"] = steps
+    return out
+
+
+def test_the_blackbox_check_is_held_against_the_strong_worst_case_image_by_image(tmp_path):
+    budget = {"epochs": 8, "train_limit": 20000}
+    fake_results(tmp_path, budget)  # baseline and ncen: strong worst case at eps 0.1
+    # ncen: 150 of 200 survive every white-box attack; Square fools images 0-2 of those and
+    # leaves images 150-159 (fooled by the white-box attacks) standing
+    black = [False] * 3 + [True] * 147 + [True] * 10 + [False] * 40
+    write_stage(tmp_path, "ncen", "blackbox", {"results": [square_row(0.1, black)]}, budget)
+    results = rr.read_results(tmp_path, budget)
+    summary = rr.build_summary(results, ["baseline", "ncen"], budget)
+    (check,) = summary["methods"]["ncen"]["blackbox"]
+    assert check["square_accuracy"] == pytest.approx(157 / 200)
+    assert check["white_box_worst_case"] == pytest.approx(150 / 200)
+    assert check["fooled_only_by_square"] == 3
+    assert check["worst_case_over_both"] == pytest.approx(147 / 200)
+    assert check["ci"][0] < 147 / 200 < check["ci"][1]
+    assert summary["methods"]["baseline"]["blackbox"] == []
+    assert not any("blackbox" in m for m in summary["missing"])  # supplementary: never missing
+    text = summary["verdict"]
+    assert "Square fools 3 of the 150 images that survive every white-box attack" in text
+    assert "overstate robustness there; the worst case over both: ncen ε=0.1 (0.735" in text
+    assert "Not checked: baseline" in text
+    md = rr.render_markdown(summary, ["## Budget"])
+    assert "| ncen | Square | 1000 | 0.1 | 0.785 | 0.750 | 3 | 0.735 [" in md
+    assert summary["checkpoints"]["ncen"] == {
+        "train": ["train", "paper", "strong", "inspect", "blackbox"]
+    }
+
+
+def test_a_blackbox_check_that_fools_nothing_new_finds_no_masking(tmp_path):
+    budget = {"epochs": 8, "train_limit": 20000}
+    fake_results(tmp_path, budget)
+    white = [True] * 150 + [False] * 50  # ncen's strong worst case in fake_results
+    black = [True] * 160 + [False] * 40  # weaker than the white-box attacks on every image
+    write_stage(tmp_path, "ncen", "blackbox", {"results": [square_row(0.1, black)]}, budget)
+    write_stage(tmp_path, "baseline", "blackbox", {"results": [square_row(0.1, white)]}, budget)
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
+    text = summary["verdict"]
+    assert "1000 queries" in text and "no sign of gradient masking" in text
+    assert "Not checked" not in text and "overstate robustness" not in text
+    assert summary["methods"]["ncen"]["blackbox"][0]["worst_case_over_both"] == 0.75
+
+
+def test_without_any_blackbox_check_the_verdict_says_the_strong_protocol_is_white_box(tmp_path):
+    budget = {"epochs": 8, "train_limit": 20000}
+    fake_results(tmp_path, budget)
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
+    assert "white-box only" in summary["verdict"] and "not run for any method" in summary["verdict"]
+    md = rr.render_markdown(summary, ["## Budget"])
+    assert "(no blackbox check yet: `--stages blackbox` runs it)" in md
+
+
+def test_blackbox_is_a_stage_on_request_only():
+    assert reproduce.parse_args(["--report-only"]).stage_list == list(rr.STAGES)
+    args = reproduce.parse_args(["--report-only", "--stages", "blackbox"])
+    assert args.stage_list == ["blackbox"] and args.blackbox_queries == 1000
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--report-only", "--stages", "squares"])
+
+
+def test_the_blackbox_stage_runs_square_on_the_strong_stages_images(
+    tmp_path, tiny_checkpoint, synthetic_arrays
+):
+    """The stage itself, on a real (tiny) checkpoint: Square at each BLACKBOX_EPS on the first
+    --strong-limit test images, with the query budget asked for and a mask per row that counts
+    only images the ensemble classifies correctly."""
+    from ncen_cli import load_ensemble
+    from ncen_cli.attacks.base import as_float
+
+    runner = object.__new__(reproduce.Runner)
+    runner.args = argparse.Namespace(strong_limit=12, blackbox_queries=15, seed=0)
+    runner.ckpt, runner.device, runner.arrays = (
+        tiny_checkpoint,
+        torch.device("cpu"),
+        synthetic_arrays,
+    )
+    payload = runner.blackbox()
+    assert [r["eps"] for r in payload["results"]] == list(reproduce.BLACKBOX_EPS)
+    x, y = synthetic_arrays.test_x[:12], synthetic_arrays.test_y[:12]
+    with torch.no_grad():
+        clean = load_ensemble(tiny_checkpoint).eval()(as_float(x)).argmax(-1) == y
+    assert clean.any()
+    for r in payload["results"]:
+        assert r["attack"] == "square" and r["params"]["steps"] == 15 and r["n"] == 12
+        mask = rr.unpack_mask(r["mask"])
+        assert sum(mask) == r["correct"] and all(
+            c for m, c in zip(mask, clean.tolist(), strict=True) if m
+        )
