@@ -661,3 +661,29 @@ def test_the_blackbox_stage_runs_square_on_the_strong_stages_images(
         assert sum(mask) == r["correct"] and all(
             c for m, c in zip(mask, clean.tolist(), strict=True) if m
         )
+
+
+def test_the_dose_response_pairs_each_lambda_with_each_smaller_one(tmp_path):
+    budget = {"epochs": 8, "train_limit": 20000}
+    fake_results(tmp_path, budget)  # ncen (= ncen@0.02): 150 of 200 at eps 0.1
+    for lam, kept in ((0.1, 170), (0.5, 190)):
+        mask = [True] * kept + [False] * (200 - kept)
+        write_stage(
+            tmp_path,
+            f"ncen@{lam}",
+            "strong",
+            {"results": [row("worst-case", 0.1, mask, "worst")]},
+            budget,
+        )
+    methods = ["baseline", "ncen", "ncen@0.02", "ncen@0.1", "ncen@0.5"]
+    summary = rr.build_summary(
+        rr.read_results(tmp_path, budget), methods, budget, {"ncen@0.02": "ncen"}
+    )
+    pairs = [(r["method"], r["baseline"], r["difference"]) for r in summary["dose_response"]]
+    assert pairs == [
+        ("ncen@0.1", "ncen@0.02", pytest.approx(0.1)),
+        ("ncen@0.5", "ncen@0.02", pytest.approx(0.2)),
+        ("ncen@0.5", "ncen@0.1", pytest.approx(0.1)),
+    ]
+    assert "λ=0.5 − λ=0.1 at ε=0.1: +0.100" in summary["verdict"]
+    assert "| 0.5 | 0.1 | 0.1 | +0.100 |" in rr.render_markdown(summary, [])
