@@ -78,6 +78,24 @@ def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def unpaired_difference(
+    correct_a: int, n_a: int, correct_b: int, n_b: int, z: float = Z95
+) -> tuple[float, float, float]:
+    """accuracy(a) - accuracy(b) of two proportions treated as independent, with Newcombe's
+    (1998) method 10 interval (the Wilson intervals combined). On the same images it is wider
+    than the paired interval whenever the outcomes are positively correlated: conservative.
+    Returns (difference, low, high)."""
+    p1, p2 = correct_a / n_a, correct_b / n_b
+    l1, u1 = wilson(correct_a, n_a, z)
+    l2, u2 = wilson(correct_b, n_b, z)
+    d = p1 - p2
+    return (
+        d,
+        max(-1.0, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)),
+        min(1.0, d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)),
+    )
+
+
 def paired_counts(a: list[bool], b: list[bool]) -> tuple[int, int, int, int]:
     """(both, a only, b only, neither) correct, over examples paired by position."""
     if len(a) != len(b):
@@ -317,6 +335,7 @@ def build_summary(
         stages = results.get(same_training.get(m, m), {})
         entry: dict[str, Any] = {
             "clean_accuracy": stages.get("train", {}).get("clean_accuracy"),
+            "clean_images": stages.get("train", {}).get("test_images"),
             "train_seconds": stages.get("train", {}).get("seconds"),
             "protocols": {p: protocol_entries(stages[p], p) for p in PROTOCOLS if p in stages},
             "strong_attacks": accuracy_entries(  # the attacks the worst case is taken over
@@ -640,13 +659,49 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
             + "; ".join(tally(p, rows) for p, rows in by_protocol.items())
             + "."
         )
-    parts += blackbox_verdict(summary, methods)
+    parts += clean_cost(summary, methods) + blackbox_verdict(summary, methods)
     parts += precision_mismatches(paired)
     parts += settling_budget(paired)
     parts += objective_overstatement(summary)
     parts += authors_vs_paper(summary, methods) + diversity_vs_lambda(summary)
     parts += robustness_vs_lambda(summary)
     return parts + same_training_notes(summary)
+
+
+def clean_cost(summary: dict, methods: list[str]) -> list[str]:
+    """What each NCEn form's clean accuracy (the train stage's, on the full test set) is against
+    each baseline's: the difference with an interval that treats the two as independent (the
+    train stage records no per-image correctness, so it cannot be paired; the interval is
+    therefore wider than a paired one). One point, a clause per NCEn form."""
+    entries = {m: summary["methods"][m] for m in methods if m in summary["methods"]}
+    scored = {
+        m: (round(e["clean_accuracy"] * e["clean_images"]), e["clean_images"])
+        for m, e in entries.items()
+        if e.get("clean_accuracy") is not None and e.get("clean_images")
+    }
+    forms = [m for m in scored if is_ncen(m)]
+    bases = [m for m in scored if m in BASELINES]
+    if not forms or not bases:
+        return []
+
+    def against(m: str, b: str) -> str:
+        d, lo, hi = unpaired_difference(*scored[m], *scored[b])
+        word = "higher" if lo > 0 else "lower" if hi < 0 else "inconclusive"
+        return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] against {b} ({word})"
+
+    clauses = [
+        f"{m} {entries[m]['clean_accuracy']:.3f}: " + ", ".join(against(m, b) for b in bases)
+        for m in forms
+    ]
+    sizes = sorted({n for _, n in scored.values()})
+    return [
+        "The price in clean accuracy (the train stage's, on "
+        + "/".join(f"{n:,}" for n in sizes)
+        + " test images; the baselines: "
+        + ", ".join(f"{b} {entries[b]['clean_accuracy']:.3f}" for b in bases)
+        + "; 95 % intervals that treat the two as independent, wider than paired ones, since "
+        "per-image clean correctness is not recorded): " + "; ".join(clauses) + "."
+    ]
 
 
 def blackbox_verdict(summary: dict, methods: list[str]) -> list[str]:

@@ -687,3 +687,30 @@ def test_the_dose_response_pairs_each_lambda_with_each_smaller_one(tmp_path):
     ]
     assert "λ=0.5 − λ=0.1 at ε=0.1: +0.100" in summary["verdict"]
     assert "| 0.5 | 0.1 | 0.1 | +0.100 |" in rr.render_markdown(summary, [])
+
+
+def test_the_verdict_prices_each_ncen_form_in_clean_accuracy(tmp_path):
+    budget = {"epochs": 8, "train_limit": 20000}
+    fake_results(tmp_path, budget)
+    for method, accuracy in (("baseline", 0.915), ("ncen", 0.79)):
+        write_stage(
+            tmp_path,
+            method,
+            "train",
+            {"clean_accuracy": accuracy, "test_images": 10000},
+            budget,
+        )
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
+    (point,) = [p for p in summary["verdict_points"] if p.startswith("The price in clean")]
+    d, lo, hi = rr.unpaired_difference(7900, 10000, 9150, 10000)
+    assert d == pytest.approx(-0.125) and lo < d < hi < 0
+    assert f"ncen 0.790: -0.125 [{lo:+.3f}, {hi:+.3f}] against baseline (lower)" in point
+    assert "on 10,000 test images; the baselines: baseline 0.915" in point
+    # equal proportions: an interval around 0; it is wider than the Wilson half-widths alone
+    d, lo, hi = rr.unpaired_difference(50, 100, 50, 100)
+    low, high = rr.wilson(50, 100)
+    assert d == 0 and lo < 0 < hi and hi - lo > high - low
+    # without the number of test images (older train files) there is no such point
+    fake_results(tmp_path, budget)
+    summary = rr.build_summary(rr.read_results(tmp_path, budget), ["baseline", "ncen"], budget)
+    assert not any(p.startswith("The price in clean") for p in summary["verdict_points"])
