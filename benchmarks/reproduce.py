@@ -616,28 +616,26 @@ TIMES = [
     "78 min (shared machine) |",
     "| train `ncen` (and, by their step cost, `ncen-official`, `ncen@λ`, `gal`, `gpmr`) | "
     "5,000 double-backprop steps | 34 min (`gpmr`) - 43.5 min (`ncen@0.1`), idle; 50 min (`ncen`, "
-    "shared); 56 min (`gal`, one epoch beside a test run; 6.1-6.6 min per other epoch) | "
+    "shared); 56 min (`gal`, one epoch beside a test run; 6.1-6.6 min per other epoch); 59 min "
+    "(`ncen@0.5`, two epochs beside other jobs; 5.2-5.9 min per idle epoch) | "
     "≈ 2-2.5 h (first epoch "
     "18 min, beside another job): more than a session |",
     "| train `adv-train` (optional) | ≈ 10 × a plain step | not run (≈ 10 × baseline's: an "
     "estimate) | – |",
-    "| paper (1,000 images) | 182 attack iterations per image | 3.5-8.4 min | – |",
+    "| paper (1,000 images) | 182 attack iterations per image | 3.5-9.1 min | – |",
     "| authors (≤ 1,000 clean-correct images) | 182 iterations, no early stop, batch 64 | "
     "6.4-15.6 min (`gal`) | – |",
     "| strong (500 images) | 1,206 iterations per image (3 ε × FGSM, PGD-50, APGD-CE-100 on two "
-    "objectives, APGD-DLR-100) | 2.3 min (`baseline`) - 14.8 min (`ncen@0.1`): longer the more "
+    "objectives, APGD-DLR-100) | 2.3 min (`baseline`) - 15.8 min (`ncen@0.5`): longer the more "
     "images survive (early stop) | 9 min (`baseline`) |",
     "| transfer (500 images) | PGD-40 and MI-FGSM-40 on each member | 1.3-3.9 min | – |",
     "| inspect (1,000 images) | one input-gradient pass per member | < 1 min | – |",
     "",
-    "So, where bf16 is native, about 1-1.6 h per double-backprop method (all six stages: "
-    "`gpmr` 53 min, `ncen` 71 min, `ncen-official` 75 min, `ncen@0.1` 83 min, `gal` 95 min); "
-    "`ncen@0.02` is `ncen`; `ncen@0.5`'s four evaluation stages (about 40 min, after its "
-    "training: 59 min here, its first two epochs beside other jobs, 5.2-5.9 min per idle epoch, "
-    "which a new machine repeats) are what remains; work "
-    "folders do not outlive a session, so run each method's stages in one sitting (a later "
-    "stage whose checkpoint is gone trains it again). Without native bf16, train the "
-    "double-backprop methods elsewhere.",
+    "So, where bf16 is native, about 1-1.7 h per double-backprop method (all six stages: "
+    "`gpmr` 53 min, `ncen` 71 min, `ncen-official` 75 min, `ncen@0.1` 83 min, `gal` 95 min, "
+    "`ncen@0.5` 100 min); `ncen@0.02` is `ncen`. A work folder can be lost between sessions, so "
+    "run each method's stages in one sitting (a later stage whose checkpoint is gone trains it "
+    "again). Without native bf16, train the double-backprop methods elsewhere.",
     "",
     "`--device cuda --full` (60,000 images + D_noise, 40 epochs: 75,000 steps per method; every "
     "stage on all 10,000 test images): **no GPU was available to this task, so this is an "
