@@ -631,7 +631,8 @@ TIMES = [
     "| transfer (500 images) | PGD-40 and MI-FGSM-40 on each member | 1.3-3.9 min | – |",
     "| inspect (1,000 images) | one input-gradient pass per member | < 1 min | – |",
     "| blackbox (on request; 500 images) | Square, up to 1,000 queries per image at 2 ε | "
-    "10.1 min (`ncen@0.1`) - 14.4 min (`ncen@0.5`): longer the more images survive | – |",
+    "3.9 min (`gpmr`, after training it again) - 14.4 min (`ncen@0.5`): longer the more "
+    "images survive | – |",
     "",
     "So, where bf16 is native, about 1-1.7 h per double-backprop method (all six stages: "
     "`gpmr` 53 min, `ncen` 71 min, `ncen-official` 75 min, `ncen@0.1` 83 min, `gal` 95 min, "
