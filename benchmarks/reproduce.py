@@ -149,10 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.stage_list = [s.strip() for s in args.stages.split(",") if s.strip()]
-    known = (*report.STAGES, *report.CHECKS)
-    bad = [s for s in args.stage_list if s not in known]
+    bad = [s for s in args.stage_list if s not in report.ALL_STAGES]
     if bad:
-        p.error(f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(known)}")
+        p.error(f"unknown stage(s) {', '.join(bad)}; choose from {', '.join(report.ALL_STAGES)}")
     if not args.report_only and not args.data_dir:
         p.error("--data-dir is required unless --report-only")
     return args
@@ -255,7 +254,7 @@ class Runner:
         return self.args.results / self.method / f"{stage}.json"
 
     def run(self, stages: list[str]) -> None:
-        for stage in (*report.STAGES, *report.CHECKS):
+        for stage in report.ALL_STAGES:
             if stage not in stages or self.path(stage).exists():
                 continue
             if stage != "train" and not self.trained():

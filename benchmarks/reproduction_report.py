@@ -26,6 +26,7 @@ Z95 = 1.959964
 STAGES = ("train", "paper", "authors", "strong", "transfer", "inspect")
 # supplementary checks: run on request (``--stages blackbox``), never listed as missing
 CHECKS = ("blackbox",)
+ALL_STAGES = (*STAGES, *CHECKS)  # every stage a results folder may hold, in run order
 PROTOCOLS = ("paper", "authors", "strong")
 WORST = "worst-case"  # the strong stage's per-example worst-case rows (ncen_cli's WORST_CASE)
 HISTORY_FIELDS = ("epoch", "lr", "ce", "terms", "test_accuracy")  # a train stage's, no timings
@@ -158,7 +159,7 @@ def read_results(folder: Path, expected: dict | None = None) -> dict[str, dict[s
     if not folder.is_dir():
         return out
     for path in sorted(folder.glob("*/*.json")):
-        if path.stem not in (*STAGES, *CHECKS):
+        if path.stem not in ALL_STAGES:
             continue
         try:
             payload = json.loads(path.read_text())
@@ -399,10 +400,10 @@ def blackbox_rows(stages: dict) -> list[dict]:
         if white_row is not None and "mask" in r:
             white, black = unpack_mask(white_row["mask"]), unpack_mask(r["mask"])
             if len(white) == len(black):
-                both = sum(1 for w, b in zip(white, black, strict=True) if w and b)
+                both, white_only, _, _ = paired_counts(white, black)
                 entry.update(
                     white_box_worst_case=sum(white) / len(white),
-                    fooled_only_by_square=sum(white) - both,
+                    fooled_only_by_square=white_only,
                     worst_case_over_both=both / len(white),
                     ci=list(wilson(both, len(white))),
                 )
@@ -489,7 +490,7 @@ def checkpoint_groups(stages: dict) -> dict[str, list[str]]:
     train = stages.get("train", {}).get("checkpoint", {}).get("sha256", "train")
     reproduced = reproduced_stages(stages)
     groups: dict[str, list[str]] = {}
-    for name in (*STAGES, *CHECKS):
+    for name in ALL_STAGES:
         if name in stages:
             record = stages[name].get("checkpoint", {})
             key = train if name in reproduced else record.get("sha256", train)
@@ -508,7 +509,7 @@ def reproduced_stages(stages: dict) -> list[str]:
     train_sha = train_stage.get("checkpoint", {}).get("sha256")
     return [
         name
-        for name in (*STAGES, *CHECKS)
+        for name in ALL_STAGES
         if name != "train"
         and name in stages
         and stages[name].get("checkpoint", {}).get("history") == digest
@@ -659,7 +660,7 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
             + "; ".join(tally(p, rows) for p, rows in by_protocol.items())
             + "."
         )
-    parts += clean_cost(summary, methods) + blackbox_verdict(summary, methods)
+    parts += clean_cost(summary) + blackbox_verdict(summary)
     parts += precision_mismatches(paired)
     parts += settling_budget(paired)
     parts += objective_overstatement(summary)
@@ -668,12 +669,12 @@ def verdict(summary: dict, methods: list[str]) -> list[str]:
     return parts + same_training_notes(summary)
 
 
-def clean_cost(summary: dict, methods: list[str]) -> list[str]:
+def clean_cost(summary: dict) -> list[str]:
     """What each NCEn form's clean accuracy (the train stage's, on the full test set) is against
     each baseline's: the difference with an interval that treats the two as independent (the
     train stage records no per-image correctness, so it cannot be paired; the interval is
     therefore wider than a paired one). One point, a clause per NCEn form."""
-    entries = {m: summary["methods"][m] for m in methods if m in summary["methods"]}
+    entries = distinct_methods(summary)
     scored = {
         m: (round(e["clean_accuracy"] * e["clean_images"]), e["clean_images"])
         for m, e in entries.items()
@@ -704,10 +705,10 @@ def clean_cost(summary: dict, methods: list[str]) -> list[str]:
     ]
 
 
-def blackbox_verdict(summary: dict, methods: list[str]) -> list[str]:
+def blackbox_verdict(summary: dict) -> list[str]:
     """Whether the strong stage's white-box figures survive a gradient-free attack, per method
     with a blackbox check; the methods with a strong stage but no check are named."""
-    entries = {m: summary["methods"][m] for m in methods if m in summary["methods"]}
+    entries = distinct_methods(summary)
     checked = {m: e["blackbox"] for m, e in entries.items() if e.get("blackbox")}
     unchecked = [m for m, e in entries.items() if "strong" in e["protocols"] and m not in checked]
     if not checked and not unchecked:
